@@ -1,0 +1,18 @@
+# The notebooks in nbs/ are the source: edit them, then `make export` (package + clean metadata) and `make test`.
+.PHONY: export test test-nbs test-py sync-check docs bench
+
+export:
+	nbdev-export && nbdev-clean
+
+# The whole test suite: every notebook (nbdev-test, skipping cells flagged slow/cuda/notest), then pytest.
+test: test-nbs test-py
+
+test-nbs:
+	nbdev-test --n-workers 1
+
+test-py:
+	python -m pytest -q tests
+
+# CI fails when nbdev-export or nbdev-clean would change a committed file (as nbdev's own CI does).
+sync-check:
+	nbdev-export && nbdev-clean && git status --porcelain -- nbs cnn_cost README.md && test -z "$$(git status --porcelain -- nbs cnn_cost README.md)"
