@@ -16,3 +16,7 @@ test-py:
 # CI fails when nbdev-export or nbdev-clean would change a committed file (as nbdev's own CI does).
 sync-check:
 	nbdev-export && nbdev-clean && git status --porcelain -- nbs cnn_cost README.md && test -z "$$(git status --porcelain -- nbs cnn_cost README.md)"
+
+# The docs site in docs/ from the notebooks: nbdev-docs where quarto is installed, else nbdev's processing + nbconvert (tools/build_docs.py).
+docs:
+	python tools/build_docs.py

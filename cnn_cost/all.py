@@ -5,3 +5,4 @@ from .timing import *
 from .summary import *
 from .data import *
 from .learner import *
+from .analysis import *

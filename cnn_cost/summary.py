@@ -7,7 +7,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/summary.html.md"""
 # %% auto #0
 __all__ = ['human', 'spatial_label', 'CostSummary']
 
-# %% ../nbs/03_summary.ipynb #7f4fc140
+# %% ../nbs/03_summary.ipynb #73597329
 import json, numpy as np, pandas as pd
 from dataclasses import asdict
 from fastcore.basics import *
@@ -15,7 +15,7 @@ from fastcore.foundation import L
 from fastcore.xtras import PrettyString
 from .core import *
 
-# %% ../nbs/03_summary.ipynb #4b68e862
+# %% ../nbs/03_summary.ipynb #7d731072
 def human(n, unit=''):
     "`n` with a k/M/G/T suffix, 3 significant digits"
     if n is None or n!=n: return '?'
@@ -24,12 +24,12 @@ def human(n, unit=''):
         n /= 1000
     return f'{n:.3g} P{unit}'
 
-# %% ../nbs/03_summary.ipynb #4c2531f2
+# %% ../nbs/03_summary.ipynb #749cc41c
 def spatial_label(shape):
     "The spatial size of an activation `shape`, fastai's grouping key: '14x14' for NCHW, 'flat' for (N, C)"
     return 'x'.join(str(s) for s in shape[2:]) if shape is not None and len(shape)>2 else 'flat'
 
-# %% ../nbs/03_summary.ipynb #3f92d6d7
+# %% ../nbs/03_summary.ipynb #141bcf40
 def _stages(labels):
     "Index of the stage of each row: consecutive rows with the same spatial size share a stage"
     res,cur,prev = [],-1,None
@@ -38,31 +38,40 @@ def _stages(labels):
         res.append(cur)
     return res
 
-# %% ../nbs/03_summary.ipynb #dff529e2
+# %% ../nbs/03_summary.ipynb #95c53b6d
 def _pct(s): return 100*s/s.sum() if s.sum() else s*0.
 
-# %% ../nbs/03_summary.ipynb #33f974a9
+# %% ../nbs/03_summary.ipynb #09892725
+def _padded(xs):
+    "Ragged lists of numbers as a 2-d float array padded with NaN (a row without numbers is all NaN)"
+    n = max([len(x) for x in xs]+[1])
+    return np.array([list(x)+[np.nan]*(n-len(x)) for x in xs], dtype=float)
+def _p90(a, axis): return np.percentile(a, 90, axis=axis)
+
+# %% ../nbs/03_summary.ipynb #3ea2f75b
 class CostSummary:
     "Per-layer cost of one model on one batch: `df`, totals, `stages()`; prints as fastai's summary does"
     def __init__(self, records, model_name='', input_shapes=(), device='cpu', plain_ms=(), hooked_ms=(), n_warmup=0, n_passes=0):
         store_attr('records,model_name,input_shapes,device,n_warmup,n_passes')
-        self.plain_ms,self.hooked_ms = list(plain_ms),list(hooked_ms)
+        self.plain_ms,self.hooked_ms,self.notes = list(plain_ms),list(hooked_ms),[]
         self.uncalled = L(r.name for r in records if r.calls==0)
         self.uncounted = L(r.name for r in records if r.calls and r.macs_src=='uncounted')
         self.df = self._frame([r for r in records if r.calls])
 
     def _frame(self, recs):
-        df = pd.DataFrame([asdict(r) for r in recs]).drop(columns=['times','shapes'])
+        df = pd.DataFrame([asdict(r) for r in recs]).drop(columns=['times','shapes','bwd_times'])
         df.insert(3, 'output_shape', [r.output_shape for r in recs])
-        ts = np.array([r.times or [np.nan] for r in recs], dtype=float)
-        df['time_ms'],df['time_ms_min'],df['time_ms_max'] = np.median(ts, 1),ts.min(1),ts.max(1)
-        for c,s in [('macs','pct_macs'), ('time_ms','pct_time'), ('act_bytes','pct_act')]: df[s] = _pct(df[c].fillna(0))
+        for c,k in [('time_ms','times')] + [('bwd_ms','bwd_times')]*any(r.bwd_times for r in recs):
+            ts = _padded([getattr(r,k) for r in recs])
+            df[c],df[c+'_min'],df[c+'_max'],df[c+'_mean'],df[c+'_p90'] = [f(ts, 1) for f in (np.median,np.min,np.max,np.mean,_p90)]
+        for c,s in [('macs','pct_macs'), ('time_ms','pct_time'), ('act_bytes','pct_act'), ('bwd_ms','pct_bwd')]:
+            if c in df: df[s] = _pct(df[c].fillna(0))
         labels = [spatial_label(r.shapes[0] if r.shapes else None) for r in recs]
         df['stage'] = _stages(labels)
         df['stage_label'] = labels
         return df
 
-# %% ../nbs/03_summary.ipynb #f7f2b0ea
+# %% ../nbs/03_summary.ipynb #2556dbef
 @patch(as_prop=True)
 def total_params(self:CostSummary): return sum(r.params for r in self.records)
 @patch(as_prop=True)
@@ -76,6 +85,10 @@ def total_act_bytes(self:CostSummary): return self.df.act_bytes.sum()
 @patch(as_prop=True)
 def total_time_ms(self:CostSummary): return self.df.time_ms.sum()
 @patch(as_prop=True)
+def has_bwd(self:CostSummary): return 'bwd_ms' in self.df
+@patch(as_prop=True)
+def total_bwd_ms(self:CostSummary): return self.df.bwd_ms.sum() if self.has_bwd else np.nan
+@patch(as_prop=True)
 def plain_forward_ms(self:CostSummary): return float(np.median(self.plain_ms)) if self.plain_ms else np.nan
 @patch(as_prop=True)
 def hooked_forward_ms(self:CostSummary): return float(np.median(self.hooked_ms)) if self.hooked_ms else np.nan
@@ -84,31 +97,32 @@ def hook_overhead(self:CostSummary):
     "Median over repeats of hooked / plain forward time, the two timed back to back"
     return float(np.median(np.array(self.hooked_ms)/np.array(self.plain_ms))) if self.plain_ms and self.hooked_ms else np.nan
 
-# %% ../nbs/03_summary.ipynb #4a9abe5e
+# %% ../nbs/03_summary.ipynb #7f8458ab
 @patch
 def stages(self:CostSummary):
     "Per-stage totals and shares: consecutive layers grouped by the spatial size of their output"
     df = self.df.assign(n=self.df.kind=='leaf')
     g = df.groupby('stage').agg(stage_label=('stage_label','first'), layers=('n','sum'), params=('params','sum'), macs=('macs','sum'),
-                                act_bytes=('act_bytes','sum'), time_ms=('time_ms','sum'))
-    for c,s in [('params','pct_params'), ('macs','pct_macs'), ('act_bytes','pct_act'), ('time_ms','pct_time')]: g[s] = _pct(g[c])
+                                act_bytes=('act_bytes','sum'), time_ms=('time_ms','sum'), **({'bwd_ms':('bwd_ms','sum')} if self.has_bwd else {}))
+    for c,s in [('params','pct_params'), ('macs','pct_macs'), ('act_bytes','pct_act'), ('time_ms','pct_time'), ('bwd_ms','pct_bwd')]:
+        if c in g: g[s] = _pct(g[c])
     return g
 
-# %% ../nbs/03_summary.ipynb #11051dc7
+# %% ../nbs/03_summary.ipynb #70102359
 @patch
 def top(self:CostSummary, k=5, by='time_ms'):
     "The `k` costliest rows by column `by`"
     return self.df.sort_values(by, ascending=False).head(k)
 
-# %% ../nbs/03_summary.ipynb #1dfea269
+# %% ../nbs/03_summary.ipynb #2eb85a78
 def _shape_of(inp): return ' x '.join(str(s) for s in inp) if inp else ''
 
-# %% ../nbs/03_summary.ipynb #0aac1cbe
+# %% ../nbs/03_summary.ipynb #795eae24
 @patch
 def _header(self:CostSummary):
     return f"{self.model_name} (Input shape: {', '.join(_shape_of(s) for s in self.input_shapes)})"
 
-# %% ../nbs/03_summary.ipynb #c8bed23e
+# %% ../nbs/03_summary.ipynb #72b57c9e
 _cols = f"{'Layer (type)':<20} {'Output Shape':<20} {'Param #':<10} {'Trainable':<10} {'Act':>9} {'MACs':>8} {'%MACs':>6} {'ms':>7} {'%Time':>6}"
 def _text_row(r):
     typ = r.type + ('*' if r.kind=='own' else '') + (f' x{r.calls}' if r.calls>1 else '')
@@ -116,21 +130,23 @@ def _text_row(r):
     return (f"{typ[:20]:<20} {'':<20} {r.params:<10,} {str(r.trainable):<10} {human(r.act_bytes,'B'):>9} {macs:>8} "
             f"{r.pct_macs:>6.1f} {r.time_ms:>7.3f} {r.pct_time:>6.1f}")
 
-# %% ../nbs/03_summary.ipynb #bf503c38
+# %% ../nbs/03_summary.ipynb #dfaa4619
 @patch
 def _text_table(self:CostSummary):
-    n = len(_cols)
-    res,prev = [self._header(), '='*n, _cols, '='*n],None
+    bwd = self.has_bwd
+    cols = _cols + (f" {'bwd ms':>7} {'%Bwd':>6} {'Saved':>9}" if bwd else '')
+    n = len(cols)
+    res,prev = [self._header(), '='*n, cols, '='*n],None
     for r in self.df.itertuples():
         if r.output_shape!=prev:
             if prev is not None: res.append('_'*n)
             res.append(f"{'':<20} {r.output_shape[:19]:<20}")
             prev = r.output_shape
-        res.append(_text_row(r))
+        res.append(_text_row(r) + (f" {r.bwd_ms:>7.3f} {r.pct_bwd:>6.1f} {human(r.saved_bytes,'B'):>9}" if bwd else ''))
     res.append('_'*n)
     return res
 
-# %% ../nbs/03_summary.ipynb #1a82eb85
+# %% ../nbs/03_summary.ipynb #660b6657
 @patch
 def _totals_lines(self:CostSummary):
     df = self.df
@@ -142,11 +158,12 @@ def _totals_lines(self:CostSummary):
         res.append(f"Forward time on {self.device}: {self.total_time_ms:.2f} ms summed over rows (median of {len(self.hooked_ms)} after "
                    f"{self.n_warmup} warm-up); whole hooked pass {self.hooked_forward_ms:.2f} ms, without hooks {self.plain_forward_ms:.2f} ms "
                    f"(hooks x{self.hook_overhead:.3f}); {self.n_passes} forward passes in all")
+    res += self.notes
     if self.uncounted: res.append(f"Uncounted (ops with hidden MACs; their MACs are a lower bound): {', '.join(self.uncounted)}")
     if self.uncalled: res.append(f"Never called during the forward (fast path or unused): {', '.join(self.uncalled)}")
     return res
 
-# %% ../nbs/03_summary.ipynb #00716fc4
+# %% ../nbs/03_summary.ipynb #dcb5cb2d
 @patch
 def _stage_lines(self:CostSummary):
     st = self.stages()
@@ -157,29 +174,30 @@ def _stage_lines(self:CostSummary):
                    f"{human(r.act_bytes,'B'):>9} {r.pct_act:>6.1f} {r.time_ms:>8.3f} {r.pct_time:>6.1f}")
     return res
 
-# %% ../nbs/03_summary.ipynb #80f7a6a5
+# %% ../nbs/03_summary.ipynb #d1636290
 @patch
 def __repr__(self:CostSummary): return PrettyString('\n'.join(self._text_table() + [''] + self._totals_lines() + [''] + self._stage_lines()) + '\n')
 
-# %% ../nbs/03_summary.ipynb #4b900ccc
+# %% ../nbs/03_summary.ipynb #20d02f1f
 _show_cols = ['name','type','output_shape','params','trainable','calls','act_bytes','macs','elem_ops','pct_macs','time_ms','pct_time']
 @patch
 def display_df(self:CostSummary):
     "The rows shown in tables, with own-work rows marked `*`"
-    df = self.df[_show_cols].copy()
+    df = self.df[_show_cols + (['bwd_ms','pct_bwd','saved_bytes'] if self.has_bwd else [])].copy()
     df['type'] = [t+('*' if k=='own' else '') for t,k in zip(df.type, self.df.kind)]
     return df
 
-# %% ../nbs/03_summary.ipynb #dba1ff80
+# %% ../nbs/03_summary.ipynb #a3cc7a52
 @patch
 def _repr_html_(self:CostSummary):
     fmt = {'act_bytes': lambda v: human(v,'B'), 'macs': human, 'elem_ops': human, 'pct_macs': '{:.1f}'.format,
-           'time_ms': '{:.3f}'.format, 'pct_time': '{:.1f}'.format, 'params': '{:,}'.format}
+           'time_ms': '{:.3f}'.format, 'pct_time': '{:.1f}'.format, 'params': '{:,}'.format,
+           'bwd_ms': '{:.3f}'.format, 'pct_bwd': '{:.1f}'.format, 'saved_bytes': lambda v: human(v,'B')}
     st = self.stages()[['stage_label','layers','pct_params','pct_macs','pct_act','pct_time']]
     return (f"<h4>{self._header()}</h4>" + self.display_df().to_html(index=False, formatters=fmt, classes='cost-table') +
             '<pre>' + '\n'.join(self._totals_lines()) + '</pre>' + st.to_html(index=False, float_format='{:.1f}'.format, classes='cost-stages'))
 
-# %% ../nbs/03_summary.ipynb #eaee7b2f
+# %% ../nbs/03_summary.ipynb #c9d47a28
 @patch
 def to_markdown(self:CostSummary, path=None, **kwargs):
     "The table and stages as markdown (needs `tabulate`); written to `path` if given"
@@ -194,7 +212,7 @@ def to_csv(self:CostSummary, path=None, **kwargs):
 def to_json(self:CostSummary, path=None):
     "Rows, stages and totals as JSON"
     tot = {k: getattr(self, k) for k in ['total_params','trainable_params','total_macs','total_elem_ops','total_act_bytes','total_time_ms',
-                                          'plain_forward_ms','hooked_forward_ms','hook_overhead']}
+                                          'total_bwd_ms','plain_forward_ms','hooked_forward_ms','hook_overhead']}
     d = dict(model=self.model_name, input_shapes=[list(s) for s in self.input_shapes], device=str(self.device),
              totals={k: float(v) for k,v in tot.items()}, uncalled=list(self.uncalled), uncounted=list(self.uncounted),
              layers=json.loads(self.df.to_json(orient='records')), stages=json.loads(self.stages().to_json(orient='records')))

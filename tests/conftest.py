@@ -1,0 +1,23 @@
+import warnings, pytest, torch
+warnings.filterwarnings('ignore', category=FutureWarning)
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for it in items:
+        if 'cuda' in it.keywords and not torch.cuda.is_available(): it.add_marker(skip_cuda)
+
+def hook_count(model):
+    "Number of forward/backward hooks left on any module of `model`"
+    return sum(len(m._forward_hooks)+len(m._forward_pre_hooks)+len(m._backward_hooks)+len(getattr(m, '_backward_pre_hooks', {}))
+               for m in model.modules())
+
+@pytest.fixture(scope='session')
+def seed_learner():
+    from fastai.vision.all import vision_learner, resnet18
+    from cnn_cost.data import digits_dls
+    torch.manual_seed(0)
+    return vision_learner(digits_dls(), resnet18, pretrained=False, n_out=10)
+
+@pytest.fixture(scope='session')
+def seed_summary(seed_learner):
+    return seed_learner.cost_summary(n_repeat=7)

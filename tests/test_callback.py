@@ -1,0 +1,141 @@
+"Integration tests of `CostProfiler` on the seed's setup (resnet18 on the digits, 64 x 3 x 28 x 28, CPU) and on tiny models"
+import pickle, numpy as np, pytest, torch, torch.nn as nn
+from fastai.vision.all import *
+from cnn_cost.all import *
+from cnn_cost.callback import CostProfiler
+for _n in [n for n in dir() if n.startswith('test')]: del globals()[_n]  # fastcore's test_* helpers, not tests
+
+class StopAt(Callback):
+    "Raise `exc` in `event` of training batch `at`"
+    order = 0
+    def __init__(self, at, exc=None, event='after_batch'): self.at,self.exc,self.event = at,exc or CancelFitException(),event
+    def __call__(self, event_name):
+        if event_name==self.event and getattr(self.learn, 'training', False) and self.learn.train_iter==self.at: raise self.exc
+        super().__call__(event_name)
+
+def no_hooks(m): return not any(mo._forward_hooks or mo._forward_pre_hooks or mo._backward_hooks or mo._backward_pre_hooks for mo in m.modules())
+
+@pytest.fixture(scope='module')
+def dls(): return digits_dls()
+
+def seed_learner(dls, seed=42):
+    set_seed(seed, reproducible=True)
+    return vision_learner(dls, resnet18, pretrained=False, n_out=10)
+
+def test_bit_identical(dls):
+    "Same seed with and without the profiler: identical losses and weights"
+    res = []
+    for cbs in [[], [CostProfiler(skip=1, n_batches=4)]]:
+        learn = seed_learner(dls)
+        learn.fit(1, 1e-3, cbs=[StopAt(5)]+cbs)
+        res.append((torch.stack(learn.recorder.losses), [p.detach().clone() for p in learn.model.parameters()]))
+    assert len(res[0][0])==6 and torch.equal(res[0][0], res[1][0])
+    assert all(torch.equal(a, b) for a,b in zip(res[0][1], res[1][1]))
+
+@pytest.fixture(scope='module')
+def seed_profile(dls):
+    learn = seed_learner(dls)
+    learn.add_cb(CostProfiler(skip=2, n_batches=5))
+    learn.fit(1, 1e-3, cbs=StopAt(7))
+    return learn
+
+def test_seed_backward_positive(seed_profile):
+    "Inplace ReLU everywhere: every leaf gets a positive backward time, forward time and the MACs rule"
+    learn = seed_profile
+    assert any(isinstance(m, nn.ReLU) and m.inplace for m in learn.model.modules())
+    s = learn.cost_profiler.summary()
+    leaves = s.df[s.df.kind=='leaf']
+    assert len(leaves)>60 and (leaves.bwd_ms>0).all(), leaves[leaves.bwd_ms<=0].name.tolist()
+    assert (leaves.time_ms>0).all() and (leaves.bwd_ms_p90>=leaves.bwd_ms_min).all()
+    conv = leaves[leaves.type=='Conv2d']
+    assert (conv.bwd_macs.iloc[1:]==2*conv.macs.iloc[1:]).all() and conv.bwd_macs.iloc[0]==conv.macs.iloc[0]  # first conv: no input gradient
+    assert no_hooks(learn.model) and learn.__dict__.get('_do_one_batch') is None
+    assert 'bwd ms' in str(s) and 'Training step' in str(s)
+
+def test_seed_sums_cover_passes(seed_profile):
+    "Per batch, per-layer forward plus backward times sum to within 15% of the measured forward and backward passes"
+    cp = seed_profile.cost_profiler
+    assert len(cp.batches)==5
+    for b in cp.batches:
+        st = b['step']
+        r = (sum(b['fwd'])+sum(b['bwd']))/(st['forward']+st['backward'])
+        assert 0.85 < r < 1.15, r
+        assert 0.85 < sum(b['bwd'])/st['backward'] <= 1.0
+        assert st['total'] >= st['forward']+st['backward']+st['optimizer'] > 0
+
+def test_seed_export_and_second_fit(seed_profile, tmp_path):
+    learn = seed_profile
+    learn.fit(1, 1e-3, cbs=StopAt(3))
+    assert len(learn.cost_profiler.batches)==2 and no_hooks(learn.model)
+    learn.export(tmp_path/'m.pkl')
+    l2 = load_learner(tmp_path/'m.pkl')
+    assert l2.cost_profiler.batches==[] and l2.cost_profiler.hooks is None
+
+def test_saved_bytes_hand_count():
+    "Linear(4,8) -> ReLU -> Linear(8,2), batch 16, fp32: the first linear saves its input, ReLU its output, the second linear its input"
+    set_seed(0)
+    x = torch.randn(64,4); y = (x.sum(1)>0).long()
+    dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:16], bs=16, device='cpu')
+    m = nn.Sequential(nn.Linear(4,8), nn.ReLU(), nn.Linear(8,2))
+    learn = Learner(dls, m, loss_func=nn.CrossEntropyLoss(), cbs=CostProfiler(skip=0))
+    learn.fit(1, 1e-2)
+    df = learn.cost_profiler.summary().df.set_index('name')
+    assert df.loc[['0','1','2'],'saved_bytes'].tolist() == [16*4*4, 16*8*4, 16*8*4]
+    assert [b['saved_total'] for b in learn.cost_profiler.batches] == [16*4*4+16*8*4]*4  # ReLU's output and linear 2's input: one storage
+
+@pytest.mark.parametrize('exc', [CancelFitException(), RuntimeError('boom in a batch')])
+@pytest.mark.parametrize('event', ['after_pred', 'before_backward', 'after_backward'])
+def test_hooks_gone_after_exceptions(exc, event):
+    set_seed(0)
+    x = torch.randn(96,3,8,8); y = (x.mean((1,2,3))>0).long()
+    dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:32], bs=16, device='cpu')
+    m = nn.Sequential(nn.Conv2d(3,8,3), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8,2))
+    learn = Learner(dls, m, loss_func=nn.CrossEntropyLoss(), cbs=CostProfiler(skip=0, n_batches=None))
+    if isinstance(exc, CancelFitException): learn.fit(1, 1e-2, cbs=StopAt(2, exc, event))
+    else:
+        with pytest.raises(RuntimeError, match='boom'): learn.fit(1, 1e-2, cbs=StopAt(2, exc, event))
+    assert no_hooks(learn.model) and learn.__dict__.get('_do_one_batch') is None and learn.cost_profiler.hooks.sth is None
+    assert len(learn.cost_profiler.batches)==2
+    learn.fit(1, 1e-2)
+    assert len(learn.cost_profiler.batches)==6 and no_hooks(learn.model)
+
+def test_frozen_body_has_no_weight_gradient_work(dls):
+    "After `freeze()` the body's convs compute input gradients only: backward MACs = forward MACs, and bwd/fwd time drops"
+    ratios = {}
+    for frozen in [True, False]:
+        learn = seed_learner(dls)
+        if frozen: learn.freeze()
+        learn.fit(1, 1e-3, cbs=[StopAt(5), cp:=CostProfiler(skip=2, n_batches=3)])
+        s = cp.summary(); conv = s.df[(s.df.type=='Conv2d')&(s.df.name.str.startswith('0.'))]
+        rule = conv.macs*(1 if frozen else 2); rule.iloc[0] = 0 if frozen else conv.macs.iloc[0]
+        assert (conv.bwd_macs==rule).all()
+        ratios[frozen] = np.median([sum(b['bwd'][j] for j in conv.index)/sum(b['fwd'][j] for j in conv.index) for b in cp.batches])
+    assert ratios[True] < 0.8*ratios[False], ratios
+
+@pytest.mark.parametrize('extra', ['channels_last', 'grad_acc', 'bf16'])
+def test_alongside_fastai_callbacks(dls, extra):
+    "channels_last, gradient accumulation and fastai's `to_bf16` (on CPU its autocast is CUDA-only, a no-op) run with the profiler"
+    from fastai.callback.channelslast import ChannelsLast
+    from fastai.callback.training import GradientAccumulation
+    learn = seed_learner(dls)
+    cbs = {'channels_last':[ChannelsLast()], 'grad_acc':[GradientAccumulation(128)], 'bf16':[MixedPrecision('bf16')]}[extra]
+    learn.fit(1, 1e-3, cbs=cbs+[StopAt(4), cp:=CostProfiler(skip=1, n_batches=3)])
+    s = cp.summary(); leaves = s.df[s.df.kind=='leaf']
+    assert (leaves.bwd_ms>0).all() and len(s.steps)==3 and no_hooks(learn.model)
+    if extra=='grad_acc': assert (s.steps.optimizer < s.steps.backward).all()
+
+def test_lr_find(dls):
+    learn = seed_learner(dls)
+    learn.add_cb(CostProfiler(skip=1, n_batches=2))
+    learn.lr_find(num_it=5, show_plot=False)
+    assert len(learn.cost_profiler.batches)==2 and no_hooks(learn.model)
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_fp16_times_against_profiler():
+    "On CUDA with `to_fp16`: positive backward times, allocator growth, and conv forward times within 10% of `torch.profiler` kernels"
+    learn = vision_learner(digits_dls(device='cuda'), resnet18, pretrained=False, n_out=10).to_fp16()
+    learn.fit(1, 1e-3, cbs=[StopAt(7), cp:=CostProfiler(skip=2, n_batches=5)])
+    s = cp.summary(); leaves = s.df[s.df.kind=='leaf']
+    assert (leaves.bwd_ms>0).all() and (leaves.mem_bytes!=0).any()
+    assert 0.85 < s.total_bwd_ms/s.steps.backward.median() < 1.15

@@ -1,0 +1,27 @@
+"The `cnn-cost` command, run as a user would."
+import json, subprocess, sys, pytest
+from cnn_cost.data import digits_folder
+
+def run(*args):
+    return subprocess.run(['cnn-cost', *args], capture_output=True, text=True, timeout=600)
+
+def test_default_json():
+    r = run('--format', 'json', '--n-repeat', '2', '--n-warmup', '0')
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d['totals']['total_macs'] == 2_224_930_816 and d['input_shapes'] == [[64, 3, 28, 28]]
+
+def test_path_plot_csv(tmp_path):
+    p = digits_folder(tmp_path/'imgs', n_per_class=8)
+    r = run('--path', str(p), '--arch', 'mobilenet_v2', '--size', '32', '--bs', '16', '--format', 'csv', '--n-repeat', '1',
+            '--plot', str(tmp_path/'p.png'))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith('name,type,kind,output_shape') and len(lines) > 100
+    assert (tmp_path/'p.png').stat().st_size > 10_000
+
+@pytest.mark.parametrize('args,msg', [(['--arch', 'resnet19'], 'Unknown architecture'), (['--path', '/no/such'], 'is not a folder'),
+                                      (['--format', 'xml'], 'unknown --format')])
+def test_bad_input(args, msg):
+    r = run(*args)
+    assert r.returncode != 0 and msg in r.stderr and 'Traceback' not in r.stderr
