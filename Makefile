@@ -1,8 +1,12 @@
 # The notebooks in nbs/ are the source: edit them, then `make export` (package + clean metadata) and `make test`.
-.PHONY: export test test-nbs test-py sync-check docs bench
+.PHONY: export readme test test-nbs test-py sync-check docs bench
 
 export:
 	nbdev-export && nbdev-clean
+
+# README.md from nbs/index.ipynb (nbdev-readme where quarto is installed; else nbdev's processing + nbconvert).
+readme:
+	python tools/make_readme.py
 
 # The whole test suite: every notebook (nbdev-test, skipping cells flagged slow/cuda/notest), then pytest.
 test: test-nbs test-py

@@ -6,3 +6,4 @@ from .summary import *
 from .data import *
 from .learner import *
 from .analysis import *
+from .plots import *
