@@ -5,6 +5,7 @@ ratios hooked/plain, and the cost per hook call. Also times the reference: bare 
 `time.perf_counter_ns()` on the leaves (the figure the issue quotes).
 Run: python bench/hook_overhead.py [--rounds 60]"""
 import argparse, time, json, numpy as np, torch
+from pathlib import Path
 from fastai.vision.all import *
 from cnn_cost.all import *
 from cnn_cost.learner import _timed, _hooked, costed
@@ -48,6 +49,14 @@ def main(rounds=60, size=28, bs=64, arch='resnet18'):
         out[k] = {'ratio_median': float(np.median(r)), 'ratio_min': float(r.min()), 'ratio_max': float(r.max()),
                   'us_per_hook_call': float(np.median(np.array(res[k])-plain)*1e3/(out['hook_calls_per_forward'] if k=='cnn_cost' else out['leaf_hook_calls_per_forward']))}
     print(json.dumps(out, indent=1))
+    o = Path(__file__).parent/'out'; o.mkdir(exist_ok=True)
+    (o/'hook_overhead.json').write_text(json.dumps(out, indent=1))
+    c,b = out['cnn_cost'],out['bare']
+    (o/'hook_overhead.md').write_text(
+        f"{out['setup']}, {rounds} rounds, plain forward {out['plain_forward_ms'] if 'plain_forward_ms' in out else out['plain_ms_median']:.1f} ms (median)\n\n"
+        "| timers | hook calls / forward | hooked / plain: median (min–max) | µs per hook call |\n|---|---:|---:|---:|\n"
+        f"| cnn_cost `TimeHooks` (leaves + parents' own work) | {out['hook_calls_per_forward']} | {c['ratio_median']:.3f} ({c['ratio_min']:.3f}–{c['ratio_max']:.3f}) | {c['us_per_hook_call']:.1f} |\n"
+        f"| bare pre+post hooks storing `perf_counter_ns` (leaves only, reference) | {out['leaf_hook_calls_per_forward']} | {b['ratio_median']:.3f} ({b['ratio_min']:.3f}–{b['ratio_max']:.3f}) | {b['us_per_hook_call']:.1f} |\n")
     return out
 
 if __name__ == '__main__':

@@ -7,3 +7,4 @@ from .data import *
 from .learner import *
 from .analysis import *
 from .plots import *
+from .callback import *

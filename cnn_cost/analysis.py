@@ -8,13 +8,10 @@ Docs: https://cnn-cost.github.io/cnn_cost/analysis.html.md"""
 __all__ = ['Ceilings', 'calibrate', 'set_ceilings', 'get_ceilings', 'clear_ceilings', 'fit_exponent', 'sample_batch', 'CostSweep',
            'cost_sweep', 'Comparison', 'compare']
 
-# %% ../nbs/08_analysis.ipynb #6cd730a1
-import math, time, contextlib, numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
-import matplotlib; import matplotlib.pyplot as plt
+# %% ../nbs/08_analysis.ipynb #4021814e
+import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F, matplotlib.pyplot as plt
 from dataclasses import dataclass
-from pathlib import Path
 from fastcore.basics import *
-from fastcore.foundation import L
 from fastcore.xtras import PrettyString
 from fastprogress.fastprogress import progress_bar
 from fastai.learner import Learner
@@ -22,22 +19,25 @@ from .core import *
 from .summary import *
 from .timing import *
 from .learner import *
-from .data import digit_images, digits_dls
+from .learner import _learner_autocast
+from .data import digit_images
 
-# %% ../nbs/08_analysis.ipynb #fa59a450
+# %% ../nbs/08_analysis.ipynb #924d3ceb
 @dataclass
 class Ceilings:
     "What one device can do at best: `flops` (FLOP/s, from a large matmul) and `bw` (bytes/s, from a large copy)"
     flops:float; bw:float; floor_ms:float=0.; device:str='cpu'; src:str='measured'
     @property
     def ridge(self): return self.flops/self.bw  # FLOP/byte where the two roofs meet
-    def __repr__(self): return f"Ceilings({self.device}, {self.src}: {human(self.flops,'FLOP/s')}, {human(self.bw,'B/s')}, ridge {self.ridge:.1f} FLOP/B, floor {1e3*self.floor_ms:.0f} µs/call)"
+    def __repr__(self):
+        return (f"Ceilings({self.device}, {self.src}: {human(self.flops,'FLOP/s')}, {human(self.bw,'B/s')}, "
+                f"ridge {self.ridge:.1f} FLOP/B, floor {1e3*self.floor_ms:.0f} µs/call)")
 
-# %% ../nbs/08_analysis.ipynb #d8992d28
+# %% ../nbs/08_analysis.ipynb #3c0166fd
 _ceilings = {}
 def _dev_key(device): return str(torch.device(device))
 
-# %% ../nbs/08_analysis.ipynb #dfb26c5c
+# %% ../nbs/08_analysis.ipynb #137659ef
 def _best_s(f, n, clock):
     "Fastest of `n` timed calls of `f`, in seconds"
     f()  # warm-up: allocation, lazy init
@@ -45,23 +45,26 @@ def _best_s(f, n, clock):
     for _ in range(n): clock.reset(); a = clock.stamp(); f(); b = clock.stamp(); clock.sync(); res.append(clock.ms(a, b))
     return min(res)/1e3
 
-# %% ../nbs/08_analysis.ipynb #bab22082
-def calibrate(device="cpu", n_mm=None, n_copy=None, n_repeat=3, force=False):
+# %% ../nbs/08_analysis.ipynb #6cd7ed5e
+def calibrate(device='cpu', n_mm=None, n_copy=None, n_repeat=3, force=False):
     "Measure and cache the `Ceilings` of `device`: `n_mm`-square fp32 matmul for FLOP/s, copy of `n_copy` floats for bytes/s"
     k = _dev_key(device)
     if k in _ceilings and not force: return _ceilings[k]
     dev,clock = torch.device(device),clock_for(device)
     cuda = dev.type=='cuda'
     n_mm,n_copy = ifnone(n_mm, 8192 if cuda else 1024),ifnone(n_copy, 2**28 if cuda else 2**24)
-    a,b = torch.randn(n_mm, n_mm, device=dev),torch.randn(n_mm, n_mm, device=dev)
-    flops = 2*n_mm**3/_best_s(lambda: a@b, n_repeat, clock)
+    def mm_rate(n, r):
+        a,b = torch.randn(n, n, device=dev),torch.randn(n, n, device=dev)
+        return 2*n**3/_best_s(lambda: a@b, r, clock)
+    # the better of a short and a long matmul: on a busy machine short ones slip between other processes' work
+    flops = max(mm_rate(n_mm//2, 3*n_repeat), mm_rate(n_mm, n_repeat))
     x = torch.full((n_copy,), 1.5, device=dev); y = torch.empty_like(x)
     bw = 2*x.nbytes/_best_s(lambda: y.copy_(x), n_repeat, clock)  # a copy reads and writes every byte
     cs = model_cost(nn.Sequential(nn.ReLU()).to(dev), torch.ones(1, device=dev), n_warmup=1, n_repeat=2*n_repeat)
     _ceilings[k] = res = Ceilings(flops, bw, float(cs.df.time_ms[0]), k)
     return res
 
-# %% ../nbs/08_analysis.ipynb #5ffa93dd
+# %% ../nbs/08_analysis.ipynb #fd845d0a
 def set_ceilings(flops=None, bw=None, floor_ms=None, device='cpu'):
     "Use `flops` (FLOP/s), `bw` (bytes/s) and `floor_ms` (fixed ms per call) as the ceilings of `device`; those left `None` are measured"
     k = _dev_key(device)
@@ -70,15 +73,15 @@ def set_ceilings(flops=None, bw=None, floor_ms=None, device='cpu'):
     _ceilings[k] = res = Ceilings(float(flops), float(bw), float(floor_ms), k, 'user')
     return res
 
-# %% ../nbs/08_analysis.ipynb #a54253a8
+# %% ../nbs/08_analysis.ipynb #90398ef2
 def get_ceilings(device='cpu'):
     "The cached `Ceilings` of `device`, measured on first use"
     return _ceilings.get(_dev_key(device)) or calibrate(device)
 
-# %% ../nbs/08_analysis.ipynb #2bfec390
+# %% ../nbs/08_analysis.ipynb #97eea820
 def clear_ceilings(): _ceilings.clear()
 
-# %% ../nbs/08_analysis.ipynb #d3dd8c4b
+# %% ../nbs/08_analysis.ipynb #e30d870a
 @patch
 def efficiency(self:CostSummary,
                ceilings:Ceilings=None, # Device ceilings; default: `get_ceilings(self.device)`
@@ -100,7 +103,7 @@ def efficiency(self:CostSummary,
                             np.where(res.compute_ms>=res.memory_ms, 'compute', 'memory')))
     return res
 
-# %% ../nbs/08_analysis.ipynb #3b3987cb
+# %% ../nbs/08_analysis.ipynb #1049b220
 _bound_colors = {'compute':'tab:red', 'memory':'tab:blue', 'overhead':'tab:gray'}
 @patch
 def plot_roofline(self:CostSummary,
@@ -126,7 +129,7 @@ def plot_roofline(self:CostSummary,
     if fname: fig.savefig(fname, dpi=110, bbox_inches='tight')
     return fig
 
-# %% ../nbs/08_analysis.ipynb #315a5916
+# %% ../nbs/08_analysis.ipynb #49f97899
 @patch
 def plot_stages(self:CostSummary, fname=None, ax=None, figsize=(8,3.8)):
     "Stacked bars: each stage's share of parameters, activations, MACs and time"
@@ -140,32 +143,32 @@ def plot_stages(self:CostSummary, fname=None, ax=None, figsize=(8,3.8)):
         for j,(x,w) in enumerate(zip(left, v)):
             if w>=6: ax.text(x+w/2, j, f'{w:.0f}', ha='center', va='center', fontsize=7, color='w' if i<len(st)/2 else 'k')
         left += v
-    ax.invert_yaxis(); ax.set(xlim=(0,100), xlabel='% of the model total',
-                             title=f'{self.model_name}: share of each stage (by output size), input {" x ".join(map(str, self.input_shapes[0])) if self.input_shapes else ""}')
+    inp = ' x '.join(map(str, self.input_shapes[0])) if self.input_shapes else ''
+    ax.invert_yaxis(); ax.set(xlim=(0,100), xlabel='% of the model total', title=f'{self.model_name}: share of each stage (by output size), input {inp}')
     ax.legend(title='stage', fontsize=7, ncol=min(len(st),8), loc='upper center', bbox_to_anchor=(0.5,-0.22))
     if fname: fig.savefig(fname, dpi=110, bbox_inches='tight')
     return fig
 
-# %% ../nbs/08_analysis.ipynb #b8f7574f
+# %% ../nbs/08_analysis.ipynb #a73967a0
 def fit_exponent(x, y):
     "`k` of the least-squares fit of log `y` = k log `x` + c"
     x,y = np.asarray(x, float),np.asarray(y, float)
     ok = (x>0) & (y>0) & np.isfinite(y)
     return float(np.polyfit(np.log(x[ok]), np.log(y[ok]), 1)[0]) if len(np.unique(x[ok]))>1 else np.nan
 
-# %% ../nbs/08_analysis.ipynb #3ed19952
+# %% ../nbs/08_analysis.ipynb #168dbe64
 def sample_batch(bs=2, size=28, channels=3):
     "A real batch: `bs` scikit-learn digits scaled to [0,1], resized to `size` by bilinear interpolation"
     ims,_ = digit_images()
     x = torch.tensor(ims[:bs]).permute(0,3,1,2).float()/255
     return F.interpolate(x[:, :channels], size=(size,size), mode='bilinear', align_corners=False)
 
-# %% ../nbs/08_analysis.ipynb #79bcfb23
+# %% ../nbs/08_analysis.ipynb #5440fcbb
 def _resized(xb, size, bs):
     x = xb[torch.arange(bs) % len(xb)]
     return F.interpolate(x.float(), size=(size,size), mode='bilinear', align_corners=False).to(xb.dtype)
 
-# %% ../nbs/08_analysis.ipynb #0b5bbd69
+# %% ../nbs/08_analysis.ipynb #1e24dd7f
 class CostSweep:
     "The `CostSummary` of one model at several input sizes and batch sizes: `df` (one row per run), `stages`, `exponents()`, `plot()`"
     def __init__(self, summaries, sizes, bss, tol=1.5):
@@ -175,7 +178,7 @@ class CostSweep:
             body = cs.df.stage_label!='flat'
             rows.append(dict(size=sz, bs=bs, macs=cs.total_macs, body_macs=cs.df.macs[body].sum(), act_bytes=cs.total_act_bytes,
                              time_ms=cs.total_time_ms, forward_ms=cs.plain_forward_ms, params=cs.total_params))
-            st.append(cs.stages().assign(size=sz, bs=bs).reset_index())
+            st.append(cs.stages().assign(size=sz, bs=bs, first_layer=cs.df.groupby('stage').name.first()).reset_index())
         self.df,self.stages = pd.DataFrame(rows),pd.concat(st, ignore_index=True)
         df = self.df
         df['ms_per_gmac'] = df.forward_ms/(df.macs/1e9)
@@ -192,8 +195,9 @@ class CostSweep:
         return pd.DataFrame(res)
 
     def stage_shares(self, col='pct_time'):
-        "One row per run, one column per stage: the stage's share `col` (`pct_time`, `pct_macs`, `pct_act` or `pct_params`)"
-        return self.stages.pivot_table(index=['size','bs'], columns='stage', values=col)
+        "One row per run, one column per stage named by its first layer: the stage's share `col` (`pct_time`, `pct_macs`, `pct_act` or `pct_params`)"
+        res = self.stages.pivot_table(index=['size','bs'], columns='first_layer', values=col)
+        return res[list(dict.fromkeys(self.stages.sort_values(['stage','size'], ascending=[True,False]).first_layer))]
 
     def __repr__(self):
         df = self.df.assign(macs=self.df.macs.map(human), body_macs=self.df.body_macs.map(human),
@@ -214,24 +218,25 @@ class CostSweep:
         x = g[var].values
         ax.plot(x, (x/x[0])**2, 'k:', lw=0.8, label=f'{var}²' if var=='size' else None)
         bad = g[~g.follows_macs]
-        if len(bad): ax.scatter(bad[var], bad.forward_ms/g.forward_ms.iloc[0], s=120, facecolors='none', edgecolors='tab:red', label=f'time ≫ MACs (>{self.tol}x ms/MAC)')
+        if len(bad): ax.scatter(bad[var], bad.forward_ms/g.forward_ms.iloc[0], s=120, facecolors='none', edgecolors='tab:red',
+                                label=f'time ≫ MACs (>{self.tol}x ms/MAC)')
         ax.set(xscale='log', yscale='log', xlabel=f'input {var}', ylabel=f'relative to {var}={x[0]}', title='growth (log-log)')
         ax.set_xticks(x); ax.set_xticklabels(map(str, x)); ax.minorticks_off(); ax.legend(fontsize=7); ax.grid(alpha=0.3)
         for ax,col,t in [(axs[1],'pct_macs','share of MACs by stage'), (axs[2],'pct_time','share of time by stage')]:
             sh = self.stage_shares(col).loc[[(r.size, r.bs) for r in g.itertuples()]]
-            labels = self.stages.groupby('stage').stage_label.agg(lambda s: '…'.join(dict.fromkeys([s.iloc[0], s.iloc[-1]])))
+            labels = self.stages.groupby('first_layer').stage_label.agg(lambda s: '…'.join(dict.fromkeys([s.iloc[0], s.iloc[-1]])))
             bottom,cmap = np.zeros(len(sh)),plt.get_cmap('viridis', max(sh.shape[1],2))
             for i,s in enumerate(sh.columns):
                 v = sh[s].fillna(0).values
                 ax.bar([str(getattr(r, var)) for r in g.itertuples()], v, bottom=bottom, color=cmap(i), edgecolor='w', label=f'{s}: {labels[s]}')
                 bottom += v
             ax.set(ylim=(0,100), xlabel=f'input {var}', ylabel='%', title=t)
-        axs[2].legend(title='stage: sizes', fontsize=6, bbox_to_anchor=(1.02,1), loc='upper left')
+        axs[2].legend(title='stage (first layer): sizes', fontsize=6, bbox_to_anchor=(1.02,1), loc='upper left')
         fig.tight_layout()
         if fname: fig.savefig(fname, dpi=110, bbox_inches='tight')
         return fig
 
-# %% ../nbs/08_analysis.ipynb #9f8460f1
+# %% ../nbs/08_analysis.ipynb #a723d545
 def cost_sweep(model, # An `nn.Module` or a fastai `Learner`
                sizes=(28,64,128,224), # Input sizes (square images)
                bss=(2,), # Batch sizes
@@ -242,8 +247,10 @@ def cost_sweep(model, # An `nn.Module` or a fastai `Learner`
                **kwargs # More arguments of `model_cost`, e.g. `autocast`
               )->CostSweep:
     "`model_cost` of `model` at every input size in `sizes` and batch size in `bss`, inputs resized from one real batch"
+    sizes,bss = [[int(s) for s in o.split(',')] if isinstance(o, str) else list(o) for o in (sizes, bss)]  # '28,64,128' as a CLI passes it
     if isinstance(model, Learner):
         if xb is None: xb = model.dls.train.one_batch()[0]
+        if 'autocast' not in kwargs: kwargs['autocast'] = _learner_autocast(model, first(model.model.parameters()).device)
         model = model.model
     dev = first(model.parameters()).device if first(model.parameters()) is not None else torch.device('cpu')
     xb = (sample_batch() if xb is None else xb).to(dev)
@@ -252,12 +259,12 @@ def cost_sweep(model, # An `nn.Module` or a fastai `Learner`
            for sz,bs in (progress_bar(runs, leave=False) if progress else runs)]
     return CostSweep(res, *zip(*runs), tol=tol)
 
-# %% ../nbs/08_analysis.ipynb #0467f7a7
+# %% ../nbs/08_analysis.ipynb #4c055e49
 _cmp_cols = ['params','macs','act_bytes','bytes','time_ms']
 def _ratio(a, b):
     with np.errstate(divide='ignore', invalid='ignore'): return np.where((a==0)&(b==0), 1., b/a)
 
-# %% ../nbs/08_analysis.ipynb #f8705ace
+# %% ../nbs/08_analysis.ipynb #ff1540d9
 def _cmp_frame(a, b, on, by):
     res = a.merge(b, on=on, how='outer', suffixes=('_a','_b'), sort=False)
     for c in _cmp_cols:
@@ -265,7 +272,8 @@ def _cmp_frame(a, b, on, by):
         res[f'd_{c}'],res[f'r_{c}'] = res[f'{c}_b']-res[f'{c}_a'],_ratio(res[f'{c}_a'], res[f'{c}_b'])
     return res.iloc[res[f'd_{by}'].abs().fillna(np.inf).argsort(kind='stable')[::-1]].reset_index(drop=True)
 
-# %% ../nbs/08_analysis.ipynb #6976c4df
+# %% ../nbs/08_analysis.ipynb #79c5e877
+_stage_cols = ['stage','stage_label_a','stage_label_b','r_params','r_macs','r_act_bytes','r_time_ms']
 class Comparison:
     "Per-layer (`layers`), per-stage (`stages`) and total (`totals`) deltas `b - a` and ratios `b / a` of two `CostSummary`s"
     def __init__(self, a, b, by='time_ms'):
@@ -287,10 +295,10 @@ class Comparison:
         return PrettyString(f"{self.a.model_name} {self.a.input_shapes[:1]} vs {self.b.model_name} {self.b.input_shapes[:1]}"
                             f" ({'same layers' if self.same_arch else 'different layers: matched by name and type'})\n\n"
                             f"Totals:\n{self.totals.to_string(float_format='{:.4g}'.format)}\n\nPer stage:\n"
-                            f"{self.stages[['stage','stage_label_a','stage_label_b','r_params','r_macs','r_act_bytes','r_time_ms']].to_string(index=False, float_format='{:.3f}'.format)}"
+                            f"{self.stages[_stage_cols].to_string(index=False, float_format='{:.3f}'.format)}"
                             f"\n\nRows that changed most (by {self.by}):\n{self.layers[cols].head(10).to_string(index=False, float_format='{:.3f}'.format)}\n")
 
-# %% ../nbs/08_analysis.ipynb #2cc22dcf
+# %% ../nbs/08_analysis.ipynb #9c6ad906
 def compare(a:CostSummary, # The baseline
             b:CostSummary, # The changed model or setting
             by:str='time_ms', # Order rows by the absolute change of this column
@@ -298,6 +306,6 @@ def compare(a:CostSummary, # The baseline
     "Per-layer, per-stage and total deltas (`b - a`) and ratios (`b / a`) of two summaries, the rows that changed most first"
     return Comparison(a, b, by)
 
-# %% ../nbs/08_analysis.ipynb #afaa633d
+# %% ../nbs/08_analysis.ipynb #73fdd33f
 @patch
 def __sub__(self:CostSummary, other:CostSummary): return compare(other, self)

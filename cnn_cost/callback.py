@@ -7,7 +7,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/callback.html.md"""
 # %% auto #0
 __all__ = ['TrainHooks', 'CostProfiler']
 
-# %% ../nbs/06_callback.ipynb #85c7563e
+# %% ../nbs/06_callback.ipynb #e254e163
 import time, numpy as np, pandas as pd, torch, torch.nn as nn, torch.distributed as dist
 from copy import deepcopy
 from fastcore.basics import *
@@ -20,13 +20,13 @@ from .timing import *
 from .summary import *
 from .learner import costed, preserved_state, batch_device
 
-# %% ../nbs/06_callback.ipynb #a2540804
+# %% ../nbs/06_callback.ipynb #46c4fb2c
 def _ptr(t):
     try: return t.untyped_storage().data_ptr()
     except Exception: return id(t)
 def _unpack(t): return t
 
-# %% ../nbs/06_callback.ipynb #28ef1d53
+# %% ../nbs/06_callback.ipynb #9ccb9fd0
 class TrainHooks(TimeHooks):
     "`TimeHooks` on `mods`, plus on `leaf` modules output-gradient tensor hooks, saved-for-backward bytes and, on CUDA, allocator growth"
     def __init__(self, mods, leaf, clock):
@@ -78,7 +78,7 @@ class TrainHooks(TimeHooks):
         def f(m, args, out): self.mem[i] += torch.cuda.memory_allocated()-self.mstack.pop()
         return f
 
-# %% ../nbs/06_callback.ipynb #f13514f0
+# %% ../nbs/06_callback.ipynb #a28ed82b
 @patch
 def bwd_times(self:TrainHooks, t_end):
     "ms of backward charged to each module: from each of its output-gradient hooks to the next hook (the last to `t_end`)"
@@ -95,11 +95,10 @@ def saved(self:TrainHooks, skip=()):
         per[i][p] = max(per[i].get(p,0), n); tot[p] = max(tot.get(p,0), n)
     return [sum(d.values()) for d in per], sum(tot.values())
 
-# %% ../nbs/06_callback.ipynb #428cdf39
-def _stats(a): a = np.asarray(a, dtype=float); return np.median(a),a.mean(),np.percentile(a, 90),a.min(),a.max()
+# %% ../nbs/06_callback.ipynb #b95c81ff
 _step_cols = ['data','forward','loss','backward','optimizer','other','total']
 
-# %% ../nbs/06_callback.ipynb #ebfbc340
+# %% ../nbs/06_callback.ipynb #253f3f53
 class CostProfiler(Callback):
     "Profile per-layer forward and backward time, saved-for-backward bytes, memory and MACs of training batches"
     order,run_valid,remove_on_fetch = 5,False,True
@@ -117,7 +116,7 @@ class CostProfiler(Callback):
     def _want(self, i):
         return i>=self.skip and (i-self.skip)%self.every==0 and (self.n_batches is None or len(self.batches)<self.n_batches)
 
-# %% ../nbs/06_callback.ipynb #56655676
+# %% ../nbs/06_callback.ipynb #0a8b8772
 @patch
 def before_fit(self:CostProfiler):
     self._init_state()
@@ -136,7 +135,7 @@ def _unwrap(self:CostProfiler):
 def _stamp(self:CostProfiler, ev):
     if self._on: self._ev[ev] = self.hooks.clock.stamp()
 
-# %% ../nbs/06_callback.ipynb #335cabe5
+# %% ../nbs/06_callback.ipynb #0824a8f8
 @patch
 def before_train(self:CostProfiler): self._t_end = time.perf_counter_ns()
 @patch
@@ -161,9 +160,9 @@ def after_batch(self:CostProfiler):
 @patch
 def after_fit(self:CostProfiler):
     self._unwrap()
-    if self.batches and num_distrib()>1 and dist.is_available() and dist.is_initialized(): self._gather()
+    if num_distrib()>1 and dist.is_available() and dist.is_initialized(): self._gather()  # collective: every rank calls it
 
-# %% ../nbs/06_callback.ipynb #0e11ddbf
+# %% ../nbs/06_callback.ipynb #c3f13d47
 @patch
 def _count(self:CostProfiler):
     "Units and MAC counts from one extra forward of the batch, leaving no trace: training flags, buffers and RNG restored"
@@ -188,7 +187,7 @@ def _one_batch(self:CostProfiler):
     except _keep_on: raise
     except BaseException: self._unwrap(); raise
 
-# %% ../nbs/06_callback.ipynb #28018dca
+# %% ../nbs/06_callback.ipynb #c7b294ac
 @patch
 def _collect(self:CostProfiler):
     h,ev = self.hooks,self._ev
@@ -203,12 +202,12 @@ def _collect(self:CostProfiler):
                              inreq=list(h.inreq), step=st))
     h.start()  # drops the armed graph nodes and marks now rather than at the next profiled batch
 
-# %% ../nbs/06_callback.ipynb #c9caa47b
+# %% ../nbs/06_callback.ipynb #42197e55
 @patch
 def _table(self:CostProfiler):
     "This rank's plain per-batch numbers, the input of `summary` and what ranks send to rank 0"
     B = self.batches
-    return dict(rank=rank_distrib(), names=[n for n,m,k in self.units], fwd=[b['fwd'] for b in B], bwd=[b['bwd'] for b in B],
+    return dict(rank=rank_distrib(), names=[n for n,m,k in self.units or []], fwd=[b['fwd'] for b in B], bwd=[b['bwd'] for b in B],
                 saved=[b['saved'] for b in B], mem=[b['mem'] for b in B], inreq=[b['inreq'] for b in B], steps=[b['step'] for b in B],
                 saved_total=[b['saved_total'] for b in B], iters=[b['iter'] for b in B])
 
@@ -219,14 +218,14 @@ def _gather(self:CostProfiler):
     dist.gather_object(self._table(), res, dst=0)
     self.rank_tables = res
 
-# %% ../nbs/06_callback.ipynb #476077dc
+# %% ../nbs/06_callback.ipynb #d191531f
 @patch
 def steps(self:CostProfiler):
     "The step split of each profiled batch (ms; on all ranks after a distributed fit)"
     ts = self.rank_tables or [self._table()]
     return pd.DataFrame([dict(rank=t['rank'], iter=i, **s) for t in ts for i,s in zip(t['iters'], t['steps'])])
 
-# %% ../nbs/06_callback.ipynb #2d5f930b
+# %% ../nbs/06_callback.ipynb #8cd01191
 @patch
 def summary(self:CostProfiler)->CostSummary:
     "`CostSummary` of the profiled batches: per layer median/mean/p90 forward and backward ms, saved bytes, MACs; step split in `notes`"
@@ -254,7 +253,7 @@ def summary(self:CostProfiler)->CostSummary:
     if len(ts)>1: _add_rank_cols(res, ts)
     return res
 
-# %% ../nbs/06_callback.ipynb #1e86bde9
+# %% ../nbs/06_callback.ipynb #becf0fea
 def _add_rank_cols(res, ts):
     "Per-layer min and max over ranks of each rank's median, and `by_rank`: every rank's rows"
     names = list(res.df.name)
@@ -266,7 +265,7 @@ def _add_rank_cols(res, ts):
         res.df[c+'_rank_min'],res.df[c+'_rank_max'] = res.df.name.map(g[c].min()),res.df.name.map(g[c].max())
     res.notes.append(f"{len(ts)} ranks: rows are medians over all ranks' batches; *_rank_min/_rank_max the spread of the ranks' medians")
 
-# %% ../nbs/06_callback.ipynb #aea02a8a
+# %% ../nbs/06_callback.ipynb #e8746628
 @patch
 def plot(self:CostProfiler, k=20, figsize=(11,4)):
     "Forward vs backward ms of the `k` costliest layers, and the time of each profiled batch"

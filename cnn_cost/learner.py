@@ -7,8 +7,8 @@ Docs: https://cnn-cost.github.io/cnn_cost/learner.html.md"""
 # %% auto #0
 __all__ = ['batch_device', 'preserved_state', 'costed', 'model_cost']
 
-# %% ../nbs/05_learner.ipynb #52283697
-import torch, torch.nn as nn, contextlib
+# %% ../nbs/05_learner.ipynb #aac3a92b
+import torch, torch.nn as nn, contextlib, numpy as np
 from fastcore.basics import *
 from fastcore.meta import delegates
 from fastcore.foundation import L
@@ -19,7 +19,7 @@ from .counting import *
 from .timing import *
 from .summary import *
 
-# %% ../nbs/05_learner.ipynb #60aa813c
+# %% ../nbs/05_learner.ipynb #e9f19da0
 def batch_device(model, xb):
     "The device both `model` and the tensors of `xb` are on; a clear error when they differ"
     xdevs = {t.device for t in flat_tensors(xb)}
@@ -33,7 +33,7 @@ def batch_device(model, xb):
                          f"e.g. `model.to('{xdev}')` or pass `x.to('{first(mdevs)}')`")
     return xdev
 
-# %% ../nbs/05_learner.ipynb #9ee985ca
+# %% ../nbs/05_learner.ipynb #3f381c40
 @contextlib.contextmanager
 def preserved_state(model:nn.Module):
     "Restore every module's `training` flag and every buffer of `model` on exit, also after an exception"
@@ -45,19 +45,19 @@ def preserved_state(model:nn.Module):
         with torch.no_grad():
             for b,c in bufs: b.copy_(c)
 
-# %% ../nbs/05_learner.ipynb #d7e19d93
+# %% ../nbs/05_learner.ipynb #d5814f41
 def costed(units, recs):
     "The units and records that get a row: leaves, the model itself, and parents with ops or parameters of their own"
     keep = [i for i,((n,m,k),r) in enumerate(zip(units,recs)) if k=='leaf' or n=='' or r.macs or r.elem_ops or r.unknown_ops or r.params]
     return L(units[i] for i in keep), [recs[i] for i in keep]
 
-# %% ../nbs/05_learner.ipynb #3e43abc3
+# %% ../nbs/05_learner.ipynb #e9b341a3
 def _timed(fwd, clock):
     "ms of one `fwd()` on `clock`"
     clock.reset(); a = clock.stamp(); fwd(); b = clock.stamp(); clock.sync()
     return clock.ms(a, b)
 
-# %% ../nbs/05_learner.ipynb #abdf3d8b
+# %% ../nbs/05_learner.ipynb #45200276
 def _hooked(fwd, mods, clock):
     "ms of one `fwd()` with `TimeHooks` on `mods`, and the ms charged to each module"
     with TimeHooks(mods, clock) as th:
@@ -65,7 +65,7 @@ def _hooked(fwd, mods, clock):
         ts = th.times()
     return clock.ms(a, b), ts
 
-# %% ../nbs/05_learner.ipynb #03792bbd
+# %% ../nbs/05_learner.ipynb #7cec0a95
 def model_cost(model:nn.Module, # Any PyTorch model
                *xb, # Its inputs: one batch, on the model's device
                n_warmup:int=2, # Plain forward passes before timing
@@ -92,7 +92,7 @@ def model_cost(model:nn.Module, # Any PyTorch model
             for r,t in zip(recs, ts): r.times.append(t)
     return CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup, 1+n_warmup+2*n_repeat)
 
-# %% ../nbs/05_learner.ipynb #ab8892dc
+# %% ../nbs/05_learner.ipynb #dc67291c
 def _learner_autocast(learn, dev):
     "The autocast context of `learn`'s `MixedPrecision` callback (`to_fp16`/`to_bf16`), if it has one"
     mp = getattr(learn, 'mixed_precision', None)
@@ -100,7 +100,7 @@ def _learner_autocast(learn, dev):
     dtype = torch.bfloat16 if str(getattr(mp.amp_mode, 'value', mp.amp_mode))=='bf16' else torch.float16
     return torch.autocast(dev.type, dtype=dtype)
 
-# %% ../nbs/05_learner.ipynb #3953ef53
+# %% ../nbs/05_learner.ipynb #642eb601
 @patch
 @delegates(model_cost)
 def cost_summary(self:Learner, xb=None, **kwargs):

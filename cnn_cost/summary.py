@@ -7,7 +7,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/summary.html.md"""
 # %% auto #0
 __all__ = ['human', 'spatial_label', 'CostSummary']
 
-# %% ../nbs/03_summary.ipynb #73597329
+# %% ../nbs/03_summary.ipynb #8933ea96
 import json, numpy as np, pandas as pd
 from dataclasses import asdict
 from fastcore.basics import *
@@ -15,21 +15,21 @@ from fastcore.foundation import L
 from fastcore.xtras import PrettyString
 from .core import *
 
-# %% ../nbs/03_summary.ipynb #7d731072
+# %% ../nbs/03_summary.ipynb #21e904af
 def human(n, unit=''):
     "`n` with a k/M/G/T suffix, 3 significant digits"
     if n is None or n!=n: return '?'
     for s in ['', 'k', 'M', 'G', 'T']:
-        if abs(n) < 1000: return f'{n:.3g}{" " if unit else ""}{s}{unit}' if s or unit else f'{n:.3g}'
+        if abs(n) < 1000: break
         n /= 1000
-    return f'{n:.3g} P{unit}'
+    return f'{n:.3g}' + (f' {s}{unit}' if unit else s)
 
-# %% ../nbs/03_summary.ipynb #749cc41c
+# %% ../nbs/03_summary.ipynb #105650e2
 def spatial_label(shape):
     "The spatial size of an activation `shape`, fastai's grouping key: '14x14' for NCHW, 'flat' for (N, C)"
     return 'x'.join(str(s) for s in shape[2:]) if shape is not None and len(shape)>2 else 'flat'
 
-# %% ../nbs/03_summary.ipynb #141bcf40
+# %% ../nbs/03_summary.ipynb #04b4e2fc
 def _stages(labels):
     "Index of the stage of each row: consecutive rows with the same spatial size share a stage"
     res,cur,prev = [],-1,None
@@ -38,17 +38,17 @@ def _stages(labels):
         res.append(cur)
     return res
 
-# %% ../nbs/03_summary.ipynb #95c53b6d
+# %% ../nbs/03_summary.ipynb #5463f1e3
 def _pct(s): return 100*s/s.sum() if s.sum() else s*0.
 
-# %% ../nbs/03_summary.ipynb #09892725
+# %% ../nbs/03_summary.ipynb #6ecd293d
 def _padded(xs):
     "Ragged lists of numbers as a 2-d float array padded with NaN (a row without numbers is all NaN)"
     n = max([len(x) for x in xs]+[1])
     return np.array([list(x)+[np.nan]*(n-len(x)) for x in xs], dtype=float)
 def _p90(a, axis): return np.percentile(a, 90, axis=axis)
 
-# %% ../nbs/03_summary.ipynb #3ea2f75b
+# %% ../nbs/03_summary.ipynb #143e9b7c
 class CostSummary:
     "Per-layer cost of one model on one batch: `df`, totals, `stages()`; prints as fastai's summary does"
     def __init__(self, records, model_name='', input_shapes=(), device='cpu', plain_ms=(), hooked_ms=(), n_warmup=0, n_passes=0):
@@ -71,7 +71,7 @@ class CostSummary:
         df['stage_label'] = labels
         return df
 
-# %% ../nbs/03_summary.ipynb #2556dbef
+# %% ../nbs/03_summary.ipynb #59b8e791
 @patch(as_prop=True)
 def total_params(self:CostSummary): return sum(r.params for r in self.records)
 @patch(as_prop=True)
@@ -97,7 +97,7 @@ def hook_overhead(self:CostSummary):
     "Median over repeats of hooked / plain forward time, the two timed back to back"
     return float(np.median(np.array(self.hooked_ms)/np.array(self.plain_ms))) if self.plain_ms and self.hooked_ms else np.nan
 
-# %% ../nbs/03_summary.ipynb #7f8458ab
+# %% ../nbs/03_summary.ipynb #e2636206
 @patch
 def stages(self:CostSummary):
     "Per-stage totals and shares: consecutive layers grouped by the spatial size of their output"
@@ -108,21 +108,21 @@ def stages(self:CostSummary):
         if c in g: g[s] = _pct(g[c])
     return g
 
-# %% ../nbs/03_summary.ipynb #70102359
+# %% ../nbs/03_summary.ipynb #32fd514c
 @patch
 def top(self:CostSummary, k=5, by='time_ms'):
     "The `k` costliest rows by column `by`"
     return self.df.sort_values(by, ascending=False).head(k)
 
-# %% ../nbs/03_summary.ipynb #2eb85a78
+# %% ../nbs/03_summary.ipynb #c528e51f
 def _shape_of(inp): return ' x '.join(str(s) for s in inp) if inp else ''
 
-# %% ../nbs/03_summary.ipynb #795eae24
+# %% ../nbs/03_summary.ipynb #e2d8b416
 @patch
 def _header(self:CostSummary):
     return f"{self.model_name} (Input shape: {', '.join(_shape_of(s) for s in self.input_shapes)})"
 
-# %% ../nbs/03_summary.ipynb #72b57c9e
+# %% ../nbs/03_summary.ipynb #e26ecee0
 _cols = f"{'Layer (type)':<20} {'Output Shape':<20} {'Param #':<10} {'Trainable':<10} {'Act':>9} {'MACs':>8} {'%MACs':>6} {'ms':>7} {'%Time':>6}"
 def _text_row(r):
     typ = r.type + ('*' if r.kind=='own' else '') + (f' x{r.calls}' if r.calls>1 else '')
@@ -130,7 +130,7 @@ def _text_row(r):
     return (f"{typ[:20]:<20} {'':<20} {r.params:<10,} {str(r.trainable):<10} {human(r.act_bytes,'B'):>9} {macs:>8} "
             f"{r.pct_macs:>6.1f} {r.time_ms:>7.3f} {r.pct_time:>6.1f}")
 
-# %% ../nbs/03_summary.ipynb #dfaa4619
+# %% ../nbs/03_summary.ipynb #29c2f98d
 @patch
 def _text_table(self:CostSummary):
     bwd = self.has_bwd
@@ -146,7 +146,7 @@ def _text_table(self:CostSummary):
     res.append('_'*n)
     return res
 
-# %% ../nbs/03_summary.ipynb #660b6657
+# %% ../nbs/03_summary.ipynb #eb53435d
 @patch
 def _totals_lines(self:CostSummary):
     df = self.df
@@ -163,7 +163,7 @@ def _totals_lines(self:CostSummary):
     if self.uncalled: res.append(f"Never called during the forward (fast path or unused): {', '.join(self.uncalled)}")
     return res
 
-# %% ../nbs/03_summary.ipynb #dcb5cb2d
+# %% ../nbs/03_summary.ipynb #e014ecf9
 @patch
 def _stage_lines(self:CostSummary):
     st = self.stages()
@@ -174,11 +174,11 @@ def _stage_lines(self:CostSummary):
                    f"{human(r.act_bytes,'B'):>9} {r.pct_act:>6.1f} {r.time_ms:>8.3f} {r.pct_time:>6.1f}")
     return res
 
-# %% ../nbs/03_summary.ipynb #d1636290
+# %% ../nbs/03_summary.ipynb #8ac80b2b
 @patch
 def __repr__(self:CostSummary): return PrettyString('\n'.join(self._text_table() + [''] + self._totals_lines() + [''] + self._stage_lines()) + '\n')
 
-# %% ../nbs/03_summary.ipynb #20d02f1f
+# %% ../nbs/03_summary.ipynb #0112a94c
 _show_cols = ['name','type','output_shape','params','trainable','calls','act_bytes','macs','elem_ops','pct_macs','time_ms','pct_time']
 @patch
 def display_df(self:CostSummary):
@@ -187,7 +187,7 @@ def display_df(self:CostSummary):
     df['type'] = [t+('*' if k=='own' else '') for t,k in zip(df.type, self.df.kind)]
     return df
 
-# %% ../nbs/03_summary.ipynb #a3cc7a52
+# %% ../nbs/03_summary.ipynb #e3fd5acd
 @patch
 def _repr_html_(self:CostSummary):
     fmt = {'act_bytes': lambda v: human(v,'B'), 'macs': human, 'elem_ops': human, 'pct_macs': '{:.1f}'.format,
@@ -197,7 +197,7 @@ def _repr_html_(self:CostSummary):
     return (f"<h4>{self._header()}</h4>" + self.display_df().to_html(index=False, formatters=fmt, classes='cost-table') +
             '<pre>' + '\n'.join(self._totals_lines()) + '</pre>' + st.to_html(index=False, float_format='{:.1f}'.format, classes='cost-stages'))
 
-# %% ../nbs/03_summary.ipynb #c9d47a28
+# %% ../nbs/03_summary.ipynb #98b9b927
 @patch
 def to_markdown(self:CostSummary, path=None, **kwargs):
     "The table and stages as markdown (needs `tabulate`); written to `path` if given"

@@ -7,12 +7,12 @@ Docs: https://cnn-cost.github.io/cnn_cost/timing.html.md"""
 # %% auto #0
 __all__ = ['CPUClock', 'CUDAClock', 'clock_for', 'TimeHooks']
 
-# %% ../nbs/02_timing.ipynb #53fb7622
+# %% ../nbs/02_timing.ipynb #d7a68440
 import time, torch, torch.nn as nn
 from fastcore.basics import *
 from .core import *
 
-# %% ../nbs/02_timing.ipynb #72934f0e
+# %% ../nbs/02_timing.ipynb #17505e8a
 class CPUClock:
     "Host wall clock in ns: right for CPU kernels, which run synchronously"
     name = 'cpu'
@@ -21,7 +21,7 @@ class CPUClock:
     def sync(self): pass
     def ms(self, a, b): return (b-a)/1e6
 
-# %% ../nbs/02_timing.ipynb #fac257c8
+# %% ../nbs/02_timing.ipynb #5b36b28c
 class CUDAClock:
     "CUDA events recorded on the current stream: GPU-side time, resolved after one synchronize per pass"
     def __init__(self, device): self.device,self.name,self.pool,self.i = device,str(device),[],0
@@ -33,13 +33,13 @@ class CUDAClock:
     def sync(self): torch.cuda.synchronize(self.device)
     def ms(self, a, b): return a.elapsed_time(b)
 
-# %% ../nbs/02_timing.ipynb #2422aecc
+# %% ../nbs/02_timing.ipynb #144cf630
 def clock_for(device):
     "The right clock for `device`"
     device = torch.device(device)
     return CUDAClock(device) if device.type=='cuda' else CPUClock()
 
-# %% ../nbs/02_timing.ipynb #8dfc1bc7
+# %% ../nbs/02_timing.ipynb #bf8e68b3
 class TimeHooks:
     "Forward hooks on `mods` charging the time between consecutive hook events to the innermost running module"
     def __init__(self, mods, clock): self.mods,self.clock,self.hs,self.marks,self.stack = list(mods),clock,[],[],[]

@@ -1,13 +1,13 @@
 "Integration tests of `CostProfiler` on the seed's setup (resnet18 on the digits, 64 x 3 x 28 x 28, CPU) and on tiny models"
-import pickle, numpy as np, pytest, torch, torch.nn as nn
+import pickle, random, numpy as np, pytest, torch, torch.nn as nn
 from fastai.vision.all import *
 from cnn_cost.all import *
 from cnn_cost.callback import CostProfiler
 for _n in [n for n in dir() if n.startswith('test')]: del globals()[_n]  # fastcore's test_* helpers, not tests
 
 class StopAt(Callback):
-    "Raise `exc` in `event` of training batch `at`"
-    order = 0
+    "Raise `exc` in `event` when `train_iter==at` (in `after_batch`: after `at` batches) (after the other callbacks' `after_batch`, so `Recorder` logs the batch)"
+    order = 99
     def __init__(self, at, exc=None, event='after_batch'): self.at,self.exc,self.event = at,exc or CancelFitException(),event
     def __call__(self, event_name):
         if event_name==self.event and getattr(self.learn, 'training', False) and self.learn.train_iter==self.at: raise self.exc
@@ -20,23 +20,35 @@ def dls(): return digits_dls()
 
 def seed_learner(dls, seed=42):
     set_seed(seed, reproducible=True)
+    dls.train.rng = random.Random(seed)  # the same shuffle each time
     return vision_learner(dls, resnet18, pretrained=False, n_out=10)
+
+def tiny_learner(seed=0, n=128, bs=32, **kw):
+    "A small CNN with inplace ReLUs on random 16 x 16 images, in two parameter groups"
+    set_seed(seed, reproducible=True)
+    x = torch.randn(n,3,16,16); y = (x.mean((1,2,3))>0).long()
+    dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:bs], bs=bs, device='cpu')
+    dls.train.rng = random.Random(seed)
+    m = nn.Sequential(nn.Conv2d(3,32,3,padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True), nn.Conv2d(32,64,3,padding=1),
+                      nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.Conv2d(64,64,3,padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64,2))
+    return Learner(dls, m, loss_func=nn.CrossEntropyLoss(), splitter=lambda m: [list(m[:9].parameters()), list(m[9:].parameters())], **kw)
 
 def test_bit_identical(dls):
     "Same seed with and without the profiler: identical losses and weights"
     res = []
-    for cbs in [[], [CostProfiler(skip=1, n_batches=4)]]:
+    for cbs in [[], [CostProfiler(skip=1, n_batches=2)]]:
         learn = seed_learner(dls)
-        learn.fit(1, 1e-3, cbs=[StopAt(5)]+cbs)
+        learn.fit(1, 1e-3, cbs=[StopAt(3)]+cbs)
         res.append((torch.stack(learn.recorder.losses), [p.detach().clone() for p in learn.model.parameters()]))
-    assert len(res[0][0])==6 and torch.equal(res[0][0], res[1][0])
+    assert len(res[0][0])==3 and torch.equal(res[0][0], res[1][0])
     assert all(torch.equal(a, b) for a,b in zip(res[0][1], res[1][1]))
 
 @pytest.fixture(scope='module')
 def seed_profile(dls):
     learn = seed_learner(dls)
-    learn.add_cb(CostProfiler(skip=2, n_batches=5))
-    learn.fit(1, 1e-3, cbs=StopAt(7))
+    learn.add_cb(CostProfiler(skip=1, n_batches=3))
+    learn.fit(1, 1e-3, cbs=StopAt(4))
     return learn
 
 def test_seed_backward_positive(seed_profile):
@@ -45,7 +57,7 @@ def test_seed_backward_positive(seed_profile):
     assert any(isinstance(m, nn.ReLU) and m.inplace for m in learn.model.modules())
     s = learn.cost_profiler.summary()
     leaves = s.df[s.df.kind=='leaf']
-    assert len(leaves)>60 and (leaves.bwd_ms>0).all(), leaves[leaves.bwd_ms<=0].name.tolist()
+    assert len(leaves)>=50 and (leaves.bwd_ms>0).all(), leaves[leaves.bwd_ms<=0].name.tolist()
     assert (leaves.time_ms>0).all() and (leaves.bwd_ms_p90>=leaves.bwd_ms_min).all()
     conv = leaves[leaves.type=='Conv2d']
     assert (conv.bwd_macs.iloc[1:]==2*conv.macs.iloc[1:]).all() and conv.bwd_macs.iloc[0]==conv.macs.iloc[0]  # first conv: no input gradient
@@ -55,18 +67,18 @@ def test_seed_backward_positive(seed_profile):
 def test_seed_sums_cover_passes(seed_profile):
     "Per batch, per-layer forward plus backward times sum to within 15% of the measured forward and backward passes"
     cp = seed_profile.cost_profiler
-    assert len(cp.batches)==5
+    assert len(cp.batches)==3
     for b in cp.batches:
         st = b['step']
         r = (sum(b['fwd'])+sum(b['bwd']))/(st['forward']+st['backward'])
         assert 0.85 < r < 1.15, r
-        assert 0.85 < sum(b['bwd'])/st['backward'] <= 1.0
+        assert 0.85 < sum(b['bwd'])/st['backward'] <= 1.0, (sum(b['bwd']), st)
         assert st['total'] >= st['forward']+st['backward']+st['optimizer'] > 0
 
 def test_seed_export_and_second_fit(seed_profile, tmp_path):
     learn = seed_profile
-    learn.fit(1, 1e-3, cbs=StopAt(3))
-    assert len(learn.cost_profiler.batches)==2 and no_hooks(learn.model)
+    learn.fit(1, 1e-3, cbs=StopAt(2))
+    assert len(learn.cost_profiler.batches)==1 and no_hooks(learn.model)
     learn.export(tmp_path/'m.pkl')
     l2 = load_learner(tmp_path/'m.pkl')
     assert l2.cost_profiler.batches==[] and l2.cost_profiler.hooks is None
@@ -99,33 +111,33 @@ def test_hooks_gone_after_exceptions(exc, event):
     learn.fit(1, 1e-2)
     assert len(learn.cost_profiler.batches)==6 and no_hooks(learn.model)
 
-def test_frozen_body_has_no_weight_gradient_work(dls):
+def test_frozen_body_has_no_weight_gradient_work():
     "After `freeze()` the body's convs compute input gradients only: backward MACs = forward MACs, and bwd/fwd time drops"
     ratios = {}
     for frozen in [True, False]:
-        learn = seed_learner(dls)
+        learn = tiny_learner()
         if frozen: learn.freeze()
-        learn.fit(1, 1e-3, cbs=[StopAt(5), cp:=CostProfiler(skip=2, n_batches=3)])
-        s = cp.summary(); conv = s.df[(s.df.type=='Conv2d')&(s.df.name.str.startswith('0.'))]
+        learn.fit(1, 1e-3, cbs=[cp:=CostProfiler(skip=1, n_batches=3)])
+        s = cp.summary(); conv = s.df[s.df.type=='Conv2d']
         rule = conv.macs*(1 if frozen else 2); rule.iloc[0] = 0 if frozen else conv.macs.iloc[0]
         assert (conv.bwd_macs==rule).all()
         ratios[frozen] = np.median([sum(b['bwd'][j] for j in conv.index)/sum(b['fwd'][j] for j in conv.index) for b in cp.batches])
     assert ratios[True] < 0.8*ratios[False], ratios
 
 @pytest.mark.parametrize('extra', ['channels_last', 'grad_acc', 'bf16'])
-def test_alongside_fastai_callbacks(dls, extra):
+def test_alongside_fastai_callbacks(extra):
     "channels_last, gradient accumulation and fastai's `to_bf16` (on CPU its autocast is CUDA-only, a no-op) run with the profiler"
     from fastai.callback.channelslast import ChannelsLast
     from fastai.callback.training import GradientAccumulation
-    learn = seed_learner(dls)
-    cbs = {'channels_last':[ChannelsLast()], 'grad_acc':[GradientAccumulation(128)], 'bf16':[MixedPrecision('bf16')]}[extra]
-    learn.fit(1, 1e-3, cbs=cbs+[StopAt(4), cp:=CostProfiler(skip=1, n_batches=3)])
+    learn = tiny_learner()
+    cbs = {'channels_last':[ChannelsLast()], 'grad_acc':[GradientAccumulation(64)], 'bf16':[MixedPrecision('bf16')]}[extra]
+    learn.fit(1, 1e-3, cbs=cbs+[cp:=CostProfiler(skip=1, n_batches=3)])
     s = cp.summary(); leaves = s.df[s.df.kind=='leaf']
     assert (leaves.bwd_ms>0).all() and len(s.steps)==3 and no_hooks(learn.model)
     if extra=='grad_acc': assert (s.steps.optimizer < s.steps.backward).all()
 
-def test_lr_find(dls):
-    learn = seed_learner(dls)
+def test_lr_find():
+    learn = tiny_learner()
     learn.add_cb(CostProfiler(skip=1, n_batches=2))
     learn.lr_find(num_it=5, show_plot=False)
     assert len(learn.cost_profiler.batches)==2 and no_hooks(learn.model)

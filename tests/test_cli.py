@@ -14,11 +14,11 @@ def test_default_json():
 def test_path_plot_csv(tmp_path):
     p = digits_folder(tmp_path/'imgs', n_per_class=8)
     r = run('--path', str(p), '--arch', 'mobilenet_v2', '--size', '32', '--bs', '16', '--format', 'csv', '--n-repeat', '1',
-            '--plot', str(tmp_path/'p.png'))
+            '--plot', str(tmp_path/'p.png'), '--roofline', str(tmp_path/'r.png'))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith('name,type,kind,output_shape') and len(lines) > 100
-    assert (tmp_path/'p.png').stat().st_size > 10_000
+    assert (tmp_path/'p.png').stat().st_size > 10_000 and (tmp_path/'r.png').stat().st_size > 10_000
 
 @pytest.mark.parametrize('args,msg', [(['--arch', 'resnet19'], 'Unknown architecture'), (['--path', '/no/such'], 'is not a folder'),
                                       (['--format', 'xml'], 'unknown --format')])

@@ -2,9 +2,9 @@
 
 Builds the site with `tools/build_docs.py` into a temporary folder, serves it on 127.0.0.1, opens every page, and checks:
 no console errors, the page's tables and images are there (as many `<img>`, all decoded, as the processed notebook has image
-outputs; a `<table>` for each HTML table output), every nav link resolves to a built page, and the nav lists every page.
+outputs; a `<table>` for each HTML or markdown table in it), every nav link resolves to a built page, and the nav lists every page.
 Saves screenshots of the tutorial page to `tests/out/`. Skips when Chromium or chromedriver is missing (`.ci/run` installs them)."""
-import functools, http.server, json, os, shutil, subprocess, sys, threading
+import functools, http.server, json, os, re, shutil, subprocess, sys, threading
 from pathlib import Path
 from urllib.parse import urljoin, urlparse
 from urllib.request import urlopen
@@ -22,9 +22,12 @@ def site(tmp_path_factory):
     "Build the docs into a temporary folder and serve it on 127.0.0.1"
     out = tmp_path_factory.mktemp('site')/'docs'
     env = dict(os.environ, DOCS_NO_QUARTO='1')
-    subprocess.run([sys.executable, str(ROOT/'tools/build_docs.py'), str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
-    handler.log_message = lambda *a: None
+    skip = ['--skip_file_re', os.environ['DOCS_SKIP_FILE_RE']] if os.environ.get('DOCS_SKIP_FILE_RE') else []  # local use only
+    r = subprocess.run([sys.executable, str(ROOT/'tools/build_docs.py'), str(out)] + skip, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode==0, f'docs build failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a): pass
+    handler = functools.partial(Quiet, directory=str(out))
     srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield out, f'http://127.0.0.1:{srv.server_port}/'
@@ -53,12 +56,16 @@ def expected(out):
         nb = json.loads(nbp.read_text())
         fm = next((c for c in nb['cells'] if c['cell_type']=='raw' and 'output-file' in ''.join(c['source'])), None)
         name = next(l.split(':',1)[1].strip() for l in ''.join(fm['source']).splitlines() if l.startswith('output-file')) if fm else nbp.stem+'.html'
+        mds = [''.join(c['source']) for c in nb['cells'] if c['cell_type']=='markdown']
         outs = [o for c in nb['cells'] if c['cell_type']=='code' and '#| output: false' not in ''.join(c['source']) for o in c.get('outputs', [])]
         datas = [o.get('data', {}) for o in outs]
         res[str(nbp.parent.relative_to(ROOT/'_proc')/name).lstrip('./')] = dict(
             imgs=sum('image/png' in d or 'image/jpeg' in d for d in datas),
-            tables=sum('<table' in ''.join(d.get('text/html', '')) for d in datas))
+            tables=sum('<table' in ''.join(d.get('text/html', '')) for d in datas)
+                  + sum(bool(_re_mdtable.search(''.join(m))) for m in mds + [d.get('text/markdown', '') for d in datas]))
     return res
+
+_re_mdtable = re.compile(r'^\|?\s*:?-{3,}:?\s*\|', re.M)  # a markdown table's separator row (show_doc's docments table)
 
 def console_errors(drv): return [e for e in drv.get_log('browser') if e['level'] in ('SEVERE', 'ERROR')]
 
@@ -94,6 +101,7 @@ def test_pages_in_browser(site, browser):
         if targets != set(ps): problems.append(f'{p}: nav links {sorted(targets)} != pages {ps}')
         for h in nav:
             with urlopen(h) as r:
+                r.read()
                 if r.status!=200: problems.append(f'{p}: nav link {h} -> {r.status}')
         links = browser.execute_script("return [...document.querySelectorAll('main a[href]')].map(a => a.href)")
         for h in links:  # links between pages (doc links, prev/next) must resolve too
@@ -110,7 +118,8 @@ def test_tutorial_page(site, browser):
     assert n_tables >= 1 and len(imgs) >= 1 and all(w > 100 for w in imgs), (n_tables, imgs)
     text = browser.execute_script("return document.querySelector('main').innerText")
     assert 'Where does a CNN compute?' in text and 'rank correlation of per-layer time with MACs' in text
-    assert '#|' not in text  # directives stripped
+    assert not browser.execute_script("return [...document.querySelectorAll('.jp-InputArea pre')].some(p => /^\\s*#\\|/m.test(p.textContent))")  # directives stripped
+    assert browser.execute_script("return document.querySelectorAll('.jp-InputArea pre').length") > 5
     OUT.mkdir(exist_ok=True)
     browser.save_screenshot(str(OUT/'tutorial.png'))
     browser.execute_script("document.querySelector('main img').scrollIntoView()")

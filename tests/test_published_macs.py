@@ -1,11 +1,13 @@
 """Independent references for cnn_cost's MAC counts.
 
 - torchvision's published GFLOPS (`weights.meta['_ops']`, in GMACs despite the name: the figure `torch.utils.flop_counter` / 2 gives)
-  for a spread of architectures at their reference resolution, batch 1, eval mode, random weights (nothing is downloaded);
+  for a spread of architectures at their reference resolution, batch 1, eval mode, no weights downloaded. MACs depend on shapes only,
+  so these models are built on the `meta` device (no memory, no compute: the whole spread counts in seconds on 2 cores);
+  `test_real_equals_meta` checks that real tensors with random weights give the same counts, fused fast paths included;
 - `torch.utils.flop_counter.FlopCounterMode` (FLOPs / 2) on the same batch;
 - the seed's figure, resnet18 in a fastai `vision_learner` on 64 x 3 x 28 x 28: 2,224,930,816;
 - `nn.MultiheadAttention`, whose eval-mode fast path runs one fused `aten._native_multi_head_attention`, against a hand count."""
-import math, pytest, torch, torch.nn as nn, torchvision
+import pytest, torch, torch.nn as nn, torchvision
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from cnn_cost.all import *
@@ -30,15 +32,20 @@ class OpLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.add(str(func._overloadpacket).replace('aten.', '')); return func(*args, **(kwargs or {}))
 
-@pytest.fixture(scope='module', params=list(ARCHS))
-def arch(request):
-    "(name, model in eval, batch at the reference resolution, published MACs); built once for the tests of this module"
-    name = request.param
+def build(name, device='meta'):
+    "torchvision's `name` in eval on `device` with random weights, a batch of 1 at its reference resolution, and its published MACs"
     w = torchvision.models.get_model_weights(name).DEFAULT
     sz = w.transforms().crop_size[0]
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    return name, model, (torch.randn(1, 3, sz, sz),), w.meta['_ops']*1e9
+    kw = {'init_weights': False} if name=='googlenet' else {}  # its default init copies data out of a tensor: impossible on `meta`
+    try:
+        with torch.device(device): model = torchvision.models.get_model(name, weights=None, **kw)
+    except NotImplementedError: model = torchvision.models.get_model(name, weights=None, **kw).to(device)  # regnet computes its widths with tensors
+    model.eval()
+    return name, model, (torch.randn(1, 3, sz, sz, device=device),), w.meta['_ops']*1e9
+
+@pytest.fixture(scope='module', params=list(ARCHS))
+def arch(request): return build(request.param)
 
 def test_published_gflops(arch):
     name, model, xb, pub = arch
@@ -64,14 +71,27 @@ def test_flop_counter(arch):
     else: ref = fc_macs(model, xb)
     assert macs == ref, f"{name}: cnn_cost {macs:,} vs flop_counter {ref:,}"
 
+@pytest.mark.parametrize('name', ['resnet18', 'mobilenet_v2', 'vit_b_16'])
+def test_real_equals_meta(name):
+    """On real tensors (CPU, random weights) every row counts the MACs it counts on `meta`; vit_b_16's attention then takes the fused fast path.
+    (The fused `_native_multi_head_attention` hides its softmax and intermediate tensors, so `elem_ops` and `act_elems` are compared for the CNNs only.)"""
+    _, real, xb, pub = build(name, 'cpu')
+    _, meta, xm, _ = build(name)
+    rr, rm = count_pass(real, xb), count_pass(meta, xm)
+    assert [(r.name, r.calls, r.macs) for r in rr] == [(r.name, r.calls, r.macs) for r in rm]
+    if name!='vit_b_16': assert [(r.elem_ops, r.act_elems, r.act_bytes) for r in rr] == [(r.elem_ops, r.act_elems, r.act_bytes) for r in rm]
+    assert sum(r.macs for r in rr) == pytest.approx(pub, rel=0.01)
+    if name=='vit_b_16':
+        with torch.no_grad(), OpLog() as log: real(*xb)
+        assert '_native_multi_head_attention' in log.ops, "eval-mode fast path not taken: this test no longer covers it"
+
 def test_seed_figure():
     "The seed's setup on one real batch of the digits: total MACs and params, and the same as `flop_counter` and `model_cost`"
     from fastai.vision.all import vision_learner, resnet18
     learn = vision_learner(digits_dls(), resnet18, pretrained=False, n_out=10)
     xb = learn.dls.train.one_batch()[:1]
     model = learn.model.eval()
-    test_shape = tuple(xb[0].shape)
-    assert test_shape == (64, 3, 28, 28)
+    assert tuple(xb[0].shape) == (64, 3, 28, 28)
     macs = total_macs(model, xb)
     assert macs == 2_224_930_816
     assert fc_macs(model, xb) == macs

@@ -6,8 +6,9 @@ nbdev directives stripped, frontmatter made) into `_proc/`, and each processed n
 exporter inside a small layout (`tools/docs_template/`) that adds the nav sidebar. Usage: `python tools/build_docs.py`."""
 import os, re, shutil, subprocess, sys, yaml
 from pathlib import Path
+from html import escape as html_escape
 
-import nbformat
+import nbformat, nbdev.doclinks
 from nbconvert import HTMLExporter
 from traitlets.config import Config
 
@@ -18,7 +19,7 @@ def quarto_docs():
     "Render with quarto as nbdev does, when it is installed"
     subprocess.run(['nbdev-docs'], check=True)
 
-def proc_nbs():
+def proc_nbs(**kwargs):
     "nbdev's own processing of `nbs/` into `_proc/`, as `nbdev-proc-nbs` does it, minus the quarto install"
     from nbdev.config import get_config
     from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar
@@ -29,7 +30,7 @@ def proc_nbs():
     refresh_quarto_yml()
     nbdev.doclinks._build_modidx()
     nbdev_sidebar.__wrapped__(path=cfg.nbs_path, force=True)
-    return cfg, _proc(cfg.nbs_path, n_workers=int(os.environ.get('DOCS_WORKERS', 2)))
+    return cfg, _proc(cfg.nbs_path, n_workers=int(os.environ.get('DOCS_WORKERS', 2)), **kwargs)
 
 def split_frontmatter(nb):
     "Pop the YAML frontmatter raw cell nbdev's `FrontmatterProc` wrote; return it as a dict"
@@ -89,13 +90,16 @@ def readme_nb(cfg):
     nb.cells = [nbformat.v4.new_markdown_cell(readme.read_text() if readme.exists() else f'# {cfg.lib_name}')]
     return nb
 
-def build(out=None):
+def build(out=None, skip_file_re=None):
+    "Build the site into `out` (default: `doc_path`); `skip_file_re` leaves out notebooks, as nbdev's `--skip_file_re` does"
     if shutil.which('quarto') and not os.environ.get('DOCS_NO_QUARTO'): return quarto_docs()
-    cfg,proc = proc_nbs()
+    kw = dict(skip_file_re=skip_file_re) if skip_file_re else {}
+    cfg,proc = proc_nbs(**kw)
+    keep = {str(p.relative_to(cfg.nbs_path)) for p in nbdev.doclinks.nbglob(cfg.nbs_path, func=Path, **kw)}
     out = Path(out or cfg.doc_path)
     site_url = f"{cfg.doc_host}{cfg.doc_baseurl}".rstrip('/') + '/'
     pages = []
-    for name in page_order(proc, cfg.nbs_path):
+    for name in [n for n in page_order(proc, cfg.nbs_path) if n in keep]:
         nb = nbformat.read(proc/name, as_version=4)
         fm = split_frontmatter(nb)
         href = str(Path(name).parent/fm.get('output-file', Path(name).with_suffix('.html').name))
@@ -104,13 +108,15 @@ def build(out=None):
         pages.insert(0, dict(nb=readme_nb(cfg), fm={}, href='index.html', title=cfg.get('title', cfg.lib_name)))
     pages[0]['title'] = 'Home' if pages[0]['href']=='index.html' else pages[0]['title']
     nav = [dict(href=p['href'], title=p['title']) for p in pages]
+    if (out/'.git').exists() or out==cfg.config_path: raise ValueError(f'refusing to replace {out}')
     if out.exists(): shutil.rmtree(out)
     (out/'site_libs').mkdir(parents=True)
     ex = exporter()
     for i,p in enumerate(pages):
         fm = p['fm']
+        desc = re.sub(r'`([^`]+)`', r'<code>\1</code>', html_escape(str(fm.get('description', cfg.get('description', '')))))  # inline code only
         site = dict(title=cfg.get('title', cfg.lib_name), pages=nav, href=p['href'], root='../'*p['href'].count('/'),
-                    page_title=fm.get('title', cfg.get('title', cfg.lib_name)), description=fm.get('description', cfg.get('description', '')),
+                    page_title=fm.get('title', cfg.get('title', cfg.lib_name)), description=desc,
                     prev=nav[i-1] if i>0 else None, next=nav[i+1] if i+1<len(nav) else None)
         p['nb'].metadata['title'] = f"{site['page_title']} – {site['title']}"
         html,_ = ex.from_notebook_node(apply_quarto_opts(p['nb']), resources=dict(site=site))
@@ -129,4 +135,9 @@ def build(out=None):
     (out/'.nojekyll').touch()
     return out
 
-if __name__=='__main__': build(*sys.argv[1:])
+if __name__=='__main__':
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('out', nargs='?', help='where the site goes (default: doc_path from pyproject.toml)')
+    ap.add_argument('--skip_file_re', help='skip notebooks whose file name matches this regex')
+    build(**vars(ap.parse_args()))

@@ -1,0 +1,59 @@
+"""Overhead of `CostProfiler` on the seed's setup (fastai resnet18, digits 64 x 3 x 28 x 28, CPU), inside real `fit` batches.
+
+A. Profiled vs unprofiled batches, interleaved in one fit (`every=2`): each profiled batch's time over the mean of its two unprofiled
+   neighbours; median and min-max of those ratios. The first profiled batch (it also runs the one-off MAC-counting forward) is left out.
+B. Unprofiled batches with the callback attached (`n_batches=0`) vs without it: `--rounds` pairs of short fits in alternating order,
+   ratio of their median batch times per round; median and min-max over rounds.
+Data loading runs in the main process (`num_workers=0`), outside the timed span. Batch time: from the first `before_batch` to the last `after_batch` callback, so hook setup, removal and collection all count.
+Run: python bench/callback_overhead.py [--batches 66] [--rounds 12] [--per_fit 4]"""
+import argparse, json, random, time, numpy as np, torch
+from fastai.vision.all import *
+from cnn_cost.all import *
+from cnn_cost.callback import CostProfiler
+
+class BatchStart(Callback):
+    order,run_valid = -99,False  # first `before_batch` of training batches
+    def __init__(self, ts): self.ts = ts
+    def before_batch(self): self.ts.t0 = time.perf_counter()
+class BatchEnd(Callback):
+    order,run_valid = 99,False   # last `after_batch`; stops the fit after `n` training batches
+    def __init__(self, ts, n): self.ts,self.n = ts,n
+    def after_batch(self):
+        self.ts.append(time.perf_counter()-self.ts.t0)
+        if len(self.ts)>=self.n: raise CancelFitException()
+
+class _Times(list): t0 = 0.
+def batch_times(learn, n, cbs=(), epochs=1):
+    "Seconds of each of the first `n` training batches of a fit of `epochs` with `cbs`"
+    ts = _Times()
+    with learn.no_bar(), learn.no_logging(): learn.fit(epochs, 1e-3, cbs=[BatchStart(ts), BatchEnd(ts, n), *cbs])
+    return np.array(ts)
+
+def main(batches=66, rounds=12, per_fit=4):
+    dls = digits_dls(num_workers=0)  # no loader processes competing for the cores while batches are timed
+    learn = vision_learner(dls, resnet18, pretrained=False, n_out=10)
+    res = {'setup': f'fastai resnet18, digits 64x3x28x28, cpu, torch threads={torch.get_num_threads()}'}
+    cp = CostProfiler(skip=2, every=2, n_batches=None)
+    t = batch_times(learn, batches, [cp], epochs=-(-batches//len(dls.train)))
+    prof = [b['iter'] for b in cp.batches][1:]
+    r = np.array([t[i]/np.mean([t[i-1], t[i+1]]) for i in prof if i+1 < len(t)])
+    s = cp.summary()
+    cover_f = [sum(b['fwd'])/b['step']['forward'] for b in cp.batches]; cover_b = [sum(b['bwd'])/b['step']['backward'] for b in cp.batches]
+    res['A_profiled_vs_unprofiled'] = dict(ratio_median=float(np.median(r)), ratio_min=float(r.min()), ratio_max=float(r.max()), n_pairs=len(r),
+        unprofiled_batch_ms_median=float(np.median(np.delete(t, [b['iter'] for b in cp.batches])*1e3)),
+        forward_coverage_pct=float(100*np.median(cover_f)), backward_coverage_pct=float(100*np.median(cover_b)))
+    ws,wo = [],[]
+    for i in range(rounds):
+        for with_cb in ([True, False] if i%2==0 else [False, True]):
+            t = batch_times(learn, per_fit, [CostProfiler(n_batches=0)] if with_cb else [])[1:]
+            (ws if with_cb else wo).append(np.median(t))
+    r = np.array(ws)/np.array(wo)
+    res['B_attached_unprofiled_vs_without'] = dict(ratio_median=float(np.median(r)), ratio_min=float(r.min()), ratio_max=float(r.max()),
+        rounds=rounds, batches_per_fit=per_fit-1)
+    print(json.dumps(res, indent=1))
+    return res
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser()
+    p.add_argument('--batches', type=int, default=66); p.add_argument('--rounds', type=int, default=12); p.add_argument('--per_fit', type=int, default=4)
+    a = p.parse_args(); main(a.batches, a.rounds, a.per_fit)

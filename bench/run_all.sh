@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# All benchmarks, one after the other (run them on an otherwise idle machine), then BENCHMARKS.md from their outputs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python bench/hook_overhead.py --rounds 100
+python bench/cost_summary_time.py --rounds 5
+python bench/compare_tools.py
+python bench/accuracy_vs_profiler.py
+python bench/callback_overhead.py
+python bench/report.py
