@@ -7,6 +7,7 @@ B. Unprofiled batches with the callback attached (`n_batches=0`) vs without it: 
 Data loading runs in the main process (`num_workers=0`), outside the timed span. Batch time: from the first `before_batch` to the last `after_batch` callback, so hook setup, removal and collection all count.
 Run: python bench/callback_overhead.py [--batches 66] [--rounds 12] [--per_fit 4]"""
 import argparse, json, random, time, numpy as np, torch
+from pathlib import Path
 from fastai.vision.all import *
 from cnn_cost.all import *
 from cnn_cost.callback import CostProfiler
@@ -51,6 +52,15 @@ def main(batches=66, rounds=12, per_fit=4):
     res['B_attached_unprofiled_vs_without'] = dict(ratio_median=float(np.median(r)), ratio_min=float(r.min()), ratio_max=float(r.max()),
         rounds=rounds, batches_per_fit=per_fit-1)
     print(json.dumps(res, indent=1))
+    o = Path(__file__).parent/'out'; o.mkdir(exist_ok=True)
+    (o/'callback_overhead.json').write_text(json.dumps(res, indent=1))
+    a,b = res['A_profiled_vs_unprofiled'],res['B_attached_unprofiled_vs_without']
+    (o/'callback_overhead.md').write_text(
+        f"{res['setup']}; unprofiled training batch {a['unprofiled_batch_ms_median']:.0f} ms (median)\n\n"
+        "| comparison | median (min–max) | n |\n|---|---:|---:|\n"
+        f"| profiled batch / neighbouring unprofiled batches | {a['ratio_median']:.3f} ({a['ratio_min']:.3f}–{a['ratio_max']:.3f}) | {a['n_pairs']} pairs |\n"
+        f"| callback attached, not profiling / no callback | {b['ratio_median']:.3f} ({b['ratio_min']:.3f}–{b['ratio_max']:.3f}) | {b['rounds']} rounds of {b['batches_per_fit']} batches |\n\n"
+        f"Per-layer rows cover {a['forward_coverage_pct']:.1f}% of the measured forward pass and {a['backward_coverage_pct']:.1f}% of the backward pass (median over profiled batches).\n")
     return res
 
 if __name__ == '__main__':

@@ -6,5 +6,5 @@ python bench/hook_overhead.py --rounds 100
 python bench/cost_summary_time.py --rounds 5
 python bench/compare_tools.py
 python bench/accuracy_vs_profiler.py
-python bench/callback_overhead.py
+python bench/callback_overhead.py --batches 130
 python bench/report.py

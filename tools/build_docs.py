@@ -46,6 +46,8 @@ def apply_quarto_opts(nb):
     for c in nb.cells:
         for k in [k for k in c if k not in ('cell_type','id','metadata','source','outputs','execution_count','attachments')]: del c[k]
         if c.cell_type!='code': cells.append(c); continue
+        # Python warnings from imports (torch.jit deprecations in fastai...) are not page content: as quarto's `warning: false`
+        c.outputs = [o for o in c.get('outputs', []) if not (o.get('name')=='stderr' and 'Warning' in o.get('text', ''))]
         lines,opts = c.source.splitlines(),{}
         while lines and (m:=_re_dir.match(lines[0])): opts[m.group(1).lower()] = m.group(2).lower(); lines.pop(0)
         c.source = '\n'.join(lines)
