@@ -7,8 +7,10 @@ Docs: https://cnn-cost.github.io/cnn_cost/cli.html.md"""
 # %% auto #0
 __all__ = ['arch_names', 'build_learner', 'render', 'render_sweep', 'main']
 
-# %% ../nbs/09_cli.ipynb #18d6dc27
-import sys, contextlib, torch, torchvision
+# %% ../nbs/09_cli.ipynb #2dfb81c5
+import sys, contextlib, warnings
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')  # fastai's import-time deprecation: noise for a command-line user
+import torch, torchvision
 from pathlib import Path
 from fastcore.script import call_parse
 from fastai.vision.all import vision_learner, Learner, ImageDataLoaders, Resize, ResizeMethod, CrossEntropyLossFlat
@@ -17,12 +19,12 @@ from .learner import *
 from .plots import *
 from .analysis import cost_sweep
 
-# %% ../nbs/09_cli.ipynb #c8116086
+# %% ../nbs/09_cli.ipynb #9836badc
 def arch_names():
     "The names of torchvision's classification models"
     return torchvision.models.list_models(module=torchvision.models)
 
-# %% ../nbs/09_cli.ipynb #8246d9eb
+# %% ../nbs/09_cli.ipynb #07f62627
 def build_learner(arch='resnet18', size=28, bs=64, device=None, path=None):
     "A fastai `Learner` with a randomly initialised torchvision `arch` on the embedded digits (or the image folder `path`)"
     if arch not in arch_names(): raise ValueError(f"Unknown architecture {arch!r}: use one of torchvision's classification models, e.g. resnet18, mobilenet_v2, vit_b_16")
@@ -38,7 +40,7 @@ def build_learner(arch='resnet18', size=28, bs=64, device=None, path=None):
     learn.model.to(device)
     return learn
 
-# %% ../nbs/09_cli.ipynb #1618572e
+# %% ../nbs/09_cli.ipynb #64ef4d62
 _formats = ['text','csv','json','markdown','html']
 def render(cs, fmt='text'):
     "`cs` as `fmt`: text, csv, json, markdown or html"
@@ -47,7 +49,7 @@ def render(cs, fmt='text'):
     if fmt=='html': return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cnn-cost</title></head><body>{cs._repr_html_()}</body></html>"
     return getattr(cs, f'to_{fmt}')()
 
-# %% ../nbs/09_cli.ipynb #b6b9811b
+# %% ../nbs/09_cli.ipynb #43c6ee36
 def render_sweep(sw, fmt='text'):
     "The sweep `sw` as `fmt`: text, csv, json, markdown or html"
     if fmt not in _formats: raise ValueError(f"Unknown format {fmt!r}: use one of {', '.join(_formats)}")
@@ -55,7 +57,7 @@ def render_sweep(sw, fmt='text'):
     return {'csv': sw.df.to_csv, 'json': lambda: sw.df.to_json(orient='records', indent=1), 'markdown': sw.df.to_markdown,
             'html': sw.df.to_html}[fmt]()
 
-# %% ../nbs/09_cli.ipynb #e6ce99b6
+# %% ../nbs/09_cli.ipynb #1423d5ac
 @call_parse
 def main(arch:str='resnet18', # Any torchvision classification model, e.g. resnet50, mobilenet_v2, vit_b_16
          size:int=28, # Image size (square)
