@@ -7,15 +7,15 @@ Docs: https://cnn-cost.github.io/cnn_cost/summary.html.md"""
 # %% auto #0
 __all__ = ['human', 'spatial_label', 'CostSummary']
 
-# %% ../nbs/03_summary.ipynb #8933ea96
-import json, numpy as np, pandas as pd
+# %% ../nbs/03_summary.ipynb #a5cf66b6
+import json, warnings, numpy as np, pandas as pd
 from dataclasses import asdict
 from fastcore.basics import *
 from fastcore.foundation import L
 from fastcore.xtras import PrettyString
 from .core import *
 
-# %% ../nbs/03_summary.ipynb #21e904af
+# %% ../nbs/03_summary.ipynb #c106abb2
 def human(n, unit=''):
     "`n` with a k/M/G/T suffix, 3 significant digits"
     if n is None or n!=n: return '?'
@@ -24,12 +24,12 @@ def human(n, unit=''):
         n /= 1000
     return f'{n:.3g}' + (f' {s}{unit}' if unit else s)
 
-# %% ../nbs/03_summary.ipynb #105650e2
+# %% ../nbs/03_summary.ipynb #e2bc21c5
 def spatial_label(shape):
     "The spatial size of an activation `shape`, fastai's grouping key: '14x14' for NCHW, 'flat' for (N, C)"
     return 'x'.join(str(s) for s in shape[2:]) if shape is not None and len(shape)>2 else 'flat'
 
-# %% ../nbs/03_summary.ipynb #04b4e2fc
+# %% ../nbs/03_summary.ipynb #b76a4b87
 def _stages(labels):
     "Index of the stage of each row: consecutive rows with the same spatial size share a stage"
     res,cur,prev = [],-1,None
@@ -38,17 +38,17 @@ def _stages(labels):
         res.append(cur)
     return res
 
-# %% ../nbs/03_summary.ipynb #5463f1e3
+# %% ../nbs/03_summary.ipynb #24e05e9c
 def _pct(s): return 100*s/s.sum() if s.sum() else s*0.
 
-# %% ../nbs/03_summary.ipynb #6ecd293d
+# %% ../nbs/03_summary.ipynb #c6cd3001
 def _padded(xs):
     "Ragged lists of numbers as a 2-d float array padded with NaN (a row without numbers is all NaN)"
     n = max([len(x) for x in xs]+[1])
     return np.array([list(x)+[np.nan]*(n-len(x)) for x in xs], dtype=float)
-def _p90(a, axis): return np.percentile(a, 90, axis=axis)
+def _p90(a, axis): return np.nanpercentile(a, 90, axis=axis)
 
-# %% ../nbs/03_summary.ipynb #143e9b7c
+# %% ../nbs/03_summary.ipynb #fe161b2e
 class CostSummary:
     "Per-layer cost of one model on one batch: `df`, totals, `stages()`; prints as fastai's summary does"
     def __init__(self, records, model_name='', input_shapes=(), device='cpu', plain_ms=(), hooked_ms=(), n_warmup=0, n_passes=0):
@@ -63,7 +63,9 @@ class CostSummary:
         df.insert(3, 'output_shape', [r.output_shape for r in recs])
         for c,k in [('time_ms','times')] + [('bwd_ms','bwd_times')]*any(r.bwd_times for r in recs):
             ts = _padded([getattr(r,k) for r in recs])
-            df[c],df[c+'_min'],df[c+'_max'],df[c+'_mean'],df[c+'_p90'] = [f(ts, 1) for f in (np.median,np.min,np.max,np.mean,_p90)]
+            with warnings.catch_warnings():  # a row never timed (a counting-only summary) is NaN, not a warning
+                warnings.simplefilter('ignore', RuntimeWarning)
+                df[c],df[c+'_min'],df[c+'_max'],df[c+'_mean'],df[c+'_p90'] = [f(ts, 1) for f in (np.nanmedian,np.nanmin,np.nanmax,np.nanmean,_p90)]
         for c,s in [('macs','pct_macs'), ('time_ms','pct_time'), ('act_bytes','pct_act'), ('bwd_ms','pct_bwd')]:
             if c in df: df[s] = _pct(df[c].fillna(0))
         labels = [spatial_label(r.shapes[0] if r.shapes else None) for r in recs]
@@ -71,7 +73,7 @@ class CostSummary:
         df['stage_label'] = labels
         return df
 
-# %% ../nbs/03_summary.ipynb #59b8e791
+# %% ../nbs/03_summary.ipynb #c3d97a5a
 @patch(as_prop=True)
 def total_params(self:CostSummary): return sum(r.params for r in self.records)
 @patch(as_prop=True)
@@ -97,7 +99,7 @@ def hook_overhead(self:CostSummary):
     "Median over repeats of hooked / plain forward time, the two timed back to back"
     return float(np.median(np.array(self.hooked_ms)/np.array(self.plain_ms))) if self.plain_ms and self.hooked_ms else np.nan
 
-# %% ../nbs/03_summary.ipynb #e2636206
+# %% ../nbs/03_summary.ipynb #a7b2846e
 @patch
 def stages(self:CostSummary):
     "Per-stage totals and shares: consecutive layers grouped by the spatial size of their output"
@@ -108,21 +110,21 @@ def stages(self:CostSummary):
         if c in g: g[s] = _pct(g[c])
     return g
 
-# %% ../nbs/03_summary.ipynb #32fd514c
+# %% ../nbs/03_summary.ipynb #b48c9aa4
 @patch
 def top(self:CostSummary, k=5, by='time_ms'):
     "The `k` costliest rows by column `by`"
     return self.df.sort_values(by, ascending=False).head(k)
 
-# %% ../nbs/03_summary.ipynb #c528e51f
+# %% ../nbs/03_summary.ipynb #a1829a7b
 def _shape_of(inp): return ' x '.join(str(s) for s in inp) if inp else ''
 
-# %% ../nbs/03_summary.ipynb #e2d8b416
+# %% ../nbs/03_summary.ipynb #caae4dba
 @patch
 def _header(self:CostSummary):
     return f"{self.model_name} (Input shape: {', '.join(_shape_of(s) for s in self.input_shapes)})"
 
-# %% ../nbs/03_summary.ipynb #e26ecee0
+# %% ../nbs/03_summary.ipynb #04398dc9
 _cols = f"{'Layer (type)':<20} {'Output Shape':<20} {'Param #':<10} {'Trainable':<10} {'Act':>9} {'MACs':>8} {'%MACs':>6} {'ms':>7} {'%Time':>6}"
 def _text_row(r):
     typ = r.type + ('*' if r.kind=='own' else '') + (f' x{r.calls}' if r.calls>1 else '')
@@ -130,7 +132,7 @@ def _text_row(r):
     return (f"{typ[:20]:<20} {'':<20} {r.params:<10,} {str(r.trainable):<10} {human(r.act_bytes,'B'):>9} {macs:>8} "
             f"{r.pct_macs:>6.1f} {r.time_ms:>7.3f} {r.pct_time:>6.1f}")
 
-# %% ../nbs/03_summary.ipynb #29c2f98d
+# %% ../nbs/03_summary.ipynb #ced1302a
 @patch
 def _text_table(self:CostSummary):
     bwd = self.has_bwd
@@ -146,7 +148,7 @@ def _text_table(self:CostSummary):
     res.append('_'*n)
     return res
 
-# %% ../nbs/03_summary.ipynb #eb53435d
+# %% ../nbs/03_summary.ipynb #10344e5a
 @patch
 def _totals_lines(self:CostSummary):
     df = self.df
@@ -163,7 +165,7 @@ def _totals_lines(self:CostSummary):
     if self.uncalled: res.append(f"Never called during the forward (fast path or unused): {', '.join(self.uncalled)}")
     return res
 
-# %% ../nbs/03_summary.ipynb #e014ecf9
+# %% ../nbs/03_summary.ipynb #25ee0e47
 @patch
 def _stage_lines(self:CostSummary):
     st = self.stages()
@@ -174,11 +176,11 @@ def _stage_lines(self:CostSummary):
                    f"{human(r.act_bytes,'B'):>9} {r.pct_act:>6.1f} {r.time_ms:>8.3f} {r.pct_time:>6.1f}")
     return res
 
-# %% ../nbs/03_summary.ipynb #8ac80b2b
+# %% ../nbs/03_summary.ipynb #61b407f4
 @patch
 def __repr__(self:CostSummary): return PrettyString('\n'.join(self._text_table() + [''] + self._totals_lines() + [''] + self._stage_lines()) + '\n')
 
-# %% ../nbs/03_summary.ipynb #0112a94c
+# %% ../nbs/03_summary.ipynb #2ff08449
 _show_cols = ['name','type','output_shape','params','trainable','calls','act_bytes','macs','elem_ops','pct_macs','time_ms','pct_time']
 @patch
 def display_df(self:CostSummary):
@@ -187,7 +189,7 @@ def display_df(self:CostSummary):
     df['type'] = [t+('*' if k=='own' else '') for t,k in zip(df.type, self.df.kind)]
     return df
 
-# %% ../nbs/03_summary.ipynb #e3fd5acd
+# %% ../nbs/03_summary.ipynb #69bcd9dd
 @patch
 def _repr_html_(self:CostSummary):
     fmt = {'act_bytes': lambda v: human(v,'B'), 'macs': human, 'elem_ops': human, 'pct_macs': '{:.1f}'.format,
@@ -197,7 +199,7 @@ def _repr_html_(self:CostSummary):
     return (f"<h4>{self._header()}</h4>" + self.display_df().to_html(index=False, formatters=fmt, classes='cost-table') +
             '<pre>' + '\n'.join(self._totals_lines()) + '</pre>' + st.to_html(index=False, float_format='{:.1f}'.format, classes='cost-stages'))
 
-# %% ../nbs/03_summary.ipynb #98b9b927
+# %% ../nbs/03_summary.ipynb #924c1790
 @patch
 def to_markdown(self:CostSummary, path=None, **kwargs):
     "The table and stages as markdown (needs `tabulate`); written to `path` if given"
