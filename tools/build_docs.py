@@ -59,6 +59,7 @@ def apply_quarto_opts(nb):
         c.metadata['tags'] = sorted(tags)
         cells.append(c)
     nb.cells = [c for c in cells if c.cell_type=='code' or c.source.strip()]
+    for i,c in enumerate(nb.cells): c.id = f'c{i}'  # nbdev's processing gives new random ids each run: number them, so a rebuild changes nothing
     return nb
 
 def page_order(proc, nbs_path):
