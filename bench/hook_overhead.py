@@ -8,7 +8,7 @@ import argparse, time, json, numpy as np, torch
 from pathlib import Path
 from fastai.vision.all import *
 from cnn_cost.all import *
-from cnn_cost.learner import _timed, _hooked, costed
+from cnn_cost.learner import _hooked, costed
 
 def bare_hooks(mods):
     st = []
@@ -31,11 +31,11 @@ def main(rounds=60, size=28, bs=64, arch='resnet18'):
         for i in range(rounds):
             order = ['plain','cnn_cost','bare'] if i%2 else ['bare','cnn_cost','plain']
             for o in order:
-                if o=='plain': res[o].append(_timed(fwd, clock))
+                if o=='plain': res[o].append(timed(fwd, clock))
                 elif o=='cnn_cost': res[o].append(_hooked(fwd, mods, clock)[0])
                 else:
                     hs = bare_hooks(leaves)
-                    try: res[o].append(_timed(fwd, clock))
+                    try: res[o].append(timed(fwd, clock))
                     finally:
                         for h in hs: h.remove()
     # hook calls per forward: pre+post per call of each hooked module

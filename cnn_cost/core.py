@@ -7,13 +7,13 @@ Docs: https://cnn-cost.github.io/cnn_cost/core.html.md"""
 # %% auto #0
 __all__ = ['cost_units', 'param_count', 'flat_tensors', 'shape_str', 'act_size', 'LayerRecord']
 
-# %% ../nbs/00_core.ipynb #066a6dc1
-import math, torch, torch.nn as nn
+# %% ../nbs/00_core.ipynb #a5fb522f
+import torch, torch.nn as nn
 from dataclasses import dataclass, field, asdict
 from fastcore.basics import *
 from fastcore.foundation import L
 
-# %% ../nbs/00_core.ipynb #ed45cd55
+# %% ../nbs/00_core.ipynb #3e7c72b8
 def cost_units(model:nn.Module):
     "`(name, module, kind)` for every leaf (`kind='leaf'`) and, after its descendants, every parent (`kind='own'`) of `model`"
     seen = set()
@@ -26,13 +26,13 @@ def cost_units(model:nn.Module):
         yield name, m, 'own'
     return L(_walk(model, ''))
 
-# %% ../nbs/00_core.ipynb #241229f0
+# %% ../nbs/00_core.ipynb #efa6ee03
 def param_count(m:nn.Module):
     "Number of parameters of `m` and whether they train, as fastai's `total_params` reports them"
     ps = list(m.parameters())
     return sum(p.numel() for p in ps), (ps[0].requires_grad if ps else False)
 
-# %% ../nbs/00_core.ipynb #1e15eefd
+# %% ../nbs/00_core.ipynb #59aa3177
 def flat_tensors(o):
     "All tensors in the (nested) tuple, list or dict `o`"
     if isinstance(o, torch.Tensor): return [o]
@@ -40,17 +40,17 @@ def flat_tensors(o):
     if isinstance(o, (list,tuple)): return [t for x in o for t in flat_tensors(x)]
     return []
 
-# %% ../nbs/00_core.ipynb #94b4f3e9
+# %% ../nbs/00_core.ipynb #c3920999
 def shape_str(shapes):
     "fastai's way of writing `shapes` (a list of shapes, one per output tensor): the first output, `64 x 64 x 14 x 14`"
     return ' x '.join(str(s) for s in shapes[0]) if shapes else ''
 
-# %% ../nbs/00_core.ipynb #73bbf346
+# %% ../nbs/00_core.ipynb #b779a61c
 def act_size(ts):
     "Number of elements and bytes of the tensors `ts` (dtype-aware)"
     return sum(t.numel() for t in ts), sum(t.numel()*t.element_size() for t in ts)
 
-# %% ../nbs/00_core.ipynb #44426a10
+# %% ../nbs/00_core.ipynb #19fe3178
 @dataclass
 class LayerRecord:
     "What cnn_cost knows about one cost unit: a leaf module, or the own work of a parent"

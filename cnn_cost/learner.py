@@ -51,13 +51,7 @@ def costed(units, recs):
     keep = [i for i,((n,m,k),r) in enumerate(zip(units,recs)) if k=='leaf' or n=='' or r.macs or r.elem_ops or r.unknown_ops or r.params]
     return L(units[i] for i in keep), [recs[i] for i in keep]
 
-# %% ../nbs/05_learner.ipynb #e9b341a3
-def _timed(fwd, clock):
-    "ms of one `fwd()` on `clock`"
-    clock.reset(); a = clock.stamp(); fwd(); b = clock.stamp(); clock.sync()
-    return clock.ms(a, b)
-
-# %% ../nbs/05_learner.ipynb #45200276
+# %% ../nbs/05_learner.ipynb #cb8ea37d
 def _hooked(fwd, mods, clock):
     "ms of one `fwd()` with `TimeHooks` on `mods`, and the ms charged to each module"
     with TimeHooks(mods, clock) as th:
@@ -65,7 +59,7 @@ def _hooked(fwd, mods, clock):
         ts = th.times()
     return clock.ms(a, b), ts
 
-# %% ../nbs/05_learner.ipynb #7cec0a95
+# %% ../nbs/05_learner.ipynb #bb967a74
 def model_cost(model:nn.Module, # Any PyTorch model
                *xb, # Its inputs: one batch, on the model's device
                n_warmup:int=2, # Plain forward passes before timing
@@ -86,13 +80,13 @@ def model_cost(model:nn.Module, # Any PyTorch model
         for _ in range(n_warmup): fwd()
         plain,hooked = [],[]
         for i in (progress_bar(range(n_repeat), leave=False) if progress else range(n_repeat)):
-            if i%2: h,ts = _hooked(fwd, mods, clock); p = _timed(fwd, clock)
-            else:   p = _timed(fwd, clock); h,ts = _hooked(fwd, mods, clock)
+            if i%2: h,ts = _hooked(fwd, mods, clock); p = timed(fwd, clock)
+            else:   p = timed(fwd, clock); h,ts = _hooked(fwd, mods, clock)
             plain.append(p); hooked.append(h)
             for r,t in zip(recs, ts): r.times.append(t)
     return CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup, 1+n_warmup+2*n_repeat)
 
-# %% ../nbs/05_learner.ipynb #dc67291c
+# %% ../nbs/05_learner.ipynb #7c0929f5
 def _learner_autocast(learn, dev):
     "The autocast context of `learn`'s `MixedPrecision` callback (`to_fp16`/`to_bf16`), if it has one"
     mp = getattr(learn, 'mixed_precision', None)
@@ -100,7 +94,7 @@ def _learner_autocast(learn, dev):
     dtype = torch.bfloat16 if str(getattr(mp.amp_mode, 'value', mp.amp_mode))=='bf16' else torch.float16
     return torch.autocast(dev.type, dtype=dtype)
 
-# %% ../nbs/05_learner.ipynb #642eb601
+# %% ../nbs/05_learner.ipynb #75057d12
 @patch
 @delegates(model_cost)
 def cost_summary(self:Learner, xb=None, **kwargs):
