@@ -6,11 +6,13 @@ Docs: https://cnn-cost.github.io/cnn_cost/counting.html.md"""
 
 # %% auto #0
 __all__ = ['aten', 'layer_rule', 'find_rule', 'conv_cost', 'linear_cost', 'bilinear_cost', 'rnn_cost', 'op_rule',
-           'native_mha_macs', 'native_encoder_layer_macs', 'mv_macs', 'dot_macs', 'addmm_act_macs', 'addbmm_macs',
-           'op_cost', 'OpTally', 'OpCounter', 'count_pass']
+           'native_mha_macs', 'native_encoder_layer_macs', 'attention_macs', 'sdpa_macs', 'sdpa_backward_macs',
+           'flash_fwd_macs', 'efficient_fwd_macs', 'flash_bwd_macs', 'efficient_bwd_macs', 'mv_macs', 'dot_macs',
+           'addmm_act_macs', 'addbmm_macs', 'op_name', 'op_kind', 'op_cost', 'OpTally', 'OpCounter', 'Counting',
+           'count_pass']
 
 # %% ../nbs/01_counting.ipynb #501dc5bc
-import torch, torch.nn as nn, math
+import torch, torch.nn as nn, math, warnings, weakref
 from dataclasses import dataclass, field
 from torch.utils.flop_counter import flop_registry
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -70,13 +72,18 @@ def rnn_cost(m, ins, outs):
 aten = torch.ops.aten
 _op_rules = {}
 def op_rule(*ops):
-    "Decorator registering `f(*args, **kwargs) -> macs` for aten `ops` that `torch.utils.flop_counter` has no formula for"
+    "Decorator registering `f(*args, **kwargs) -> macs` for aten `ops`: used where `torch.utils.flop_counter` has no formula, or one that cannot count the call"
     def _register(f):
         for o in ops:
-            if o in _op_rules or o in flop_registry: raise ValueError(f"{o} already has a counting rule")
+            if o is None: continue  # an op this torch version does not have
+            if o in _op_rules: raise ValueError(f"{o} already has a counting rule, `{_op_rules[o].__name__}`")
             _op_rules[o] = f
         return f
     return _register
+
+def _aten(*names):
+    "The aten op packets of `names` that this torch version has (None for the others)"
+    return [getattr(aten, n, None) for n in names]
 
 # %% ../nbs/01_counting.ipynb #f8442d41
 def _attn_macs(b, lq, lk, e, ffn=0):
@@ -93,6 +100,41 @@ def native_encoder_layer_macs(src, embed_dim, num_heads, qkv_w, qkv_b, proj_w, p
     l = src.shape[-2]
     return _attn_macs(src.shape[0] if src.dim()==3 else 1, l, l, embed_dim, ffn_w1.shape[0])
 
+# %% ../nbs/01_counting.ipynb #a77e0001
+def attention_macs(q, k, v, backward=False, seq_first=False):
+    "MACs of `softmax(q kᵀ) v` on tensors (or shapes) `q`, `k`, `v` laid out (..., heads, length, dim), or (batch, length, heads, dim) if `seq_first`"
+    sq,sk,sv = [tuple(getattr(t, 'shape', t)) for t in (q,k,v)]
+    if seq_first: sq,sk,sv = [s[:-3]+(s[-2],s[-3],s[-1]) for s in (sq,sk,sv)]
+    if len(sq)<3 or len(sk)!=len(sq) or sk[-2]!=sv[-2] or sq[-1]!=sk[-1] or sq[-3]%sk[-3]:
+        raise ValueError(f"attention shapes q={sq} k={sk} v={sv}: not (..., heads, length, dim) with query heads a multiple of key heads")
+    n,lq,e,lk,ev = math.prod(sq[:-2]),sq[-2],sq[-1],sk[-2],sv[-1]  # grouped-query k, v (fewer heads) are broadcast to q's heads
+    # forward: scores q kᵀ and weighted values; backward: scores recomputed, then grad of weights, v, q and k (flop_counter's convention)
+    return n*lq*lk*((3*e + 2*ev) if backward else (e + ev))
+
+# %% ../nbs/01_counting.ipynb #a77e0002
+def _packed(*ts):
+    if any(t is not None for t in ts): raise ValueError("variable-length (packed) attention: no formula")
+
+@op_rule(*_aten('_scaled_dot_product_flash_attention_for_cpu', '_scaled_dot_product_flash_attention', '_scaled_dot_product_efficient_attention',
+                '_scaled_dot_product_cudnn_attention', '_scaled_dot_product_fused_attention_overrideable', '_scaled_dot_product_attention_math_for_mps'))
+def sdpa_macs(q, k, v, *args, **kwargs): return attention_macs(q, k, v)
+
+@op_rule(*_aten('_scaled_dot_product_flash_attention_for_cpu_backward', '_scaled_dot_product_flash_attention_backward',
+                '_scaled_dot_product_efficient_attention_backward', '_scaled_dot_product_cudnn_attention_backward',
+                '_scaled_dot_product_fused_attention_overrideable_backward'))
+def sdpa_backward_macs(grad_out, q, k, v, *args, **kwargs): return attention_macs(q, k, v, backward=True)
+
+@op_rule(*_aten('_flash_attention_forward'))
+def flash_fwd_macs(q, k, v, cum_seq_q, cum_seq_k, *args, **kwargs): _packed(cum_seq_q, cum_seq_k); return attention_macs(q, k, v, seq_first=True)
+@op_rule(*_aten('_efficient_attention_forward'))
+def efficient_fwd_macs(q, k, v, bias, cu_q, cu_k, *args, **kwargs): _packed(cu_q, cu_k); return attention_macs(q, k, v, seq_first=True)
+@op_rule(*_aten('_flash_attention_backward'))
+def flash_bwd_macs(g, q, k, v, out, lse, cum_seq_q, cum_seq_k, *args, **kwargs):
+    _packed(cum_seq_q, cum_seq_k); return attention_macs(q, k, v, backward=True, seq_first=True)
+@op_rule(*_aten('_efficient_attention_backward'))
+def efficient_bwd_macs(g, q, k, v, bias, out, cu_q, cu_k, *args, **kwargs):
+    _packed(cu_q, cu_k); return attention_macs(q, k, v, backward=True, seq_first=True)
+
 # %% ../nbs/01_counting.ipynb #f8d3442f
 @op_rule(aten.mv, aten.addmv)
 def mv_macs(*args, **kwargs): m = [a for a in args if isinstance(a, torch.Tensor) and a.dim()==2][0]; return m.numel()
@@ -104,83 +146,235 @@ def addmm_act_macs(inp, a, b, *args, **kwargs): return a.shape[0]*a.shape[1]*b.s
 def addbmm_macs(inp, a, b, *args, **kwargs): return a.shape[0]*a.shape[1]*a.shape[2]*b.shape[2]
 
 # %% ../nbs/01_counting.ipynb #3687a073
-_hidden_mac_ops = {aten.lstm, aten.gru, aten.rnn_tanh, aten.rnn_relu, aten._thnn_fused_lstm_cell, aten._thnn_fused_gru_cell,
-                   aten.mkldnn_rnn_layer, aten._cudnn_rnn, aten.miopen_rnn, aten._int_mm, aten.mkldnn_linear}
-_free_ops = {aten.detach, aten.alias, aten.empty, aten.empty_like, aten.empty_strided, aten.lift_fresh, aten.zeros, aten.zeros_like,
-             aten.ones, aten.ones_like, aten.full, aten.full_like, aten.arange, aten._local_scalar_dense, aten.new_empty, aten.new_zeros}
+_zero_ops = set(_aten('detach', 'alias', 'lift_fresh', 'lift_fresh_copy', '_local_scalar_dense', 'empty', 'empty_like', 'empty_strided',
+    'new_empty', 'new_empty_strided', 'zeros', 'zeros_like', 'new_zeros', 'ones', 'ones_like', 'new_ones', 'full', 'full_like', 'new_full',
+    'scalar_tensor', 'arange', 'linspace', 'logspace', 'eye', '_efficientzerotensor', 'rand', 'rand_like', 'randn', 'randn_like',
+    'randint', 'randint_like', 'randperm', '_unsafe_view', '_reshape_alias', 'unsafe_split', 'unsafe_split_with_sizes', 'unsafe_chunk',
+    'as_strided_', 'resize_', 'set_')) - {None}
+_elem_ops = set(_aten(
+    # norms
+    'native_batch_norm', 'native_batch_norm_backward', '_native_batch_norm_legit', '_native_batch_norm_legit_no_training',
+    '_native_batch_norm_legit_functional', '_batch_norm_with_update', '_batch_norm_no_update', 'batch_norm_backward', 'cudnn_batch_norm',
+    'cudnn_batch_norm_backward', 'miopen_batch_norm', 'miopen_batch_norm_backward', 'native_layer_norm', 'native_layer_norm_backward',
+    'native_group_norm', 'native_group_norm_backward', '_fused_rms_norm', '_fused_rms_norm_backward', '_weight_norm_interface',
+    '_weight_norm_interface_backward',
+    # softmax
+    '_softmax', '_log_softmax', '_safe_softmax', '_softmax_backward_data', '_log_softmax_backward_data', '_masked_softmax', '_masked_softmax_backward',
+    # pooling
+    'max_pool1d', 'max_pool2d', 'max_pool3d', 'max_pool1d_with_indices', 'max_pool2d_with_indices', 'max_pool3d_with_indices',
+    'max_pool2d_with_indices_backward', 'max_pool3d_with_indices_backward', 'mkldnn_max_pool2d', 'mkldnn_max_pool3d', 'mkldnn_max_pool2d_backward',
+    'avg_pool1d', 'avg_pool2d', 'avg_pool3d', 'avg_pool2d_backward', 'avg_pool3d_backward', '_adaptive_avg_pool2d', '_adaptive_avg_pool3d',
+    '_adaptive_avg_pool2d_backward', '_adaptive_avg_pool3d_backward', 'mkldnn_adaptive_avg_pool2d', 'adaptive_max_pool1d', 'adaptive_max_pool2d',
+    'adaptive_max_pool3d', 'adaptive_max_pool2d_backward', 'adaptive_max_pool3d_backward', 'fractional_max_pool2d', 'fractional_max_pool2d_backward',
+    'max_unpool2d', 'max_unpool3d',
+    # resampling and shuffles
+    'upsample_nearest1d', 'upsample_nearest2d', 'upsample_nearest3d', '_upsample_nearest_exact1d', '_upsample_nearest_exact2d',
+    '_upsample_nearest_exact3d', 'upsample_linear1d', 'upsample_bilinear2d', 'upsample_bicubic2d', 'upsample_trilinear3d', '_upsample_bilinear2d_aa',
+    '_upsample_bicubic2d_aa', 'upsample_nearest1d_backward', 'upsample_nearest2d_backward', 'upsample_nearest3d_backward',
+    '_upsample_nearest_exact1d_backward', '_upsample_nearest_exact2d_backward', '_upsample_nearest_exact3d_backward', 'upsample_linear1d_backward',
+    'upsample_bilinear2d_backward', 'upsample_bicubic2d_backward', 'upsample_trilinear3d_backward', '_upsample_bilinear2d_aa_backward',
+    '_upsample_bicubic2d_aa_backward', 'grid_sampler_2d', 'grid_sampler_2d_backward', 'grid_sampler_3d', 'grid_sampler_3d_backward',
+    'affine_grid_generator', 'pixel_shuffle', 'pixel_unshuffle', 'channel_shuffle', 'native_channel_shuffle', 'im2col', 'col2im',
+    # activations without the pointwise tag, and their gradients
+    'hardswish', 'hardswish_', 'hardswish_backward', 'hardsigmoid_backward', 'hardtanh_backward', 'elu_backward', 'leaky_relu_backward',
+    'mish_backward', 'softplus_backward', 'softshrink_backward', 'hardshrink_backward', '_prelu_kernel', '_prelu_kernel_backward', 'glu',
+    'glu_backward', 'log_sigmoid_forward', 'log_sigmoid_backward', 'rrelu_with_noise', 'rrelu_with_noise_backward',
+    # dropout and random fills
+    'native_dropout', 'native_dropout_backward', 'bernoulli', 'bernoulli_', 'uniform_', 'normal_', 'exponential_', '_fused_dropout', '_masked_scale',
+    # embedding lookups and data movement
+    'embedding', 'embedding_dense_backward', 'embedding_backward', '_embedding_bag', '_embedding_bag_forward_only', '_embedding_bag_backward',
+    '_embedding_bag_dense_backward', '_embedding_bag_per_sample_weights_backward', 'embedding_renorm_', 'cat', 'stack', 'copy_', '_to_copy',
+    'clone', 'constant_pad_nd', 'reflection_pad1d', 'reflection_pad2d', 'reflection_pad3d', 'reflection_pad1d_backward',
+    'reflection_pad2d_backward', 'reflection_pad3d_backward', 'replication_pad1d', 'replication_pad2d', 'replication_pad3d',
+    'replication_pad1d_backward', 'replication_pad2d_backward', 'replication_pad3d_backward', 'roll', 'flip', 'repeat', 'repeat_interleave',
+    'index', 'index_put', 'index_put_', '_index_put_impl_', 'index_select', 'index_select_backward', 'index_add', 'index_add_', 'index_copy',
+    'index_copy_', 'index_fill', 'index_fill_', 'gather', 'scatter', 'scatter_', 'scatter_add', 'scatter_add_', 'scatter_reduce', 'scatter_reduce_',
+    'masked_scatter', 'masked_select', 'select_backward', 'slice_backward', 'slice_scatter', 'select_scatter', 'diagonal_scatter',
+    'as_strided_scatter', 'fill_', 'zero_', 'tril', 'triu', 'tril_', 'triu_', 'sort', 'topk', 'cumsum', 'cumsum_', 'cumprod', 'nonzero',
+    '_unique2', 'unique_dim', 'bucketize', 'searchsorted', '_pack_padded_sequence', '_pad_packed_sequence',
+    # losses
+    'nll_loss_forward', 'nll_loss_backward', 'nll_loss2d_forward', 'nll_loss2d_backward', 'mse_loss', 'mse_loss_backward', 'l1_loss',
+    'smooth_l1_loss', 'smooth_l1_loss_backward', 'huber_loss', 'huber_loss_backward', 'binary_cross_entropy', 'binary_cross_entropy_backward',
+    'binary_cross_entropy_with_logits', 'soft_margin_loss', 'soft_margin_loss_backward')) - {None}
 
 # %% ../nbs/01_counting.ipynb #ad2eaf8b
+def _packet(func): return getattr(func, '_overloadpacket', func)  # a higher-order op (flex_attention) is its own packet
+def op_name(func): return str(_packet(func)).replace('aten.', '')
+
+def op_kind(func):
+    "'zero' (no work: a view or an allocation), 'elem' (elementwise work, no MACs), 'formula' (MACs counted) or 'unknown'"
+    p,tags = _packet(func),getattr(func, 'tags', ())
+    if p in flop_registry or p in _op_rules: return 'formula'
+    if getattr(func, 'is_view', False) or p in _zero_ops: return 'zero'
+    if torch.Tag.pointwise in tags or torch.Tag.reduction in tags or torch.Tag.view_copy in tags or p in _elem_ops: return 'elem'
+    return 'unknown'
+
 def op_cost(func, args, kwargs, out):
     "`(macs, elem_ops, known)` of one aten call of `func`"
-    p = func._overloadpacket
-    if p in _op_rules:     return _op_rules[p](*args, **kwargs), 0, True
-    if p in flop_registry: return flop_registry[p](*args, **kwargs, out_val=out)//2, 0, True
-    if p in _hidden_mac_ops: return 0, 0, False
-    if func.is_view or p in _free_ops: return 0, 0, True
-    ins,outs = flat_tensors((args, kwargs)), flat_tensors(out)
-    return 0, max(sum(t.numel() for t in ins), sum(t.numel() for t in outs)), True
+    k,p = op_kind(func),_packet(func)
+    if k=='formula':
+        try: return flop_registry[p](*args, **kwargs, out_val=out)//2, 0, True
+        except Exception:  # no torch formula, or one that cannot count this call (grouped-query heads on older torch)
+            try: return _op_rules[p](*args, **kwargs), 0, True
+            except Exception: return 0, 0, False
+    if k=='elem':
+        ins,outs = flat_tensors((args, kwargs)), flat_tensors(out)
+        return 0, max(sum(t.numel() for t in ins), sum(t.numel() for t in outs)), True
+    return 0, 0, k=='zero'
 
 # %% ../nbs/01_counting.ipynb #2e05e268
 @dataclass
 class OpTally:
     "What `OpCounter` charged to one unit"
-    macs:int=0; elem_ops:int=0; act_elems:int=0; act_bytes:int=0; in_bytes:int=0; unknown:set=field(default_factory=set)
+    macs:int=0; elem_ops:int=0; act_elems:int=0; act_bytes:int=0; in_bytes:int=0; n_ops:int=0
+    unknown:set=field(default_factory=set); params:dict=field(default_factory=dict)
+
+    def add(self, func, args, kwargs, out):
+        "Charge one aten call"
+        macs,elem,known = op_cost(func, args, kwargs, out)
+        self.macs += macs; self.elem_ops += elem; self.n_ops += 1
+        if not known: self.unknown.add(op_name(func))
+        ins = flat_tensors((args, kwargs))
+        for t in ins:
+            if isinstance(t, nn.Parameter): self.params.setdefault(id(t), t)
+        if op_kind(func)!='zero':
+            n,nb = act_size(flat_tensors(out)); self.act_elems += n; self.act_bytes += nb
+            self.in_bytes += act_size(ins)[1]
 
 # %% ../nbs/01_counting.ipynb #3f514851
 class OpCounter(TorchDispatchMode):
-    "Charge every aten op's MACs, elementwise ops and output size to the `OpTally` that `target()` returns"
-    def __init__(self, target): super().__init__(); self.target = target
+    "Charge every aten op to a unit: forward ops to `unit()`, backward ops to the unit whose forward made the running autograd node"
+    def __init__(self, n, unit):
+        super().__init__()
+        self.fwd,self.bwd,self.outside = [OpTally() for _ in range(n)],[OpTally() for _ in range(n)],OpTally()
+        self.unit,self.nodes,self.pending = unit,{},[]
+
+    def _map_nodes(self):
+        "The autograd nodes of the last op's outputs, which autograd attached after the op returned, belong to its unit"
+        for r,i in self.pending:
+            t = r()
+            if t is not None and t.grad_fn is not None: self.nodes.setdefault(t.grad_fn, i)
+        self.pending = []
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.pending: self._map_nodes()
         out = func(*args, **kwargs)
-        t = self.target()
-        if t is None: return out
-        macs,elem,known = op_cost(func, args, kwargs, out)
-        t.macs += macs; t.elem_ops += elem
-        if not known: t.unknown.add(str(func._overloadpacket).replace('aten.', ''))
-        if not (func.is_view or func._overloadpacket in _free_ops):
-            n,nb = act_size(flat_tensors(out)); t.act_elems += n; t.act_bytes += nb
-            t.in_bytes += act_size(flat_tensors((args, kwargs)))[1]
+        node = torch._C._current_autograd_node()
+        if node is None:
+            i = self.unit()
+            if i is None: return out
+            tally = self.fwd[i]
+            if torch.is_grad_enabled(): self.pending = [(weakref.ref(t), i) for t in flat_tensors(out)]
+        else:
+            i = self.nodes.get(node)
+            tally = self.outside if i is None else self.bwd[i]
+        tally.add(func, args, kwargs, out)
         return out
 
 # %% ../nbs/01_counting.ipynb #37477607
-def _new_record(name, m, kind):
-    n,trn = param_count(m) if kind=='leaf' else (sum(p.numel() for p in m.parameters(recurse=False)), any(p.requires_grad for p in m.parameters(recurse=False)))
-    ps = m.parameters(recurse=kind=='leaf')
-    return LayerRecord(name, type(m).__name__, kind, n, trn, param_bytes=sum(p.numel()*p.element_size() for p in ps))
+def _assign_params(units, recs, tallies):
+    "Each row's parameters (its module's and those its ops read) counted once across rows, in row order; uncalled units keep the rest"
+    seen = {}
+    for (n,m,k),r,t in zip(units, recs, tallies):
+        if not r.calls: continue
+        ps = list({id(p):p for p in [*m.parameters(recurse=k=='leaf'), *t.params.values()]}.values())
+        sh = [p for p in ps if id(p) in seen]
+        r.params,r.shared_params = sum(p.numel() for p in ps),sum(p.numel() for p in sh)
+        r.shared_with,r.trainable = (seen[id(sh[0])] if sh else ''),(ps[0].requires_grad if ps else False)
+        r.param_bytes = sum(p.numel()*p.element_size() for p in ps)
+        for p in ps: seen.setdefault(id(p), r.name)
+    for (n,m,k),r in zip(units, recs):
+        if r.calls: continue
+        own = list(m.parameters(recurse=k=='leaf'))
+        ps,used = [p for p in own if id(p) not in seen],[seen[id(p)] for p in own if id(p) in seen]
+        r.params,r.trainable,r.param_bytes = sum(p.numel() for p in ps),any(p.requires_grad for p in ps),sum(p.numel()*p.element_size() for p in ps)
+        r.shared_with = used[0] if used else ''  # the row that uses this never-called module's parameters
 
 # %% ../nbs/01_counting.ipynb #43d386dc
 def _finish(r, m, rule, tally, args, kwargs, out):
-    outs = flat_tensors(out)
+    "Record one call of a unit"
+    outs,ins = flat_tensors(out),flat_tensors((args, kwargs))
     if r.calls==0: r.shapes = [t.shape for t in outs]
     r.calls += 1
+    r.inreq = r.inreq or any(t.requires_grad for t in ins)
     if r.kind=='own': r.act_elems,r.act_bytes,r.in_bytes = tally.act_elems,tally.act_bytes,tally.in_bytes
     else:
         n,nb = act_size(outs); r.act_elems += n; r.act_bytes += nb
-        r.in_bytes += act_size(flat_tensors((args, kwargs)))[1]
-    if rule is None: r.macs,r.elem_ops,r.macs_src = tally.macs,tally.elem_ops,('uncounted' if tally.unknown else 'ops')
-    else:
-        macs,elem = rule(m, [t.shape for t in flat_tensors((args, kwargs))], [t.shape for t in outs])
-        r.macs += macs; r.elem_ops += elem; r.macs_src = 'rule'
-    r.unknown_ops = sorted(tally.unknown)
+        r.in_bytes += act_size(ins)[1]
+    if rule is not None:
+        macs,elem = rule(m, [t.shape for t in ins], [t.shape for t in outs])
+        r.macs += macs; r.elem_ops += elem
+
+def _finish_bwd(r, rule, t):
+    "Backward work of a unit from the ops charged to it; a layer rule's gradient products where its backward ran ops without a formula"
+    if not t.n_ops: return
+    r.bwd_elem_ops,r.bwd_unknown_ops = t.elem_ops,sorted(t.unknown)
+    if t.unknown and rule is not None: r.bwd_macs,r.bwd_src = r.macs*(r.inreq + r.trainable),'rule'
+    else: r.bwd_macs,r.bwd_src = t.macs,('uncounted' if t.unknown else 'ops')
 
 # %% ../nbs/01_counting.ipynb #dd98b35c
-def count_pass(model:nn.Module, xb:tuple, units=None, kwargs=None):
-    "`LayerRecord`s of `units` (default: all of `model`'s) with calls, shapes, activations and MACs of one `model(*xb, **kwargs)`"
-    units = ifnone(units, cost_units(model))
-    recs = [_new_record(*u) for u in units]
-    tallies,stack,hs = [OpTally() for _ in units],[],[]
-    def _pre(i):
-        def f(m, args, kw): stack.append(i)
+_warned = set()
+class Counting:
+    "Count every unit of `model` (`units`, default `cost_units(model)`) while the `with` block runs it; `records()` afterwards"
+    def __init__(self, model:nn.Module, units=None):
+        self.units = ifnone(units, cost_units(model))
+        blocks = block_names(model)
+        self.recs = [LayerRecord(n, type(m).__name__, k, block=next((b for b in blocks if n==b or n.startswith(b+'.')), ''))
+                     for n,m,k in self.units]
+        self.rules = [find_rule(m) if k=='leaf' else None for n,m,k in self.units]
+        self.stack,self.hs = [],[]
+        self.counter = OpCounter(len(self.units), lambda: self.stack[-1] if self.stack else None)
+
+    def _pre(self, i):
+        def f(m, args, kw): self.stack.append(i)
         return f
-    def _post(i, rule):
-        def f(m, args, kw, out): stack.pop(); _finish(recs[i], m, rule, tallies[i], args, kw, out)
+    def _post(self, i):
+        r,rule,t = self.recs[i],self.rules[i],self.counter.fwd[i]
+        def f(m, args, kw, out): self.stack.pop(); _finish(r, m, rule, t, args, kw, out)
         return f
-    try:
-        for i,(n,m,k) in enumerate(units):
-            rule = find_rule(m) if k=='leaf' else None
-            hs += [m.register_forward_pre_hook(_pre(i), with_kwargs=True), m.register_forward_hook(_post(i, rule), with_kwargs=True)]
-        with OpCounter(lambda: tallies[stack[-1]] if stack else None), torch.no_grad(): model(*xb, **(kwargs or {}))
-    finally:
-        for h in hs: h.remove()
-    return recs
+
+    def __enter__(self):
+        try:
+            for i,(n,m,k) in enumerate(self.units):
+                self.hs += [m.register_forward_pre_hook(self._pre(i), with_kwargs=True), m.register_forward_hook(self._post(i), with_kwargs=True)]
+            self.counter.__enter__()
+        except BaseException: self._remove(); raise
+        return self
+    def __exit__(self, *exc):
+        try: self.counter.__exit__(*exc)
+        finally: self._remove()
+    def _remove(self):
+        for h in self.hs: h.remove()
+        self.hs,self.stack = [],[]
+
+    def records(self):
+        "The `LayerRecord` of every unit: forward and backward work, shapes, calls and parameters (each counted once)"
+        c = self.counter
+        _assign_params(self.units, self.recs, c.fwd)
+        for r,rule,t,bt in zip(self.recs, self.rules, c.fwd, c.bwd):
+            if rule is None: r.macs,r.elem_ops,r.macs_src = t.macs,t.elem_ops,('uncounted' if t.unknown else 'ops')
+            else: r.macs_src = 'rule'
+            r.unknown_ops = sorted(t.unknown)
+            _finish_bwd(r, rule, bt)
+        new = {o for r in self.recs for o in (r.unknown_ops if r.macs_src=='uncounted' else []) + (r.bwd_unknown_ops if r.bwd_src=='uncounted' else [])} - _warned
+        if new:
+            _warned.update(new)
+            warnings.warn(f"cnn_cost has no MAC formula for the aten op(s) {', '.join(sorted(new))}: the rows that run them are marked uncounted "
+                          "(their MACs are a lower bound). A formula can be added with `op_rule`.", stacklevel=2)
+        return self.recs
+
+# %% ../nbs/01_counting.ipynb #c0570005
+def _backward(out, model):
+    "Backward of `out` (ones as output gradients) into `model`'s trainable parameters, leaving their `.grad` alone"
+    outs = [o for o in flat_tensors(out) if o.requires_grad]
+    ps = [p for p in model.parameters() if p.requires_grad]
+    if outs and ps: torch.autograd.grad(outs, ps, [torch.ones_like(o) for o in outs], allow_unused=True)
+
+def count_pass(model:nn.Module, xb:tuple, units=None, kwargs=None, backward=False):
+    "`LayerRecord`s of `units` (default: all of `model`'s) from one `model(*xb, **kwargs)`, and its backward if `backward`"
+    with Counting(model, units) as c:
+        if backward: _backward(model(*xb, **(kwargs or {})), model)
+        else:
+            with torch.no_grad(): model(*xb, **(kwargs or {}))
+    return c.records()

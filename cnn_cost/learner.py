@@ -9,6 +9,7 @@ __all__ = ['batch_device', 'preserved_state', 'costed', 'model_cost']
 
 # %% ../nbs/05_learner.ipynb #aac3a92b
 import torch, torch.nn as nn, contextlib, numpy as np
+from torch.nn.parameter import is_lazy
 from fastcore.basics import *
 from fastcore.meta import delegates
 from fastcore.foundation import L
@@ -34,16 +35,24 @@ def batch_device(model, xb):
     return xdev
 
 # %% ../nbs/05_learner.ipynb #3f381c40
+def _is_state(v):
+    "A plain attribute a forward may replace: a tensor, a number, or a list or tuple of tensors (an RNN's hidden state)"
+    if isinstance(v, (torch.Tensor, int, float, bool)): return True
+    return isinstance(v, (list, tuple)) and len(v)>0 and len(flat_tensors(v))>0 and all(isinstance(o, (torch.Tensor, list, tuple)) for o in v)
+
 @contextlib.contextmanager
 def preserved_state(model:nn.Module):
-    "Restore every module's `training` flag and every buffer of `model` on exit, also after an exception"
+    "Restore every module's `training` flag, buffers and plain state attributes (tensors, numbers: AWD_LSTM's `hidden`) on exit, also after an exception"
     modes = [(m, m.training) for m in model.modules()]
-    bufs = [(b, b.detach().clone()) for b in model.buffers()]
+    bufs = [(b, b.detach().clone()) for b in model.buffers() if not is_lazy(b)]
+    attrs = [(m, k, type(v)(v) if isinstance(v, (list, tuple)) else v) for m in model.modules() for k,v in vars(m).items()
+             if not k.startswith('_') and k!='training' and _is_state(v)]
     try: yield model
     finally:
         for m,t in modes: m.training = t
         with torch.no_grad():
             for b,c in bufs: b.copy_(c)
+        for m,k,v in attrs: setattr(m, k, v)
 
 # %% ../nbs/05_learner.ipynb #d5814f41
 def costed(units, recs):
@@ -60,6 +69,28 @@ def _hooked(fwd, mods, clock):
     return clock.ms(a, b), ts
 
 # %% ../nbs/05_learner.ipynb #bb967a74
+def _input_hint(model, xb):
+    "What input size `model` was built for, when it is a fixed-size model (a ViT) and the batch differs; '' otherwise"
+    for m in model.modules():
+        sz = getattr(getattr(m, 'patch_embed', None), 'img_size', None) or getattr(m, 'image_size', None)
+        if sz is None or getattr(getattr(m, 'patch_embed', None), 'dynamic_img_size', False): continue
+        sz = tuple(sz) if isinstance(sz, (tuple, list)) else (sz, sz)
+        got = next((tuple(t.shape[-2:]) for t in flat_tensors(xb) if t.dim()==4), None)
+        if got and got!=sz:
+            return (f"{type(m).__name__} was built for {sz[0]} x {sz[1]} images and the batch is {got[0]} x {got[1]}: resize the data "
+                    f"(e.g. `item_tfms=Resize({sz[0]})`), or build the model for your size (timm: `img_size={got[0]}`).")
+    return ''
+
+def _count(model, xb, units, kw):
+    "The counting pass, with lazy modules initialised by it named in the notes, and a clear error for a batch of the wrong size"
+    lazy = [n for n,m in model.named_modules() if any(is_lazy(p) for p in m.parameters(recurse=False))]
+    try: recs = count_pass(model, xb, units, kw)
+    except Exception as e:
+        hint = _input_hint(model, xb)
+        if hint: raise ValueError(f"{type(model).__name__} cannot run on the batch {[list(t.shape) for t in flat_tensors(xb)]} ({e}). {hint}") from e
+        raise
+    return recs, ([f"Lazy modules initialised by this first forward: {', '.join(lazy)}"] if lazy else [])
+
 def model_cost(model:nn.Module, # Any PyTorch model
                *xb, # Its inputs: one batch, on the model's device
                n_warmup:int=2, # Plain forward passes before timing
@@ -73,9 +104,10 @@ def model_cost(model:nn.Module, # Any PyTorch model
     dev,kw = batch_device(model, xb),model_kwargs or {}
     units,clock = cost_units(model),clock_for(dev)
     def fwd(): return model(*xb, **kw)
-    with preserved_state(model), torch.no_grad(), (autocast or contextlib.nullcontext()):
+    with torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else []), preserved_state(model), torch.no_grad(), (autocast or contextlib.nullcontext()):
         model.eval()
-        units,recs = costed(units, count_pass(model, xb, units, kw))
+        recs,notes = _count(model, xb, units, kw)
+        units,recs = costed(units, recs)
         mods = units.itemgot(1)
         for _ in range(n_warmup): fwd()
         plain,hooked = [],[]
@@ -84,7 +116,9 @@ def model_cost(model:nn.Module, # Any PyTorch model
             else:   p = timed(fwd, clock); h,ts = _hooked(fwd, mods, clock)
             plain.append(p); hooked.append(h)
             for r,t in zip(recs, ts): r.times.append(t)
-    return CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup, 1+n_warmup+2*n_repeat)
+    res = CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup, 1+n_warmup+2*n_repeat)
+    res.notes += notes
+    return res
 
 # %% ../nbs/05_learner.ipynb #7c0929f5
 def _learner_autocast(learn, dev):

@@ -1,4 +1,13 @@
-import warnings, pytest, torch
+import os, signal, subprocess, sys, warnings, pytest
+
+def _amx_broken():
+    "Whether oneDNN's AMX bfloat16 kernels die with SIGILL here: some sandboxes advertise AMX but do not grant its tile state"
+    r = subprocess.run([sys.executable, '-c', 'import torch; torch.ones(8,1024,dtype=torch.bfloat16)@torch.ones(1024,512,dtype=torch.bfloat16)'],
+                       capture_output=True)
+    return r.returncode == -signal.SIGILL
+# set before torch loads oneDNN; subprocesses (the CLI tests) inherit it
+if 'ONEDNN_MAX_CPU_ISA' not in os.environ and _amx_broken(): os.environ['ONEDNN_MAX_CPU_ISA'] = 'AVX512_CORE_BF16'
+import torch
 warnings.filterwarnings('ignore', category=FutureWarning)
 
 def pytest_collection_modifyitems(config, items):

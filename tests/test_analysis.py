@@ -6,7 +6,6 @@ from pathlib import Path
 from cnn_cost.all import *
 from cnn_cost.analysis import _ceilings
 
-OUT = Path(__file__).parent/'out'
 FIXED = Ceilings(1e10, 1e10, 1e-3)   # 10 GFLOP/s, 10 GB/s, 1 µs per call: ridge at 1 FLOP/byte
 
 def tiny_cnn(): return nn.Sequential(nn.Conv2d(3,8,3,padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8,10))
@@ -57,13 +56,13 @@ def test_sweep_resnet18_exponent():
     k2 = cost_sweep(m, sizes=(28,56,112), bss=(1,), n_repeat=1, n_warmup=0, progress=False).exponents().iloc[0]
     assert k2.body_macs < k.body_macs - 0.05
 
-def test_sweep_learner(learn):
+def test_sweep_learner(learn, tmp_path):
     sw = cost_sweep(learn, sizes=(16,32), bss=(1,2), n_repeat=1, n_warmup=0, progress=True)
     assert len(sw.df) == 4 and list(sw.df['size']) == [16,32,16,32]
     ex = sw.exponents().set_index(['vs','at'])
     assert abs(ex.loc[('bs','size=32'),'body_macs'] - 1) < 1e-9
-    fig = sw.plot(OUT/'sweep_learner.png'); plt.close(fig)
-    assert (OUT/'sweep_learner.png').stat().st_size > 10_000
+    fig = sw.plot(tmp_path/'sweep_learner.png'); plt.close(fig)
+    assert (tmp_path/'sweep_learner.png').stat().st_size > 10_000
 
 def test_compare_self_and_bf16(cs_learn, learn):
     d = compare(cs_learn, cs_learn)
@@ -76,7 +75,7 @@ def test_compare_self_and_bf16(cs_learn, learn):
     assert len(conv) == 20 and (conv.r_act_bytes == 0.5).all() and (conv.r_macs == 1).all()
     assert d.totals.loc['macs','ratio'] == 1 and d.totals.loc['act_bytes','ratio'] < 0.75
 
-def test_plots_render(cs_learn):
+def test_plots_render(cs_learn, tmp_path):
     for f,name in [(cs_learn.plot_roofline, 'roofline_resnet18.png'), (cs_learn.plot_stages, 'stages_resnet18.png')]:
-        fig = f(OUT/name); plt.close(fig)
-        assert (OUT/name).stat().st_size > 10_000
+        fig = f(tmp_path/name); plt.close(fig)
+        assert (tmp_path/name).stat().st_size > 10_000

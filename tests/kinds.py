@@ -1,0 +1,59 @@
+"Small in-memory learners of every kind fastai builds, as a new user would make them (nothing downloaded, random weights)."
+import warnings, numpy as np, pandas as pd, torch
+from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify, FillMissing, Normalize, CategoryBlock
+from fastai.text.all import TextDataLoaders, text_classifier_learner, language_model_learner, AWD_LSTM, awd_lstm_clas_config, awd_lstm_lm_config
+from fastai.vision.all import DataBlock, ImageBlock, MaskBlock, PILImage, PILMask, RandomSplitter, Resize, unet_learner, vision_learner, resnet18
+from fastai.collab import CollabDataLoaders, collab_learner
+from fastai.torch_core import set_seed
+from cnn_cost.data import digit_images
+
+SMALL_AWD = dict(emb_sz=32, n_hid=48, n_layers=2)  # AWD_LSTM's layout (embedding dropout, weight dropout, tied decoder), small
+
+def tabular(bs=32):
+    set_seed(0)
+    n = 256
+    df = pd.DataFrame({'a': np.random.choice(['x','y','z'], n), 'b': np.random.choice(['p','q'], n), 'c': np.random.randn(n), 'd': np.random.randn(n)})
+    df['y'] = (df.c + (df.a=='x') > 0).astype(int)
+    dls = TabularDataLoaders.from_df(df, cat_names=['a','b'], cont_names=['c','d'], y_names='y', procs=[Categorify, FillMissing, Normalize],
+                                     bs=bs, y_block=CategoryBlock())
+    return tabular_learner(dls, layers=[20,10])
+
+TEXTS = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning light", "the market closed higher today",
+         "rain fell all night long", "she read a book by the fire", "the team won the final game", "coffee tastes better in the morning"]*8
+
+def text_classifier(bs=8):
+    set_seed(0)
+    df = pd.DataFrame({'text': TEXTS, 'label': [i%2 for i in range(len(TEXTS))]})
+    dls = TextDataLoaders.from_df(df, text_col='text', label_col='label', bs=bs, seq_len=16)
+    return text_classifier_learner(dls, AWD_LSTM, pretrained=False, config={**awd_lstm_clas_config, **SMALL_AWD}, seq_len=16)
+
+def language_model(bs=8):
+    set_seed(0)
+    dls = TextDataLoaders.from_df(pd.DataFrame({'text': TEXTS}), text_col='text', is_lm=True, bs=bs, seq_len=16)
+    return language_model_learner(dls, AWD_LSTM, pretrained=False, config={**awd_lstm_lm_config, **SMALL_AWD})
+
+def unet(bs=4, size=32):
+    set_seed(0)
+    rng = np.random.default_rng(0)
+    xs = [rng.integers(0, 255, (size,size,3), dtype=np.uint8) for _ in range(16)]
+    ms = [rng.integers(0, 3, (size,size), dtype=np.uint8) for _ in range(16)]
+    dblock = DataBlock(blocks=(ImageBlock, MaskBlock(codes=['a','b','c'])), get_x=lambda i: PILImage.create(xs[i]),
+                       get_y=lambda i: PILMask.create(ms[i]), splitter=RandomSplitter(seed=0))
+    return unet_learner(dblock.dataloaders(range(16), bs=bs), resnet18, pretrained=False, n_out=3)
+
+def collab(use_nn=False, bs=64):
+    set_seed(0)
+    rng,n = np.random.default_rng(0),512
+    df = pd.DataFrame({'user': rng.integers(0, 30, n), 'item': rng.integers(0, 20, n), 'rating': rng.random(n)*5})
+    dls = CollabDataLoaders.from_df(df, bs=bs)
+    return collab_learner(dls, n_factors=8, y_range=(0,5.5), use_nn=use_nn, layers=[16] if use_nn else None)
+
+def timm_vision(arch, size, bs=4, n=32):
+    "A fastai `vision_learner` on a timm architecture (by name), on the embedded digits at `size` x `size`"
+    set_seed(0)
+    ims,ys = digit_images()
+    dblock = DataBlock(blocks=(ImageBlock, CategoryBlock), get_x=lambda i: PILImage.create(ims[i]), get_y=lambda i: str(ys[i]),
+                       splitter=RandomSplitter(seed=0), item_tfms=Resize(size))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return vision_learner(dblock.dataloaders(range(n), bs=bs), arch, pretrained=False)
