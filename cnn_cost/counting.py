@@ -203,18 +203,25 @@ _elem_ops = set(_aten(
 def _packet(func): return getattr(func, '_overloadpacket', func)  # a higher-order op (flex_attention) is its own packet
 def op_name(func): return str(_packet(func)).replace('aten.', '')
 
+def _functional(p):
+    "The out-of-place op of an in-place aten op packet (`relu_` → `relu`), or None"
+    n = getattr(p, '__name__', '')
+    return getattr(aten, n[:-1], None) if n.endswith('_') and not n.endswith('__') else None
+
 def op_kind(func):
     "'zero' (no work: a view or an allocation), 'elem' (elementwise work, no MACs), 'formula' (MACs counted) or 'unknown'"
     p,tags = _packet(func),getattr(func, 'tags', ())
     if p in flop_registry or p in _op_rules: return 'formula'
     if getattr(func, 'is_view', False) or p in _zero_ops: return 'zero'
     if torch.Tag.pointwise in tags or torch.Tag.reduction in tags or torch.Tag.view_copy in tags or p in _elem_ops: return 'elem'
-    return 'unknown'
+    f = _functional(p)  # `x.op_()` does `op`'s work in place: older torch tags only `op` pointwise, and formulas are registered for `op`
+    return op_kind(f.default) if hasattr(f, 'default') else 'unknown'
 
 def op_cost(func, args, kwargs, out):
     "`(macs, elem_ops, known)` of one aten call of `func`"
     k,p = op_kind(func),_packet(func)
     if k=='formula':
+        if p not in flop_registry and p not in _op_rules: p = _functional(p)  # an in-place op takes its out-of-place op's arguments
         fs = [lambda: flop_registry[p](*args, **kwargs, out_val=out)//2, lambda: _op_rules[p](*args, **kwargs)]
         for f in (fs[::-1] if p in _op_first else fs):
             try: return f(), 0, True

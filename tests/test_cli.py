@@ -1,9 +1,12 @@
 "The `cnn-cost` command, run as a user would."
 import json, re, subprocess, sys, pytest
+from pathlib import Path
 from cnn_cost.data import digits_folder
 
+CMD = Path(sys.executable).parent/'cnn-cost'  # the script installed beside this python, also when its venv is not activated
+
 def run(*args):
-    return subprocess.run(['cnn-cost', *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([str(CMD) if CMD.exists() else 'cnn-cost', *args], capture_output=True, text=True, timeout=600)
 
 def test_default_json():
     r = run('--format', 'json', '--n-repeat', '2', '--n-warmup', '0')
