@@ -205,7 +205,7 @@ class CostSweep:
         "`df` as the tables show it: counts in human units, times to 3 significant digits"
         df = self.df.assign(macs=self.df.macs.map(human), body_macs=self.df.body_macs.map(human),
                             act_bytes=self.df.act_bytes.map(lambda v: human(v,'B')), params=self.df.params.map(human))
-        for c in ('time_ms','forward_ms','ms_per_gmac'): df[c] = df[c].map('{:.3g}'.format)
+        for c in ('time_ms','forward_ms','ms_per_gmac'): df[c] = df[c].map(lambda v: f'{v:,.0f}' if abs(v)>=100 else f'{v:.3g}')  # never 1.2e+03
         return df
 
     def __repr__(self):
