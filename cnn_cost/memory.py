@@ -12,7 +12,7 @@ __all__ = ['MemKind', 'cuda_block', 'Block', 'MemCounter', 'MemCounting', 'amp_d
 import torch, torch.nn as nn, contextlib, warnings, weakref, math, numpy as np, pandas as pd, matplotlib.pyplot as plt
 from enum import Enum
 from dataclasses import dataclass, field
-from torch._subclasses.fake_tensor import FakeTensorMode, FakeTensor
+from torch._subclasses.fake_tensor import FakeTensorMode, FakeTensor, DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException
 from fastcore.basics import *
 from fastcore.foundation import L
 from fastcore.xtras import PrettyString
@@ -44,12 +44,15 @@ class Block:
 
 # %% ../nbs/03a_memory.ipynb #403fad80
 def _unpack(t): return t
+# outputs that the CPU and CUDA kernels keep in float32 for half-precision inputs, but the fake (meta) kernels in the input's dtype
+_opmath_outs = {o: (1,2) for o in [getattr(aten, n, None) for n in ('native_batch_norm', '_native_batch_norm_legit', '_batch_norm_with_update',
+                                                                    '_native_batch_norm_legit_functional')] if o is not None}
 
 class MemCounter(OpCounter):
     "`OpCounter` that also records every storage: its bytes, unit, phase and lifetime, and whether autograd saved it for backward"
     def __init__(self, n, unit, size=None):
         super().__init__(n, unit)
-        self.size,self.blocks,self.idx,self.refs,self.trace,self.phase = ifnone(size, lambda st: st.nbytes()),[],{},{},[],'pre'
+        self.size,self.blocks,self.idx,self.refs,self.trace,self.phase = ifnone(size, lambda n: n),[],{},{},[],'pre'
 
     def cur_unit(self):
         "The unit running now: the forward's innermost module, or the unit whose forward made the running backward node; -1 for none"
@@ -62,12 +65,12 @@ class MemCounter(OpCounter):
         i = self.idx.get(id(t.untyped_storage()))
         return None if i is None else self.blocks[i]
 
-    def add(self, t, unit=-1, kind=None):
-        "Track the storage of `t` if it is new (an allocation event); its `Block`"
+    def add(self, t, unit=-1, kind=None, scale=1):
+        "Track the storage of `t` if it is new (an allocation event), its bytes times `scale`; its `Block`"
         st = t.untyped_storage()
         k = id(st)  # a storage's Python object lives as long as the storage, so its id is a key until it is freed
         if k in self.idx: return self.blocks[self.idx[k]]
-        b = Block(self.size(st), unit, self.phase, len(self.trace), kind=kind)
+        b = Block(self.size(st.nbytes()*scale), unit, self.phase, len(self.trace), kind=kind)
         self.idx[k] = len(self.blocks); self.blocks.append(b)
         self.refs[k] = weakref.ref(st, lambda r,k=k,b=b: self._free(k, b))
         self.trace.append((self.phase, self.cur_unit()))
@@ -82,8 +85,9 @@ class MemCounter(OpCounter):
         if self.phase=='pre': return out
         for t in flat_tensors((args, kwargs)):
             if id(t.untyped_storage()) not in self.idx: self.add(t, -1, MemKind.other)  # a tensor the model holds outside its parameters
-        i = self.cur_unit()
-        for t in flat_tensors(out): self.add(t, i)
+        i,fix = self.cur_unit(),_opmath_outs.get(getattr(func, '_overloadpacket', None), ())
+        for j,t in enumerate(out if isinstance(out, (tuple,list)) else [out]):
+            for x in flat_tensors(t): self.add(x, i, scale=2 if j in fix and isinstance(x, FakeTensor) and x.dtype in (torch.float16, torch.bfloat16) else 1)
         return out
 
     def __exit__(self, *exc):
@@ -275,7 +279,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
                 for p in ps:  # one step on zero gradients: the optimizer state and gradients every step after the first finds
                     if p.requires_grad: p.grad = torch.zeros_like(p)
                 opt.step(); opt.zero_grad()
-            c = MemCounting(model, size=(lambda st: cuda_block(st.nbytes())) if cuda else None)
+            c = MemCounting(model, size=cuda_block if cuda else None)
             with c:
                 mc = c.counter
                 for t,k in [(t, MemKind.param) for t in ps] + [(t, MemKind.buffer) for t in bufs] + [(t, MemKind.input) for t in xs+ys] + \
@@ -413,8 +417,7 @@ def _coverage(device):
 def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e-3, bs=None, dtype=None, channels_last=False, device='cpu'):
     "`MemorySummary` of one training step of `model`, predicted on fake tensors (see `step_memory`)"
     try: mc,c,opt = step_memory(model, xb, yb, loss_func, opt_func, splitter, lr, bs, dtype, channels_last, device)
-    except ValueError: raise
-    except Exception as e:
+    except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException, NotImplementedError) as e:
         raise RuntimeError(f"The training step could not run on fake tensors ({type(e).__name__}: {e}). An op that needs the data's values "
                            "(`.item()`, `nonzero`) cannot be predicted: report it, or measure on a real step with `step_memory(..., fake=False)`") from e
     shapes = [(ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else () for t in tuplify(xb)]
@@ -515,7 +518,10 @@ def max_batch(self:Learner,
     tried,lives = {},{}
     def peak(b):
         if b not in tried:
-            ms = predict_memory(self.model, xb, yb, self.loss_func, self.opt_func, self.splitter, self.lr, b, dt, cl, device)
+            try: ms = predict_memory(self.model, xb, yb, self.loss_func, self.opt_func, self.splitter, self.lr, b, dt, cl, device)
+            except ValueError:
+                if b>1: raise
+                return math.inf  # batch norm cannot train on one sample
             tried[b],lives[b] = ms.peak,ms.timeline.live.values
         return tried[b]
     a = min(max(2, len(xb[0])), max_bs); b = min(2*a, max_bs)
