@@ -40,7 +40,7 @@ def cuda_block(n:int):
 class Block:
     "One storage: its bytes, the unit (-1: none) and phase that made it, and the events that allocated and freed it (`e1` None: alive at the end)"
     nbytes:int; unit:int; phase:str; e0:int; e1:int=None
-    kind:MemKind=None; saved:bool=False; saver:int=-1; out:bool=False
+    kind:MemKind=None; saved:bool=False; saver:int=-1; out:bool=False; param:int=None  # `param`: id of the parameter whose gradient accumulation made it
 
 # %% ../nbs/03a_memory.ipynb #403fad80
 def _unpack(t): return t
@@ -71,6 +71,8 @@ class MemCounter(OpCounter):
         k = id(st)  # a storage's Python object lives as long as the storage, so its id is a key until it is freed
         if k in self.idx: return self.blocks[self.idx[k]]
         b = Block(self.size(st.nbytes()*scale), unit, self.phase, len(self.trace), kind=kind)
+        node = torch._C._current_autograd_node()
+        if unit<0 and node is not None and hasattr(node, 'variable'): b.param = id(node.variable)  # `AccumulateGrad`: charged to its parameter's unit
         self.idx[k] = len(self.blocks); self.blocks.append(b)
         self.refs[k] = weakref.ref(st, lambda r,k=k,b=b: self._free(k, b))
         self.trace.append((self.phase, self.cur_unit()))
@@ -114,7 +116,16 @@ class MemCounting(Counting):
             for t in flat_tensors(out):
                 b = c.block(t)
                 if b is not None and b.phase=='fwd': b.out = True
+            _claim(c.nodes, [t.grad_fn for t in flat_tensors(out)], i)
         return g
+
+def _claim(nodes, todo, i):
+    "Map to unit `i` the autograd nodes behind `todo` that no unit has yet: the inner units, whose forwards end first, have claimed theirs"
+    while todo:
+        n = todo.pop()
+        if n is None or n in nodes or hasattr(n, 'variable'): continue  # unmapped, mapped already, or a parameter's `AccumulateGrad`
+        nodes[n] = i
+        todo += [o for o,_ in n.next_functions]
 
 # %% ../nbs/03a_memory.ipynb #c03c4af8
 @contextlib.contextmanager
@@ -207,6 +218,7 @@ def _resolve(mc, units, recs, ps, opt, cuda):
         b.kind,b.unit = MemKind.opt,pu.get(id(p), -1)
         if cuda and _host_step(opt, k, v): b.nbytes = 0
     for b in mc.blocks:
+        if b.param is not None: b.unit = pu.get(b.param, -1)
         if b.kind is not None: continue
         if b.saved: b.kind,b.unit = MemKind.saved,b.saver
         else: b.kind = MemKind.output if b.out else MemKind.temp
@@ -317,7 +329,7 @@ class MemorySummary:
         self.timeline = _timeline(blocks, trace, names)
         self.peak_event = int(self.timeline.live.values.argmax())
         self.peak = int(self.timeline.live.iloc[self.peak_event])
-        self.peak_phase,self.peak_unit = trace[self.peak_event]
+        self.peak_phase,self.peak_unit = trace[self.peak_event][0],self.timeline.unit.iloc[self.peak_event]
         e = self.peak_event
         at = [b for b in blocks if b.e0<=e and (b.e1 is None or b.e1>e)]
         self.at_peak = {k.value: sum(b.nbytes for b in at if b.kind==k) for k in MemKind}
@@ -344,7 +356,7 @@ def _header(self:MemorySummary):
     return f"{self.model_name} (Input shape: {shp}), one training step in {self.dtype} on {self.device}"
 
 def _gib(n): return f"{n/2**30:.3g} GiB"
-_mcols = f"{'Layer (type)':<24} {'Output Shape':<20} {'Params':>9} {'Grads':>9} {'Opt state':>9} {'Saved':>9} {'Output':>9} {'At peak':>9} {'%Peak':>6}"
+_mcols = f"{'Layer':<22} {'Type':<14} {'Output Shape':<20} {'Params':>9} {'Grads':>9} {'Opt state':>9} {'Saved':>9} {'Output':>9} {'At peak':>9} {'%Peak':>6}"
 _phases = {'pre':'before the step', 'fwd':'the forward', 'bwd':'the backward', 'opt':"the optimizer's step", 'end':'after the step'}
 
 @patch
@@ -352,7 +364,7 @@ def _totals_lines(self:MemorySummary):
     h = lambda n: human(n, 'B')
     at = ', '.join(f"{k} {h(v)}" for k,v in self.at_peak.items() if v)
     out = ', '.join(f"{k} {h(v)}" for k,v in self.outside.items() if v)
-    return [f"Peak: {h(self.peak)} ({_gib(self.peak)}) during {_phases[self.peak_phase]}" + (f", in {self.peak_unit}" if self.peak_unit else '') +
+    return [f"Peak: {h(self.peak)} ({_gib(self.peak)}) during {_phases[self.peak_phase]}" + (f", in {self.peak_unit}" if self.peak_unit else ", outside the layers (loss, gradient accumulation)") +
             f" (event {self.peak_event} of {len(self.timeline)})",
             f"At the peak: {at}", f"Held outside the layers at the peak (batch, loss, optimizer): {out or 'nothing'}",
             f"Saved for backward in all: {h(self.saved_total)} (each storage once)"] + self.notes
@@ -363,7 +375,7 @@ def __repr__(self:MemorySummary):
     res = [self._header(), '='*n, _mcols, '='*n]
     for r in self.df.itertuples():
         typ = f"{r.type}{'*' if r.kind=='own' else ''}"
-        res.append(f"{typ[:24]:<24} {r.output_shape[:20]:<20} " + ' '.join(f"{human(v,'B'):>9}" for v in
+        res.append(f"{(r.name or '(model)')[-22:]:<22} {typ[:14]:<14} {r.output_shape[:20]:<20} " + ' '.join(f"{human(v,'B'):>9}" for v in
                    (r.param_bytes, r.grad_bytes, r.opt_bytes, r.saved_bytes, r.out_bytes, r.at_peak)) + f" {r.pct_peak:>6.1f}")
     return PrettyString('\n'.join(res + ['_'*n] + self._totals_lines()) + '\n')
 
@@ -377,7 +389,7 @@ _colors = dict(zip([k.value for k in MemKind], plt.cm.tab10.colors))
 @patch
 def plot(self:MemorySummary, figsize=(9, 3.5), fname=None):
     "Live memory over the step's events, stacked by kind, the phases shaded and the peak marked; saved to `fname` if given"
-    tl = self.timeline
+    tl = self.timeline[self.timeline.phase!='pre']  # what exists before the step starts as the baseline
     ks = [k.value for k in MemKind if tl[k.value].any()]
     fig,ax = plt.subplots(figsize=figsize)
     ax.stackplot(tl.index, *[tl[k]/2**30 for k in ks], labels=ks, colors=[_colors[k] for k in ks], step='post', linewidth=0)
@@ -404,7 +416,7 @@ def _opt_note(opt, ps):
     st = _opt_state(opt)
     n = len({id(p) for p in ps if p.requires_grad})
     names = sorted({k for _,k,_ in st})
-    return (f"Optimizer {type(getattr(opt, 'opt', opt)).__name__}: {len(st)/max(n,1):.3g} state tensors per trained parameter"
+    return (f"Optimizer ({type(getattr(opt, 'opt', opt)).__name__}): {len(st)/max(n,1):.3g} state tensors per trained parameter"
             + (f" ({', '.join(names)})" if names else '') + ", found by one step on fake parameters")
 
 def _coverage(device):
