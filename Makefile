@@ -21,6 +21,7 @@ test-py:
 sync-check:
 	nbdev-export && nbdev-clean && git status --porcelain -- nbs cnn_cost README.md && test -z "$$(git status --porcelain -- nbs cnn_cost README.md)"
 
-# The docs site in docs/ from the notebooks: nbdev-docs where quarto is installed, else nbdev's processing + nbconvert (tools/build_docs.py).
+# The docs site in docs/ from the notebooks, offline: nbdev-docs where quarto is installed, else nbdev's processing + Sphinx (myst-nb,
+# pydata-sphinx-theme; tools/build_docs.py, settings in tools/sphinx/conf.py). Open docs/index.html, or serve docs/ for the search.
 docs:
 	python tools/build_docs.py

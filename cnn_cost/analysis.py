@@ -201,10 +201,15 @@ class CostSweep:
         res = self.stages.pivot_table(index=['size','bs'], columns='first_layer', values=col)
         return res[list(dict.fromkeys(self.stages.sort_values(['stage','size'], ascending=[True,False]).first_layer))]
 
-    def __repr__(self):
+    def display_df(self):
+        "`df` as the tables show it: counts in human units, times to 3 significant digits"
         df = self.df.assign(macs=self.df.macs.map(human), body_macs=self.df.body_macs.map(human),
                             act_bytes=self.df.act_bytes.map(lambda v: human(v,'B')), params=self.df.params.map(human))
-        return PrettyString(df.to_string(index=False, float_format='{:.3g}'.format) + '\n\nFitted exponents:\n' +
+        for c in ('time_ms','forward_ms','ms_per_gmac'): df[c] = df[c].map(lambda v: f'{v:,.0f}' if abs(v)>=100 else f'{v:.3g}')  # never 1.2e+03
+        return df
+
+    def __repr__(self):
+        return PrettyString(self.display_df().to_string(index=False) + '\n\nFitted exponents:\n' +
                             self.exponents().to_string(index=False, float_format='{:.3f}'.format))
 
     def plot(self, fname=None, figsize=(12,4)):

@@ -34,16 +34,18 @@ def build_learner(arch='resnet18', size=28, bs=64, device=None, path=None):
         if not Path(path).is_dir(): raise ValueError(f"--path {path} is not a folder: give a folder of images with one subfolder per class")
         dls = ImageDataLoaders.from_folder(path, valid_pct=0.2, seed=42, item_tfms=Resize(size, method=ResizeMethod.Squish), bs=bs, device=device)
     fn = torchvision.models.get_model_builder(arch)
-    try: learn = vision_learner(dls, fn, pretrained=False, n_out=len(dls.vocab))
-    except Exception:  # fastai cannot cut this arch into body and head (ViT, Swin...): use the torchvision model as it is
-        learn = Learner(dls, fn(weights=None, num_classes=len(dls.vocab)), loss_func=CrossEntropyLossFlat())
+    with warnings.catch_warnings():  # fastai asks with `pretrained=False`, which torchvision answers with deprecation warnings meant for fastai
+        warnings.filterwarnings('ignore', category=UserWarning, module='torchvision.models._utils')
+        try: learn = vision_learner(dls, fn, pretrained=False, n_out=len(dls.vocab))
+        except Exception:  # fastai cannot cut this arch into body and head (ViT, Swin...): use the torchvision model as it is
+            learn = Learner(dls, fn(weights=None, num_classes=len(dls.vocab)), loss_func=CrossEntropyLossFlat())
     learn.model.to(device)
     return learn
 
 # %% ../nbs/09_cli.ipynb #64ef4d62
 _formats = ['text','csv','json','markdown','html']
 def render(cs, fmt='text'):
-    "`cs` as `fmt`: text, csv, json, markdown or html"
+    "`cs` as `fmt`: text, csv, json (exact numbers), markdown or html (numbers as the text table shows them)"
     if fmt not in _formats: raise ValueError(f"Unknown format {fmt!r}: use one of {', '.join(_formats)}")
     if fmt=='text': return str(cs)
     if fmt=='html': return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>cnn-cost</title></head><body>{cs._repr_html_()}</body></html>"
@@ -51,11 +53,13 @@ def render(cs, fmt='text'):
 
 # %% ../nbs/09_cli.ipynb #43c6ee36
 def render_sweep(sw, fmt='text'):
-    "The sweep `sw` as `fmt`: text, csv, json, markdown or html"
+    "The sweep `sw` as `fmt`: text, csv, json (exact numbers), markdown or html (numbers as the text shows them)"
     if fmt not in _formats: raise ValueError(f"Unknown format {fmt!r}: use one of {', '.join(_formats)}")
     if fmt=='text': return str(sw)
-    return {'csv': sw.df.to_csv, 'json': lambda: sw.df.to_json(orient='records', indent=1), 'markdown': sw.df.to_markdown,
-            'html': sw.df.to_html}[fmt]()
+    if fmt=='csv': return sw.df.to_csv(index=False)
+    if fmt=='json': return sw.df.to_json(orient='records', indent=1)
+    df = sw.display_df()
+    return df.to_markdown(index=False, disable_numparse=True) if fmt=='markdown' else df.to_html(index=False)
 
 # %% ../nbs/09_cli.ipynb #1423d5ac
 @call_parse
@@ -74,14 +78,15 @@ def main(arch:str='resnet18', # Any torchvision classification model, e.g. resne
     "Measure per-layer params, activations, MACs and time of a CNN on one real batch"
     if format not in _formats: sys.exit(f"cnn-cost: error: unknown --format {format!r}: use one of {', '.join(_formats)}")
     try:
+        bar = sys.stderr.isatty()  # a progress bar only on a terminal: redrawn lines are noise in a log or a pipe
         with contextlib.redirect_stdout(sys.stderr):  # the progress bar goes to stderr, the table to stdout
             learn = build_learner(arch, size, bs, device, path)
             if sweep:
-                sw = cost_sweep(learn, sizes=sweep, bss=(bs,), n_warmup=n_warmup, n_repeat=n_repeat)
+                sw = cost_sweep(learn, sizes=sweep, bss=(bs,), n_warmup=n_warmup, n_repeat=n_repeat, progress=bar)
                 if plot: sw.plot(plot)
                 out = render_sweep(sw, format)
             else:
-                cs = learn.cost_summary(n_repeat=n_repeat, n_warmup=n_warmup, progress=True)
+                cs = learn.cost_summary(n_repeat=n_repeat, n_warmup=n_warmup, progress=bar)
                 if plot: cs.plot(fname=plot)
                 out = render(cs, format)
             if roofline: (sw.summaries[-1] if sweep else cs).plot_roofline(roofline)

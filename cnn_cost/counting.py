@@ -70,14 +70,15 @@ def rnn_cost(m, ins, outs):
 
 # %% ../nbs/01_counting.ipynb #0f4bccc4
 aten = torch.ops.aten
-_op_rules = {}
-def op_rule(*ops):
-    "Decorator registering `f(*args, **kwargs) -> macs` for aten `ops`: used where `torch.utils.flop_counter` has no formula, or one that cannot count the call"
+_op_rules,_op_first = {},set()
+def op_rule(*ops, over_torch=False):
+    "Decorator registering `f(*args, **kwargs) -> macs` for aten `ops`: used where `torch.utils.flop_counter` has no formula, one that cannot count the call, or (`over_torch`) a wrong one"
     def _register(f):
         for o in ops:
             if o is None: continue  # an op this torch version does not have
             if o in _op_rules: raise ValueError(f"{o} already has a counting rule, `{_op_rules[o].__name__}`")
             _op_rules[o] = f
+            if over_torch: _op_first.add(o)
         return f
     return _register
 
@@ -124,14 +125,15 @@ def sdpa_macs(q, k, v, *args, **kwargs): return attention_macs(q, k, v)
                 '_scaled_dot_product_fused_attention_overrideable_backward'))
 def sdpa_backward_macs(grad_out, q, k, v, *args, **kwargs): return attention_macs(q, k, v, backward=True)
 
-@op_rule(*_aten('_flash_attention_forward'))
+# torch's formulas for these four (some versions) read (batch, length, heads, dim) as (batch, heads, length, dim) unless packed: ours go first
+@op_rule(*_aten('_flash_attention_forward'), over_torch=True)
 def flash_fwd_macs(q, k, v, cum_seq_q, cum_seq_k, *args, **kwargs): _packed(cum_seq_q, cum_seq_k); return attention_macs(q, k, v, seq_first=True)
-@op_rule(*_aten('_efficient_attention_forward'))
+@op_rule(*_aten('_efficient_attention_forward'), over_torch=True)
 def efficient_fwd_macs(q, k, v, bias, cu_q, cu_k, *args, **kwargs): _packed(cu_q, cu_k); return attention_macs(q, k, v, seq_first=True)
-@op_rule(*_aten('_flash_attention_backward'))
+@op_rule(*_aten('_flash_attention_backward'), over_torch=True)
 def flash_bwd_macs(g, q, k, v, out, lse, cum_seq_q, cum_seq_k, *args, **kwargs):
     _packed(cum_seq_q, cum_seq_k); return attention_macs(q, k, v, backward=True, seq_first=True)
-@op_rule(*_aten('_efficient_attention_backward'))
+@op_rule(*_aten('_efficient_attention_backward'), over_torch=True)
 def efficient_bwd_macs(g, q, k, v, bias, out, cu_q, cu_k, *args, **kwargs):
     _packed(cu_q, cu_k); return attention_macs(q, k, v, backward=True, seq_first=True)
 
@@ -201,22 +203,30 @@ _elem_ops = set(_aten(
 def _packet(func): return getattr(func, '_overloadpacket', func)  # a higher-order op (flex_attention) is its own packet
 def op_name(func): return str(_packet(func)).replace('aten.', '')
 
+def _functional(p):
+    "The out-of-place op of an in-place aten op packet (`relu_` → `relu`), or None"
+    n = getattr(p, '__name__', '')
+    return getattr(aten, n[:-1], None) if n.endswith('_') and not n.endswith('__') else None
+
 def op_kind(func):
     "'zero' (no work: a view or an allocation), 'elem' (elementwise work, no MACs), 'formula' (MACs counted) or 'unknown'"
     p,tags = _packet(func),getattr(func, 'tags', ())
     if p in flop_registry or p in _op_rules: return 'formula'
     if getattr(func, 'is_view', False) or p in _zero_ops: return 'zero'
     if torch.Tag.pointwise in tags or torch.Tag.reduction in tags or torch.Tag.view_copy in tags or p in _elem_ops: return 'elem'
-    return 'unknown'
+    f = _functional(p)  # `x.op_()` does `op`'s work in place: older torch tags only `op` pointwise, and formulas are registered for `op`
+    return op_kind(f.default) if hasattr(f, 'default') else 'unknown'
 
 def op_cost(func, args, kwargs, out):
     "`(macs, elem_ops, known)` of one aten call of `func`"
     k,p = op_kind(func),_packet(func)
     if k=='formula':
-        try: return flop_registry[p](*args, **kwargs, out_val=out)//2, 0, True
-        except Exception:  # no torch formula, or one that cannot count this call (grouped-query heads on older torch)
-            try: return _op_rules[p](*args, **kwargs), 0, True
-            except Exception: return 0, 0, False
+        if p not in flop_registry and p not in _op_rules: p = _functional(p)  # an in-place op takes its out-of-place op's arguments
+        fs = [lambda: flop_registry[p](*args, **kwargs, out_val=out)//2, lambda: _op_rules[p](*args, **kwargs)]
+        for f in (fs[::-1] if p in _op_first else fs):
+            try: return f(), 0, True
+            except Exception: pass  # no formula, or one that cannot count this call (grouped-query heads on older torch, a packed batch)
+        return 0, 0, False
     if k=='elem':
         ins,outs = flat_tensors((args, kwargs)), flat_tensors(out)
         return 0, max(sum(t.numel() for t in ins), sum(t.numel() for t in outs)), True

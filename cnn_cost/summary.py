@@ -29,8 +29,9 @@ def spatial_label(shape):
     "The spatial size of an activation `shape`, fastai's grouping key: '14x14' for NCHW, 'flat' for (N, C)"
     return 'x'.join(str(s) for s in shape[2:]) if shape is not None and len(shape)>2 else 'flat'
 
-def stage_label(shape, block='', chan_first=False):
+def stage_label(shape, block='', chan_first=False, seq_blocks=False):
     "Stage key of a row's output `shape`: spatial size of an image map; for a sequence (N, length, C), its repeated `block` or its length"
+    if block and seq_blocks: return '.'.join(block.split('.')[-2:])  # inside a transformer block, (N, heads, L, L) maps too
     if shape is None or len(shape)!=3 or chan_first: return spatial_label(shape)
     return '.'.join(block.split('.')[-2:]) if block else f'seq {shape[1]}'
 
@@ -88,7 +89,9 @@ class CostSummary:
         for c,s in [('macs','pct_macs'), ('time_ms','pct_time'), ('act_bytes','pct_act'), ('bwd_ms','pct_bwd')]:
             if c in df: df[s] = _pct(df[c].fillna(0))
         chan_first = any(r.type in ('Conv1d','ConvTranspose1d') for r in recs)
-        labels = [stage_label(r.shapes[0] if r.shapes else None, r.block, chan_first) for r in recs]
+        shp = [r.shapes[0] if r.shapes else None for r in recs]
+        seq = not chan_first and any(r.block and s is not None and len(s)==3 for r,s in zip(recs, shp))  # blocks that map sequences
+        labels = [stage_label(s, r.block, chan_first, seq) for r,s in zip(recs, shp)]
         df['stage'] = _stages(labels)
         df['stage_label'] = labels
         return df

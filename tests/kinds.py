@@ -24,12 +24,12 @@ TEXTS = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the m
 def text_classifier(bs=8):
     set_seed(0)
     df = pd.DataFrame({'text': TEXTS, 'label': [i%2 for i in range(len(TEXTS))]})
-    dls = TextDataLoaders.from_df(df, text_col='text', label_col='label', bs=bs, seq_len=16)
+    dls = TextDataLoaders.from_df(df, text_col='text', label_col='label', bs=bs, seq_len=16, num_workers=0)
     return text_classifier_learner(dls, AWD_LSTM, pretrained=False, config={**awd_lstm_clas_config, **SMALL_AWD}, seq_len=16)
 
 def language_model(bs=8):
     set_seed(0)
-    dls = TextDataLoaders.from_df(pd.DataFrame({'text': TEXTS}), text_col='text', is_lm=True, bs=bs, seq_len=16)
+    dls = TextDataLoaders.from_df(pd.DataFrame({'text': TEXTS}), text_col='text', is_lm=True, bs=bs, seq_len=16, num_workers=0)
     return language_model_learner(dls, AWD_LSTM, pretrained=False, config={**awd_lstm_lm_config, **SMALL_AWD})
 
 def unet(bs=4, size=32):
@@ -39,7 +39,7 @@ def unet(bs=4, size=32):
     ms = [rng.integers(0, 3, (size,size), dtype=np.uint8) for _ in range(16)]
     dblock = DataBlock(blocks=(ImageBlock, MaskBlock(codes=['a','b','c'])), get_x=lambda i: PILImage.create(xs[i]),
                        get_y=lambda i: PILMask.create(ms[i]), splitter=RandomSplitter(seed=0))
-    return unet_learner(dblock.dataloaders(range(16), bs=bs), resnet18, pretrained=False, n_out=3)
+    return unet_learner(dblock.dataloaders(range(16), bs=bs, num_workers=0), resnet18, pretrained=False, n_out=3)
 
 def collab(use_nn=False, bs=64):
     set_seed(0)
@@ -52,8 +52,8 @@ def timm_vision(arch, size, bs=4, n=32):
     "A fastai `vision_learner` on a timm architecture (by name), on the embedded digits at `size` x `size`"
     set_seed(0)
     ims,ys = digit_images()
-    dblock = DataBlock(blocks=(ImageBlock, CategoryBlock), get_x=lambda i: PILImage.create(ims[i]), get_y=lambda i: str(ys[i]),
+    dblock = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=[str(i) for i in range(10)])), get_x=lambda i: PILImage.create(ims[i]), get_y=lambda i: str(ys[i]),
                        splitter=RandomSplitter(seed=0), item_tfms=Resize(size))
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        return vision_learner(dblock.dataloaders(range(n), bs=bs), arch, pretrained=False)
+        return vision_learner(dblock.dataloaders(range(n), bs=bs, num_workers=0), arch, pretrained=False)

@@ -93,7 +93,7 @@ def test_saved_bytes_hand_count():
     learn.fit(1, 1e-2)
     df = learn.cost_profiler.summary().df.set_index('name')
     assert df.loc[['0','1','2'],'saved_bytes'].tolist() == [16*4*4, 16*8*4, 16*8*4]
-    assert [b['saved_total'] for b in learn.cost_profiler.batches] == [16*4*4+16*8*4]*4  # ReLU's output and linear 2's input: one storage
+    assert [b['saved_total'] for b in learn.cost_profiler.batches] == [16*4*4+16*8*4]*3  # ReLU's output and linear 2's input: one storage; batch 0 was the counting batch
 
 @pytest.mark.parametrize('exc', [CancelFitException(), RuntimeError('boom in a batch')])
 @pytest.mark.parametrize('event', ['after_pred', 'before_backward', 'after_backward'])
@@ -107,9 +107,9 @@ def test_hooks_gone_after_exceptions(exc, event):
     else:
         with pytest.raises(RuntimeError, match='boom'): learn.fit(1, 1e-2, cbs=StopAt(2, exc, event))
     assert no_hooks(learn.model) and learn.__dict__.get('_do_one_batch') is None and learn.cost_profiler.hooks.sth is None
-    assert len(learn.cost_profiler.batches)==2
+    assert len(learn.cost_profiler.batches)==1  # batch 0 counted the MACs, batch 1 was profiled, batch 2 stopped
     learn.fit(1, 1e-2)
-    assert len(learn.cost_profiler.batches)==6 and no_hooks(learn.model)
+    assert len(learn.cost_profiler.batches)==5 and no_hooks(learn.model)
 
 def test_frozen_body_has_no_weight_gradient_work():
     "After `freeze()` the body's convs compute input gradients only: backward MACs = forward MACs, and bwd/fwd time drops"

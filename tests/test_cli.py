@@ -1,9 +1,12 @@
 "The `cnn-cost` command, run as a user would."
-import json, subprocess, sys, pytest
+import json, re, subprocess, sys, pytest
+from pathlib import Path
 from cnn_cost.data import digits_folder
 
+CMD = Path(sys.executable).parent/'cnn-cost'  # the script installed beside this python, also when its venv is not activated
+
 def run(*args):
-    return subprocess.run(['cnn-cost', *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([str(CMD) if CMD.exists() else 'cnn-cost', *args], capture_output=True, text=True, timeout=600)
 
 def test_default_json():
     r = run('--format', 'json', '--n-repeat', '2', '--n-warmup', '0')
@@ -25,3 +28,18 @@ def test_path_plot_csv(tmp_path):
 def test_bad_input(args, msg):
     r = run(*args)
     assert r.returncode != 0 and msg in r.stderr and 'Traceback' not in r.stderr
+
+def test_stderr_clean_and_markdown_readable(tmp_path):
+    "Not on a terminal: no progress-bar redraws and no torchvision deprecation warnings on stderr; markdown counts as the text table writes them"
+    p = digits_folder(tmp_path/'imgs', n_per_class=4)
+    r = run('--path', str(p), '--arch', 'mobilenet_v2', '--size', '32', '--bs', '8', '--format', 'markdown', '--n-repeat', '1', '--n-warmup', '0')
+    assert r.returncode == 0 and r.stderr == '', r.stderr
+    rows = [l for l in r.stdout.splitlines() if l.startswith('| ') and 'Conv2d' in l]
+    assert len(rows) == 52 and not re.search(r'\de[+-]\d\d|\.\d{4,}', r.stdout), r.stdout[:2000]
+    assert re.search(r'\| \d+(\.\d)?[KMG] ', r.stdout) and '- Total params: 2,236,682' in r.stdout
+
+def test_html_readable():
+    r = run('--format', 'html', '--n-repeat', '1', '--n-warmup', '0', '--bs', '8')
+    assert r.returncode == 0 and r.stderr == '', r.stderr
+    assert r.stdout.startswith('<!DOCTYPE html>') and '<table' in r.stdout and not re.search(r'\de[+-]\d\d|\.\d{4,}', r.stdout)
+    assert re.search(r'>\s*\d+(\.\d)?[KMG]\s*<', r.stdout)

@@ -164,7 +164,9 @@ def test_uncounted_layer_flagged():
         def __init__(self): super().__init__(); self.w = nn.Parameter(torch.randn(4*8, 4)); self.u = nn.Parameter(torch.randn(4*8, 8))
         def forward(self, x): return torch.lstm(x, (torch.zeros(1,3,8), torch.zeros(1,3,8)), [self.w, self.u], False, 1, 0., False, False, False)[0]
     cs = model_cost(nn.Sequential(Fused()), torch.randn(5, 3, 4), n_repeat=1)
-    assert cs.uncounted == ['0'] and 'Uncounted' in str(cs)
+    assert cs.uncounted == ['0'] and list(cs.unknown_ops.values()) == [['0']]
+    op = list(cs.unknown_ops)[0]
+    assert f'1 op uncounted in the forward' in str(cs) and f'? {op}' in str(cs) and '0?' in str(cs)
 
 def test_renderings(seed_summary, tmp_path):
     cs = seed_summary

@@ -1,18 +1,18 @@
-"""Build the docs site into `doc_path` (docs/) from the notebooks, the way nbdev does.
+"""Build the docs site into `doc_path` (docs/) from the notebooks: nbdev's processing, then Sphinx with myst-nb.
 
 With `quarto` on the PATH this is just `nbdev-docs`. Without it (quarto can't be installed here) the notebooks go through
-nbdev's own processing (`nbdev.serve.proc_nbs`: `show_doc` rendered, `#| hide` cells dropped, exported-code flags and
-nbdev directives stripped, frontmatter made) into `_proc/`, and each processed notebook is rendered by nbconvert's HTML
-exporter inside a small layout (`tools/docs_template/`) that adds the nav sidebar. Usage: `python tools/build_docs.py`."""
-import os, re, shutil, subprocess, sys, yaml
+nbdev's own processing (`nbdev.serve.proc_nbs`: `show_doc` rendered, `#| hide` cells dropped, directives stripped, backticked
+names linked by `NbdevLookup`, frontmatter made) into `_proc/`; each processed notebook is then staged for Sphinx (quarto's
+cell options applied, `show_doc` output made page markdown with a docments parameter table, doc links made relative) and
+Sphinx renders the stored outputs with myst-nb and pydata-sphinx-theme (`tools/sphinx/conf.py`): search, a contents list
+on each page, copy buttons, light and dark. Offline. Usage: `python tools/build_docs.py [out]`; `DOCS_STRICT=1` fails on
+any Sphinx warning (a broken link, an API name nbdev linked that has no entry)."""
+import ast, os, posixpath, re, shutil, subprocess, sys, tempfile, yaml
 from pathlib import Path
-from html import escape as html_escape
 
 import nbformat, nbdev.doclinks
-from nbconvert import HTMLExporter
-from traitlets.config import Config
 
-TPL = Path(__file__).parent/'docs_template'
+CONF = Path(__file__).parent/'sphinx'
 _re_dir = re.compile(r'^\s*#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$')
 
 def quarto_docs():
@@ -24,7 +24,6 @@ def proc_nbs(**kwargs):
     from nbdev.config import get_config
     from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar
     from nbdev.serve import proc_nbs as _proc
-    import nbdev.doclinks
     cfg = get_config()
     os.chdir(cfg.config_path)
     refresh_quarto_yml()
@@ -40,8 +39,10 @@ def split_frontmatter(nb):
             return yaml.safe_load(c.source.strip().strip('-')) or {}
     return {}
 
+def _md(c): return next((''.join(o.data['text/markdown']) for o in c.get('outputs', []) if 'text/markdown' in o.get('data', {})), None)
+
 def apply_quarto_opts(nb):
-    "Apply the quarto cell options nbdev leaves for the renderer (`echo`, `output`, `include`), then strip them"
+    "Apply the quarto cell options nbdev leaves for the renderer (`echo`, `output`, `include`), as myst-nb tags; `asis` output becomes markdown"
     cells = []
     for c in nb.cells:
         for k in [k for k in c if k not in ('cell_type','id','metadata','source','outputs','execution_count','attachments')]: del c[k]
@@ -53,17 +54,69 @@ def apply_quarto_opts(nb):
         c.source = '\n'.join(lines)
         c.metadata.pop('execution', None)
         if opts.get('include')=='false': continue
+        if opts.get('output')=='asis' and opts.get('echo')=='false':  # `show_doc`: its markdown is part of the page, as in quarto
+            md = _md(c)
+            if md: cells.append(nbformat.v4.new_markdown_cell(md, metadata=dict(showdoc=c.source)))
+            continue
         tags = set(c.metadata.get('tags', []))
-        if opts.get('echo')=='false' or not c.source.strip(): tags.add('remove_input')
-        if opts.get('output')=='false': tags.add('remove_output')
+        if opts.get('echo')=='false' or not c.source.strip(): tags.add('remove-input')
+        if opts.get('output')=='false': tags.add('remove-output')
         c.metadata['tags'] = sorted(tags)
         cells.append(c)
     nb.cells = [c for c in cells if c.cell_type=='code' or c.source.strip()]
     for i,c in enumerate(nb.cells): c.id = f'c{i}'  # nbdev's processing gives new random ids each run: number them, so a rebuild changes nothing
     return nb
 
+def slug(s):
+    "A heading's anchor as pandoc (quarto) makes it, which nbdev's `_modidx.py` links to: `CostProfiler.after_fit` -> `costprofiler.after_fit`"
+    s = re.sub(r'\s+', '-', re.sub(r'[^\w\s.-]', '', s.strip().lower()))
+    return re.sub(r'^[^a-z]+', '', s) or 'section'
+
+def param_table(c, mods):
+    "fastcore's docments table (`DocmentTbl`) for the symbol of a `show_doc` cell, looked up in the package's modules"
+    from fastcore.docments import DocmentTbl
+    try:
+        call = next(n for n in ast.walk(ast.parse(c.metadata['showdoc'])) if isinstance(n, ast.Call) and getattr(n.func, 'id', '')=='show_doc')
+        expr = ast.unparse(call.args[0])
+    except (StopIteration, SyntaxError, IndexError): return ''
+    for m in mods:
+        try: return DocmentTbl(eval(expr, vars(m)))._repr_markdown_()
+        except Exception: pass
+    return ''
+
+_re_cmt,_re_src = re.compile(r'^(\s+.*?,) # .*$|^\s+# .*\n', re.M),re.compile(r'^\[source\]\(\S+\)\{[^}]*\}\s*\n', re.M)
+def showdoc_md(c, mods):
+    "nbdev 3's `show_doc` markdown as a section of class `nbdev-showdoc`, docments moved from signature comments into a table, as nbdev 2 showed them"
+    md = re.sub(r'^---\s*\n', '', c.source.lstrip())  # the rule between entries becomes the section's border: a section may not begin with one
+    src = _re_src.search(md)
+    if src: md = md.replace(src.group(0), '')
+    if m:=re.search(r'^(#{1,6}) (.+)$', md, re.M):
+        md = md[:m.start()] + '{.nbdev-showdoc}\n' + m.group(1) + ' ' + re.sub(r'([_*])', r'\\\1', m.group(2)) + '\n\n' + (src.group(0) if src else '') + md[m.end():]
+    if not (tbl:=param_table(c, mods)): return md
+    md = re.sub(r'```python\n.*?```', lambda m: _re_cmt.sub(lambda n: n.group(1) or '', m.group(0)), md, count=1, flags=re.S)
+    md = re.sub(r'^(\):\s*|\)\s*->.*?:) # .*$', r'\1', md, flags=re.M)
+    return md.rstrip() + '\n\n' + tbl
+
+_re_link = re.compile(r'\[([^\]]*)\]\(([^)\s]+)\)(\{[^}]*\})?')
+def localize(md, here, known, ctx):
+    "nbdev's links to the published site as Sphinx cross-references: API names to their Python objects, pages to pages; dangling ones unlinked"
+    site_url,syms,cfg = ctx
+    def _doc(doc,anc=''): return f'{posixpath.relpath(doc, posixpath.dirname(here) or ".")}.ipynb' + (f'#{anc}' if anc else '')
+    def _sub(m):
+        txt,url,attrs = m.groups()
+        if url.startswith('https://github.com/') and attrs and 'target' in attrs: return f'[{txt}]({url}){{.nbdev-source}}'  # show_doc's source link
+        if url.startswith(site_url): url = url[len(site_url):]
+        elif re.match(r'^[a-z]+:|^#', url): return m.group(0)
+        elif (cfg.config_path/url).is_file(): return f'[{txt}]({cfg.git_url}/blob/{cfg.branch}/{url})'  # README links to the repository's files
+        page,_,anc = url.partition('#')
+        doc = posixpath.splitext(page)[0] or 'index'
+        if doc not in known: return txt  # a page left out of this build
+        if (sym:=syms.get(f'{page}#{anc}')) and re.fullmatch(r'`[^`]+`', txt): return f'{{py:obj}}`{txt[1:-1]} <{sym}>`'
+        return f'[{txt}]({_doc(doc, anc)})'
+    return _re_link.sub(_sub, md)
+
 def page_order(proc, nbs_path):
-    "Notebooks in the order of nbdev's `sidebar.yml` (index first), falling back to file order"
+    "Notebooks in the order of nbdev's `sidebar.yml` (index first, then tutorials), falling back to file order"
     sb = nbs_path/'sidebar.yml'
     names = []
     if sb.exists():
@@ -74,24 +127,66 @@ def page_order(proc, nbs_path):
         _walk(yaml.safe_load(sb.read_text())['website']['sidebar']['contents'])
     names = [n for n in names if n.endswith('.ipynb') and (proc/n).exists()]
     names += sorted(str(p.relative_to(proc)) for p in proc.rglob('*.ipynb') if str(p.relative_to(proc)) not in names)
-    return sorted(names, key=lambda n: n!='index.ipynb')
+    return sorted(names, key=lambda n: (n!='index.ipynb', not is_tutorial(n)))
 
-def exporter():
-    c = Config()
-    c.TagRemovePreprocessor.enabled = True
-    c.TagRemovePreprocessor.remove_input_tags = {'remove_input'}
-    c.TagRemovePreprocessor.remove_all_outputs_tags = {'remove_output'}
-    c.TagRemovePreprocessor.remove_cell_tags = {'remove_cell'}
-    c.HTMLExporter.anchor_link_text = '#'
-    c.HTMLExporter.exclude_input_prompt = c.HTMLExporter.exclude_output_prompt = True
-    return HTMLExporter(config=c, template_file=str(TPL/'site_page.html.j2'))
+def is_tutorial(name): return 'tutorial' in name.lower()
 
-def readme_nb(cfg):
-    "A stand-in home page from README.md while `index.ipynb` does not exist yet"
-    readme = cfg.config_path/'README.md'
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_markdown_cell(readme.read_text() if readme.exists() else f'# {cfg.lib_name}')]
-    return nb
+def toctree(caption, docs): return f'```{{toctree}}\n:hidden:\n:caption: {caption}\n\n' + '\n'.join(docs) + '\n```' if docs else ''
+
+def stage(cfg, proc, src, names):
+    "Processed notebooks from `proc` into `src`, as Sphinx's source: one notebook per page, named as its `output-file`"
+    import importlib
+    sys.path.insert(0, str(cfg.config_path))  # the package the notebooks export, for its docments
+    site_url = f"{cfg.doc_host}{cfg.doc_baseurl}".rstrip('/') + '/'
+    idx = _modidx()['syms']
+    mods = {m:importlib.import_module(m) for m in idx}
+    home = {m:{v[0].split('.html')[0] for v in d.values()} for m,d in idx.items()}  # the pages each module's symbols are on
+    syms = nbdev_urls()
+    pages = {}
+    for name in names:
+        nb = nbformat.read(proc/name, as_version=4)
+        fm = split_frontmatter(nb)
+        doc = posixpath.join(posixpath.dirname(name), Path(fm.get('output-file', Path(name).with_suffix('.html').name)).stem).lstrip('./')
+        apply_quarto_opts(nb)
+        ms = sorted(mods.values(), key=lambda m: doc not in home[m.__name__])
+        for c in nb.cells:
+            if 'showdoc' in c.metadata: c.source = showdoc_md(c, ms); del c.metadata['showdoc']
+        title,desc = fm.get('title', Path(name).stem),nbdev.doclinks.NbdevLookup().linkify(fm.get('description', ''))
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(f'# {title}' + (f'\n\n{{.description}}\n{desc}' if desc else '')))
+        nb.metadata['language_info'] = {'name': 'python'}
+        pages[doc] = nb
+    if 'index' not in pages: pages = {'index': nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f'# {cfg.title}\n\n{cfg.description}')]), **pages}
+    for doc,nb in pages.items():
+        for c in nb.cells:
+            if c.cell_type=='markdown': c.source = localize(c.source, doc, pages, (site_url, syms, cfg))
+            for o in c.get('outputs', []):
+                if 'text/markdown' in o.get('data', {}): o.data['text/markdown'] = localize(''.join(o.data['text/markdown']), doc, pages, (site_url, syms, cfg))
+    docs = [d for d in pages if d!='index']
+    pages['index'].cells.append(nbformat.v4.new_markdown_cell(
+        toctree('Tutorials', [d for d in docs if is_tutorial(d)]) + '\n\n' + toctree('API', [d for d in docs if not is_tutorial(d)])))
+    for doc,nb in pages.items():
+        (src/doc).parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, src/f'{doc}.ipynb')
+    for f in proc.rglob('*'):  # any image files the notebooks link to
+        if f.suffix.lower() in ('.png','.jpg','.jpeg','.gif','.svg') and not f.name.startswith('.'):
+            (src/f.relative_to(proc)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, src/f.relative_to(proc))
+    return list(pages)
+
+def nbdev_urls():
+    "nbdev's `page.html#anchor` of each name in `_modidx.py` -> the name, qualified"
+    res = {}
+    for d in _modidx()['syms'].values():
+        for k,(url,_) in d.items(): res.setdefault(url, k)
+    return res
+
+def _modidx():
+    "The package's symbol index (`_modidx.py`), as nbdev's doc links read it"
+    from nbdev.config import get_config
+    cfg = get_config()
+    g = {}
+    exec((cfg.lib_path/'_modidx.py').read_text(), g)
+    return g['d']
 
 def build(out=None, skip_file_re=None):
     "Build the site into `out` (default: `doc_path`); `skip_file_re` leaves out notebooks, as nbdev's `--skip_file_re` does"
@@ -99,42 +194,19 @@ def build(out=None, skip_file_re=None):
     kw = dict(skip_file_re=skip_file_re) if skip_file_re else {}
     cfg,proc = proc_nbs(**kw)
     keep = {str(p.relative_to(cfg.nbs_path)) for p in nbdev.doclinks.nbglob(cfg.nbs_path, func=Path, **kw)}
-    out = Path(out or cfg.doc_path)
-    site_url = f"{cfg.doc_host}{cfg.doc_baseurl}".rstrip('/') + '/'
-    pages = []
-    for name in [n for n in page_order(proc, cfg.nbs_path) if n in keep]:
-        nb = nbformat.read(proc/name, as_version=4)
-        fm = split_frontmatter(nb)
-        href = str(Path(name).parent/fm.get('output-file', Path(name).with_suffix('.html').name))
-        pages.append(dict(nb=nb, fm=fm, href=href, title=str(fm.get('title', Path(name).stem)).replace('`', '')))
-    if not any(p['href']=='index.html' for p in pages):
-        pages.insert(0, dict(nb=readme_nb(cfg), fm={}, href='index.html', title=cfg.get('title', cfg.lib_name)))
-    pages[0]['title'] = 'Home' if pages[0]['href']=='index.html' else pages[0]['title']
-    nav = [dict(href=p['href'], title=p['title']) for p in pages]
+    out = Path(out or cfg.doc_path).absolute()
     if (out/'.git').exists() or out==cfg.config_path: raise ValueError(f'refusing to replace {out}')
-    if out.exists(): shutil.rmtree(out)
-    (out/'site_libs').mkdir(parents=True)
-    ex = exporter()
-    for i,p in enumerate(pages):
-        fm = p['fm']
-        desc = re.sub(r'`([^`]+)`', r'<code>\1</code>', html_escape(str(fm.get('description', cfg.get('description', '')))))  # inline code only
-        site = dict(title=cfg.get('title', cfg.lib_name), pages=nav, href=p['href'], root='../'*p['href'].count('/'),
-                    page_title=fm.get('title', cfg.get('title', cfg.lib_name)), description=desc,
-                    prev=nav[i-1] if i>0 else None, next=nav[i+1] if i+1<len(nav) else None)
-        p['nb'].metadata['title'] = f"{site['page_title']} – {site['title']}"
-        html,_ = ex.from_notebook_node(apply_quarto_opts(p['nb']), resources=dict(site=site))
-        html = html.replace(f'href="{site_url}', f'href="{site["root"]}')  # nbdev's doc links point at the published site
-        dest = out/p['href']
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(html)
-        print(f'{dest} ({len(html)//1024} KB)')
-    css = next(Path(d)/'lab/static/index.css' for d in ex.template_paths if (Path(d)/'lab/static/index.css').exists())
-    (out/'site_libs/nbconvert-lab.css').write_text(css.read_text() + '\n' + (css.parent/'theme-light.css').read_text())
-    shutil.copy(TPL/'layout.css', out/'site_libs/layout.css')
-    for f in proc.rglob('*'):  # styles.css and any image files the notebooks link to
-        if f.suffix.lower() in ('.css','.png','.jpg','.jpeg','.gif','.svg') and not f.name.startswith('.'):
-            (out/f.relative_to(proc)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(f, out/f.relative_to(proc))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp)/'src'
+        stage(cfg, proc, src, [n for n in page_order(proc, cfg.nbs_path) if n in keep])
+        from sphinx.cmd.build import build_main
+        html = Path(tmp)/'html'  # myst-nb writes its `jupyter_execute/` beside the output folder: keep both in `tmp`
+        args = ['-b', 'html', '-q', '-E', '-c', str(CONF), '-d', str(Path(tmp)/'doctrees'), str(src), str(html)]
+        if build_main(args + ['-W', '--keep-going'] * bool(os.environ.get('DOCS_STRICT'))): raise SystemExit('sphinx-build failed')
+        if out.exists(): shutil.rmtree(out)
+        shutil.move(html, out)
+    for f in [out/'.buildinfo', out/'_static/webpack-macros.html', *out.rglob('*.map')]: f.unlink(missing_ok=True)  # rebuild stamp, a theme template, source maps
+    if (out/'_sources').exists() and not any((out/'_sources').iterdir()): (out/'_sources').rmdir()
     (out/'.nojekyll').touch()
     return out
 

@@ -8,7 +8,16 @@ from pathlib import Path
 import nbformat
 from nbconvert import MarkdownExporter
 sys.path.insert(0, str(Path(__file__).parent))
-from build_docs import split_frontmatter, apply_quarto_opts, exporter
+from build_docs import split_frontmatter, apply_quarto_opts
+from traitlets.config import Config
+
+def exporter():
+    "nbconvert's markdown exporter, honouring the tags `apply_quarto_opts` gives for `echo: false` and `output: false`"
+    c = Config()
+    c.TagRemovePreprocessor.enabled = True
+    c.TagRemovePreprocessor.remove_input_tags = {'remove-input'}
+    c.TagRemovePreprocessor.remove_all_outputs_tags = {'remove-output'}
+    return MarkdownExporter(config=c)
 
 def make_readme():
     if shutil.which('quarto') and not os.environ.get('DOCS_NO_QUARTO'): return subprocess.run(['nbdev-readme'], check=True)
@@ -20,7 +29,7 @@ def make_readme():
     nb = nbformat.read(cfg.config_path/'_proc'/cfg.readme_nb, as_version=4)
     fm = split_frontmatter(nb)
     nb.metadata['language_info'] = {'name': 'python'}  # fenced code blocks tagged python
-    ex = MarkdownExporter(config=exporter().config)
+    ex = exporter()
     md,res = ex.from_notebook_node(apply_quarto_opts(nb), resources=dict(output_files_dir='README_files'))
     head = f"# {fm.get('title', cfg.lib_name)}\n\n" + (f"> {fm['description']}\n\n" if fm.get('description') else '')
     files = Path('README_files')
