@@ -270,7 +270,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
                 device='cpu', # The target: 'cuda' rounds every storage as the CUDA caching allocator does
                 fake:bool=True, # Fake tensors (nothing allocated); False runs the step for real, on the CPU, on copies of the weights
                ):
-    "Memory of one training step of `model`: `(counter, counting)` with every storage, its kind, unit and lifetime"
+    "Memory of one training step of `model`: `(counter, counting, optimizer)`, the `MemCounter` holding every storage with its kind, unit and lifetime"
     xb,yb,dt,cuda = tuplify(xb),tuplify(yb),amp_dtype(dtype),torch.device(device).type=='cuda'
     if bs is not None and bs<1: raise ValueError(f"bs must be at least 1, got {bs}")
     if cuda and not fake: raise ValueError("A real step runs on this machine's CPU: a CUDA target is predicted with `fake=True`")
@@ -295,9 +295,9 @@ def step_memory(model:nn.Module, # Any PyTorch model
             with c:
                 mc = c.counter
                 for t,k in [(t, MemKind.param) for t in ps] + [(t, MemKind.buffer) for t in bufs] + [(t, MemKind.input) for t in xs+ys] + \
-                           [(p.grad, MemKind.grad) for p in ps if p.grad is not None] + [(v, MemKind.opt) for *_,v in (_opt_state(opt) if opt else [])]:
+                           [(p.grad, MemKind.grad) for p in ps if p.grad is not None] + [(v, MemKind.opt) for *_,v in (_opt_state(opt) if opt is not None else [])]:
                     mc.add(t, kind=k)
-                res = _train_step(model, xs, ys, loss_func, opt, mc, dt)
+                res = _train_step(model, xs, ys, loss_func, opt, mc, dt)  # kept alive, as the learner keeps them, until the step is read
                 _resolve(mc, c.units, _records(c), ps, opt, cuda)
             return mc, c, opt
     finally:
