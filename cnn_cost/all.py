@@ -3,6 +3,7 @@ from .core import *
 from .counting import *
 from .timing import *
 from .summary import *
+from .memory import *
 from .data import *
 from .learner import *
 from .analysis import *

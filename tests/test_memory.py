@@ -1,0 +1,124 @@
+"The memory model against real steps: saved-for-backward bytes and peaks of real CPU training batches, and on a GPU `max_memory_allocated`."
+import resource, time, pytest, torch, torch.nn as nn
+from functools import partial
+from fastai.vision.all import vision_learner, resnet18, Adam, SGD, OptimWrapper, CrossEntropyLossFlat
+from torch._subclasses.fake_tensor import FakeTensor
+from cnn_cost.learner import *
+from cnn_cost.memory import *
+from cnn_cost.data import digits_dls
+from conftest import hook_count
+from memory_refs import *
+
+def seed():
+    "The seed setup: fastai resnet18 `vision_learner` on the digits, batch 64 x 3 x 28 x 28, 10 classes"
+    torch.manual_seed(0)
+    return vision_learner(digits_dls(), resnet18, pretrained=False, n_out=10)
+
+def seed_random():
+    "The seed's learner on one batch of random 64 x 3 x 28 x 28 images (a real epoch of one batch)"
+    torch.manual_seed(0)
+    return vision_learner(rand_dls(64, (3,28,28)), resnet18, pretrained=False, n_out=10, loss_func=CrossEntropyLossFlat())
+
+cases = {'seed': seed_random, 'resnet50': lambda: tv_learner('resnet50', 2, 224), 'mobilenet_v2': lambda: tv_learner('mobilenet_v2', 2, 224),
+         'vit_b_16': lambda: tv_learner('vit_b_16', 2, 224), 'unet': unet}
+
+@pytest.mark.parametrize('name', list(cases))
+def test_real_cpu_step(name):
+    "Predicted saved bytes equal those a real forward saves; predicted peak within 2% of MemTracker's over a real fastai training batch"
+    learn = cases[name]()
+    ms = learn.memory_summary()
+    assert ms.saved_total == real_saved(learn)
+    ref = cpu_peak(learn)
+    print(f"{name}: torch {torch.__version__} saved {ms.saved_total:,} B; peak predicted {ms.peak:,} B, measured {ref:,} B ({ms.peak/ref-1:+.3%})")
+    assert abs(ms.peak/ref-1) < 0.02
+
+def test_rows_line_up(seed_learner, seed_summary):
+    ms = seed_learner.memory_summary()
+    assert ms.df.name.tolist() == seed_summary.df.name.tolist()
+    assert ms.df.param_bytes.sum() == 4*seed_summary.total_params
+
+def test_large_batch_allocates_nothing():
+    "resnet50 at 512 x 3 x 224 x 224: a peak of tens of GiB, predicted in seconds with no more than this process already used"
+    learn = tv_learner('resnet50', 2, 32)
+    t = time.perf_counter(); ms = learn.memory_summary(bs=512, xb=torch.empty(1,3,224,224), yb=torch.zeros(1).long()); t = time.perf_counter()-t
+    assert ms.input_shapes == [(512,3,224,224)] and ms.peak > 30*2**30
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024 < ms.peak/4
+    assert t < 30
+
+def test_optimizer_state():
+    "State from the learner's actual `opt_func`: Adam two tensors per parameter, SGD with momentum one, without none; torch's step on the host on CUDA"
+    learn = seed()
+    ps = learn.memory_summary().df.param_bytes.sum()
+    for f,n in [(Adam, 2), (partial(SGD, mom=0.9), 1), (SGD, 0)]:
+        learn.opt_func = f
+        ms = learn.memory_summary()
+        assert ms.df.opt_bytes.sum() == n*ps and ms.at_peak['optimizer state'] == n*ps
+    learn.opt_func = partial(OptimWrapper, opt=torch.optim.AdamW)
+    n_t = len(list(learn.model.parameters()))
+    assert learn.memory_summary().df.opt_bytes.sum() == 2*ps + 4*n_t  # exp_avg, exp_avg_sq, and a float32 step per tensor
+    cu = learn.memory_summary(device='cuda')
+    assert cu.df.opt_bytes.sum() >= 2*ps and cu.df.opt_bytes.sum() % 512 == 0
+    assert 'exp_avg' in str(cu)
+
+@pytest.mark.parametrize('dtype', ['bf16', 'fp16'])
+def test_mixed_precision_fake_matches_real(dtype):
+    "Under CPU autocast, fake tensors size every storage as the real step does; activations shrink, float32 weights and state do not"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    x,y = torch.randn(4, 3, 16, 16),torch.randint(0, 10, (4,))
+    kinds = lambda mc: {k: sum(b.nbytes for b in mc.blocks if b.kind==k) for k in MemKind}
+    fk,c,_ = step_memory(m, x, y, CrossEntropyLossFlat(), Adam, dtype=dtype)
+    real,_,_ = step_memory(m, x, y, CrossEntropyLossFlat(), Adam, dtype=dtype, fake=False)
+    assert kinds(fk) == kinds(real)
+    f32,_,_ = step_memory(m, x, y, CrossEntropyLossFlat(), Adam)
+    assert kinds(fk)[MemKind.param] == kinds(f32)[MemKind.param] and kinds(fk)[MemKind.opt] == kinds(f32)[MemKind.opt]
+    assert kinds(fk)[MemKind.saved] < kinds(f32)[MemKind.saved]
+
+def test_cuda_rounding_and_channels_last():
+    learn = seed()
+    cpu,cu = learn.memory_summary(bs=8),learn.memory_summary(bs=8, device='cuda')
+    assert cu.peak >= cpu.peak and cu.peak % 512 == 0 and (cu.df.at_peak % 512 == 0).all()
+    cl = learn.memory_summary(bs=8, channels_last=True)
+    assert cl.df.param_bytes.sum() == cpu.df.param_bytes.sum()
+
+def test_max_batch():
+    "The largest batch whose predicted peak fits: exact at a budget equal to a predicted peak"
+    learn = seed()
+    b = learn.memory_summary(bs=40, device='cuda').peak
+    mb = learn.max_batch(budget=b/2**30, show_plot=False)
+    assert mb.bs == 40 and mb.peak == b and len(mb.sizes) <= 8
+    assert learn.max_batch(budget=0.01, show_plot=False).bs == 0
+
+def _model_state(m):
+    return ({k: v.detach().clone() for k,v in m.state_dict().items()}, [x.training for x in m.modules()])
+
+def test_nothing_left_behind_and_clear_errors(seed_learner):
+    m = seed_learner.model
+    m.eval()
+    sd,modes = _model_state(m)
+    seed_learner.memory_summary(bs=4, dtype='fp16', device='cuda')
+    with pytest.raises(ValueError, match='at least 1'): seed_learner.memory_summary(bs=0)
+    with pytest.raises(ValueError, match="'fp16'"): seed_learner.memory_summary(dtype='int8')
+    with pytest.raises(ValueError, match='positive'): seed_learner.max_batch(budget=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='budget=24'): seed_learner.max_batch()
+    lf = seed_learner.loss_func
+    try:
+        seed_learner.loss_func = lambda p,y: p.sum()*(p.sum().item()>0)  # needs the data's values: no fake prediction
+        with pytest.raises(RuntimeError, match='fake tensors'): seed_learner.memory_summary(bs=4)
+    finally: seed_learner.loss_func = lf
+    assert hook_count(m) == 0 and [x.training for x in m.modules()] == modes
+    assert not any(isinstance(t, FakeTensor) for t in [*m.parameters(), *m.buffers()])
+    assert all(v.equal(sd[k]) for k,v in m.state_dict().items())
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('dtype', ['fp32', 'fp16'])
+def test_cuda_peak(dtype):
+    "Predicted peak within 5% of `torch.cuda.max_memory_allocated` over a real training step"
+    learn = tv_learner('resnet50', 64, 224, device='cuda', n_batches=2)
+    learn.model.cuda()
+    if dtype=='fp16': learn.to_fp16()
+    ms = learn.memory_summary(device='cuda')
+    ref = cuda_peak(learn)
+    print(f"resnet50 64x224 {dtype}: predicted {ms.peak:,} B, max_memory_allocated {ref:,} B ({ms.peak/ref-1:+.2%})")
+    assert abs(ms.peak/ref-1) < 0.05
