@@ -152,7 +152,7 @@ _zero_ops = set(_aten('detach', 'alias', 'lift_fresh', 'lift_fresh_copy', '_loca
     'new_empty', 'new_empty_strided', 'zeros', 'zeros_like', 'new_zeros', 'ones', 'ones_like', 'new_ones', 'full', 'full_like', 'new_full',
     'scalar_tensor', 'arange', 'linspace', 'logspace', 'eye', '_efficientzerotensor', 'rand', 'rand_like', 'randn', 'randn_like',
     'randint', 'randint_like', 'randperm', '_unsafe_view', '_reshape_alias', 'unsafe_split', 'unsafe_split_with_sizes', 'unsafe_chunk',
-    'as_strided_', 'resize_', 'set_')) - {None}
+    'as_strided_', 'resize_', 'set_')) - {None} | {getattr(torch.ops.prim, 'device', None)} - {None}  # prim.device: a metadata query (fake tensors)
 _elem_ops = set(_aten(
     # norms
     'native_batch_norm', 'native_batch_norm_backward', '_native_batch_norm_legit', '_native_batch_norm_legit_no_training',
