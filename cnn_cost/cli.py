@@ -74,7 +74,8 @@ def memory_report(learn, bs, dtype='fp32', max_batch_gib=None, fmt='text', plot=
     if plot: mb.plot().figure.savefig(plot, dpi=100)
     if not mb.bs: return f"No batch fits in {max_batch_gib} GiB: even batch 1 needs more"
     ms = learn.memory_summary(bs=mb.bs, dtype=dtype, device='cuda')
-    return '\n'.join([f"Largest batch that fits in {max_batch_gib} GiB: {mb.bs} (predicted peak {mb.peak/2**30:.3g} GiB, {dtype}, CUDA target)"]
+    at_least = f"at least {mb.bs}, the largest batch size tried" if mb.capped else mb.bs
+    return '\n'.join([f"Largest batch that fits in {max_batch_gib} GiB: {at_least} (predicted peak {mb.peak/2**30:.3g} GiB, {dtype}, CUDA target)"]
                      + ms._totals_lines())
 
 # %% ../nbs/09_cli.ipynb #1423d5ac

@@ -464,8 +464,8 @@ def memory_summary(self:Learner,
 # %% ../nbs/03a_memory.ipynb #e91da172
 @dataclass
 class MaxBatch:
-    "The largest batch size `bs` whose predicted step `peak` fits in `budget` bytes, and the sizes tried with their peaks"
-    bs:int; peak:int; budget:int; sizes:list=field(default_factory=list); peaks:list=field(default_factory=list)
+    "The largest batch size `bs` whose predicted step `peak` fits in `budget` bytes (at least `bs` if `capped` by `max_bs`), and the sizes tried with their peaks"
+    bs:int; peak:int; budget:int; sizes:list=field(default_factory=list); peaks:list=field(default_factory=list); capped:bool=False
 
     def plot(self, ax=None):
         "Predicted peak against batch size, the budget and the suggestion marked, as `lr_find` marks its suggestion"
@@ -473,7 +473,7 @@ class MaxBatch:
         o = np.argsort(self.sizes)
         s,p = np.array(self.sizes)[o],np.array(self.peaks)[o]/2**30
         ax.plot(s, p, '.-', label='predicted peak'); ax.axhline(self.budget/2**30, color='k', ls='--', lw=0.8, label=f'budget {_gib(self.budget)}')
-        if self.bs: ax.plot(self.bs, self.peak/2**30, 'ro', label=f'largest batch {self.bs}')
+        if self.bs: ax.plot(self.bs, self.peak/2**30, 'ro', label=f"largest batch {'≥ ' if self.capped else ''}{self.bs}")
         ax.set_xlabel('batch size'); ax.set_ylabel('GiB'); ax.legend(fontsize=8)
         return ax
 
@@ -539,6 +539,6 @@ def max_batch(self:Learner,
     a = min(max(2, len(xb[0])), max_bs); b = min(2*a, max_bs)
     peak(a); peak(b)
     res = _search(peak, B, _guess(lives[a], lives[b], a, b, B), max_bs)
-    out = MaxBatch(res, tried.get(res, 0), B, list(tried), list(tried.values()))
+    out = MaxBatch(res, tried.get(res, 0), B, list(tried), list(tried.values()), capped=res==max_bs)  # the search stopped at `max_bs`
     if show_plot: out.plot()
     return out
