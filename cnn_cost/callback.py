@@ -192,7 +192,7 @@ def _finish_count(self:CostProfiler, c):
 def _one_batch(self:CostProfiler):
     try:
         if not self.training: return self._orig()
-        if self.recs is None: return self._count() if self.train_iter>=self.skip-1 else self._orig()
+        if self.recs is None: return self._count() if self.train_iter>=self.skip-1 and self.n_batches!=0 else self._orig()  # 0: nothing to count for
         if not self._on: return self._orig()
         with self.hooks as h:
             h.start(); ev = self._ev; ev['start'] = h.clock.stamp()
