@@ -151,9 +151,11 @@ def addbmm_macs(inp, a, b, *args, **kwargs): return a.shape[0]*a.shape[1]*a.shap
 _zero_ops = set(_aten('detach', 'alias', 'lift_fresh', 'lift_fresh_copy', '_local_scalar_dense', 'empty', 'empty_like', 'empty_strided',
     'new_empty', 'new_empty_strided', 'zeros', 'zeros_like', 'new_zeros', 'ones', 'ones_like', 'new_ones', 'full', 'full_like', 'new_full',
     'scalar_tensor', 'arange', 'linspace', 'logspace', 'eye', '_efficientzerotensor', 'rand', 'rand_like', 'randn', 'randn_like',
-    'randint', 'randint_like', 'randperm', '_unsafe_view', '_reshape_alias', 'unsafe_split', 'unsafe_split_with_sizes', 'unsafe_chunk',
+    'randint', 'randint_like', 'randperm', 'fill', 'fill_', 'zero_', '_unsafe_view', '_reshape_alias', 'unsafe_split', 'unsafe_split_with_sizes', 'unsafe_chunk',
     'as_strided_', 'resize_', 'set_')) - {None} | {getattr(torch.ops.prim, 'device', None)} - {None}  # prim.device: a metadata query (fake tensors)
 _elem_ops = set(_aten(
+    # selects (every overload: `masked_fill.Tensor` and `where.Scalar` carry no pointwise tag)
+    'masked_fill', 'masked_fill_', 'where',
     # norms
     'native_batch_norm', 'native_batch_norm_backward', '_native_batch_norm_legit', '_native_batch_norm_legit_no_training',
     '_native_batch_norm_legit_functional', '_batch_norm_with_update', '_batch_norm_no_update', 'batch_norm_backward', 'cudnn_batch_norm',
@@ -214,8 +216,9 @@ def op_kind(func):
     if p in flop_registry or p in _op_rules: return 'formula'
     if getattr(func, 'is_view', False) or p in _zero_ops: return 'zero'
     if torch.Tag.pointwise in tags or torch.Tag.reduction in tags or torch.Tag.view_copy in tags or p in _elem_ops: return 'elem'
-    f = _functional(p)  # `x.op_()` does `op`'s work in place: older torch tags only `op` pointwise, and formulas are registered for `op`
-    return op_kind(f.default) if hasattr(f, 'default') else 'unknown'
+    f = _functional(p)  # `x.op_()` does `op`'s work in place: torch tags some only in `op` (hardtanh_ on 2.11, masked_fill_), formulas are for `op`
+    f = getattr(f, getattr(func, '_overloadname', 'default'), None) or getattr(f, 'default', None)  # the same overload: masked_fill_.Scalar
+    return op_kind(f) if f is not None else 'unknown'
 
 def op_cost(func, args, kwargs, out):
     "`(macs, elem_ops, known)` of one aten call of `func`"

@@ -38,6 +38,7 @@ def build(name, device='meta'):
     sz = w.transforms().crop_size[0]
     torch.manual_seed(0)
     kw = {'init_weights': False} if name=='googlenet' else {}  # its default init copies data out of a tensor: impossible on `meta`
+    if name.startswith('vit_') and sz!=224: kw['image_size'] = sz  # vit_h_14's reference weights are for 518 px
     try:
         with torch.device(device): model = torchvision.models.get_model(name, weights=None, **kw)
     except NotImplementedError: model = torchvision.models.get_model(name, weights=None, **kw).to(device)  # regnet computes its widths with tensors
@@ -57,6 +58,17 @@ def test_no_uncounted_layer(arch):
     recs = count_pass(model, xb)
     assert not [r.name for r in recs if r.macs_src=='uncounted'], f"{name}: uncounted layers"
     assert all(r.macs >= 0 and r.elem_ops >= 0 for r in recs)
+
+@pytest.mark.parametrize('name', torchvision.models.list_models(module=torchvision.models))
+def test_every_torchvision_model_counted(name):
+    "Every torchvision classification model, on `meta` at its reference size: no row uncounted, eval forward or train forward and backward"
+    _, model, (x,), _ = build(name)
+    for train in (False, True):
+        model.train(train)
+        recs = count_pass(model, (x.expand(2, -1, -1, -1) if train else x,), backward=train)  # batch norm trains on 2 samples or more
+        bad = {r.name: r.unknown_ops + r.bwd_unknown_ops for r in recs if 'uncounted' in (r.macs_src, r.bwd_src)}
+        assert not bad, f"{name} ({'train' if train else 'eval'}): ops without a formula {bad}"
+        assert sum(r.macs for r in recs) > 0 and (not train or sum(r.bwd_macs for r in recs) > 0)
 
 def test_flop_counter(arch):
     "Equal to `torch.utils.flop_counter` on the same batch; for the transformers in train mode, where no fused fast path hides the matmuls from it"
