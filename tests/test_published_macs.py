@@ -151,3 +151,23 @@ def test_transformer_encoder_layer_fast_path():
     with torch.no_grad(), OpLog() as log: model(*xb)
     assert train == total_macs(model, xb) == hand
     assert log.ops & {'_transformer_encoder_layer_fwd', '_native_multi_head_attention'}, "no fast path taken in eval"
+
+# timm: one small model of each family a fastai user reaches for through `vision_learner(dls, 'name')`, convolutional and attention
+TIMM = ['resnet50d', 'efficientnet_b0', 'mobilenetv3_small_100', 'mobilenetv4_conv_small', 'convnext_atto', 'convnextv2_atto', 'vit_tiny_patch16_224',
+        'deit_tiny_patch16_224', 'swin_tiny_patch4_window7_224', 'swinv2_tiny_window8_256', 'beit_base_patch16_224', 'eva02_tiny_patch14_224',
+        'levit_128s', 'maxvit_tiny_tf_224', 'coatnet_0_rw_224', 'convit_tiny', 'mixer_b16_224', 'poolformer_s12', 'efficientformer_l1', 'regnety_002',
+        'xception41', 'ghostnet_100', 'cait_xxs24_224', 'crossvit_tiny_240', 'pvt_v2_b0', 'mobilevit_xxs', 'edgenext_xx_small', 'fastvit_t8',
+        'repvit_m1', 'tiny_vit_5m_224', 'hiera_tiny_224', 'vit_small_patch16_rope_224']
+
+@pytest.mark.parametrize('name', TIMM)
+def test_timm_model_counted(name):
+    "timm models on `meta` at their default input size: no row uncounted, eval forward or train forward and backward"
+    timm = pytest.importorskip('timm')
+    if name not in timm.list_models(): pytest.skip(f'{name} is not in timm {timm.__version__}')
+    with torch.device('meta'): model = timm.create_model(name, pretrained=False)
+    x = torch.randn(2, *model.pretrained_cfg.get('input_size', (3,224,224)), device='meta')
+    for train in (False, True):
+        recs = count_pass(model.train(train), (x,), backward=train)
+        bad = {r.name: r.unknown_ops + r.bwd_unknown_ops for r in recs if 'uncounted' in (r.macs_src, r.bwd_src)}
+        assert not bad, f"{name} ({'train' if train else 'eval'}): ops without a formula {bad}"
+        assert sum(r.macs for r in recs) > 0 and (not train or sum(r.bwd_macs for r in recs) > 0)
