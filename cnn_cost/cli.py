@@ -68,8 +68,11 @@ def memory_report(learn, bs, dtype='fp32', max_batch_gib=None, fmt='text', plot=
     if max_batch_gib is None:
         ms = learn.memory_summary(bs=bs, dtype=dtype, device='cuda')
         if plot: ms.plot(fname=plot)
-        return str(ms) if fmt=='text' else {'csv': ms.df.to_csv, 'json': lambda: ms.df.to_json(orient='records', indent=1),
-                                             'markdown': ms.df.to_markdown, 'html': ms.df.to_html}[fmt]()
+        if fmt=='text': return str(ms)
+        if fmt=='csv': return ms.df.to_csv(index=False)
+        if fmt=='json': return ms.df.to_json(orient='records', indent=1)
+        df = ms.display_df()  # bytes in human units, as the text table
+        return df.to_markdown(index=False, disable_numparse=True) if fmt=='markdown' else df.to_html(index=False)
     mb = learn.max_batch(budget=max_batch_gib, dtype=dtype, show_plot=False)
     if plot: mb.plot().figure.savefig(plot, dpi=100)
     if not mb.bs: return f"No batch fits in {max_batch_gib} GiB: even batch 1 needs more"

@@ -30,14 +30,13 @@ def cost_units(model:nn.Module):
 def block_names(model:nn.Module):
     "Names of the outermost repeated blocks of `model`: children of a `ModuleList` or `Sequential` with several children of one class that have parameters and submodules"
     res = []
+    def _blk(c): return first(c.parameters()) is not None and first(c.children()) is not None  # a layer of layers, with weights
     def _walk(m, name):
         kids = [(f'{name}.{n}' if name else n, c) for n,c in m.named_children()]
-        rep = set()
-        if isinstance(m, (nn.ModuleList, nn.Sequential)):
-            cls = [type(c) for _,c in kids if first(c.parameters()) is not None and first(c.children()) is not None]
-            rep = {t for t in cls if cls.count(t)>1}
+        cls = [type(c) for _,c in kids if _blk(c)] if isinstance(m, (nn.ModuleList, nn.Sequential)) else []
+        rep = {t for t in cls if cls.count(t)>1}
         for n,c in kids:
-            if type(c) in rep and first(c.parameters()) is not None and first(c.children()) is not None: res.append(n)
+            if type(c) in rep and _blk(c): res.append(n)
             else: _walk(c, n)
     _walk(model, '')
     return res

@@ -8,8 +8,8 @@ Docs: https://cnn-cost.github.io/cnn_cost/counting.html.md"""
 __all__ = ['aten', 'layer_rule', 'find_rule', 'conv_cost', 'linear_cost', 'bilinear_cost', 'rnn_cost', 'op_rule',
            'native_mha_macs', 'native_encoder_layer_macs', 'attention_macs', 'sdpa_macs', 'sdpa_backward_macs',
            'flash_fwd_macs', 'efficient_fwd_macs', 'flash_bwd_macs', 'efficient_bwd_macs', 'mv_macs', 'dot_macs',
-           'addmm_act_macs', 'addbmm_macs', 'op_name', 'op_kind', 'op_cost', 'OpTally', 'OpCounter', 'Counting',
-           'count_pass']
+           'addmm_act_macs', 'addbmm_macs', 'op_name', 'op_kind', 'op_cost', 'OpTally', 'OpCounter', 'has_row',
+           'Counting', 'count_pass']
 
 # %% ../nbs/01_counting.ipynb #501dc5bc
 import torch, torch.nn as nn, math, warnings, weakref
@@ -152,7 +152,7 @@ _zero_ops = set(_aten('detach', 'alias', 'lift_fresh', 'lift_fresh_copy', '_loca
     'new_empty', 'new_empty_strided', 'zeros', 'zeros_like', 'new_zeros', 'ones', 'ones_like', 'new_ones', 'full', 'full_like', 'new_full',
     'scalar_tensor', 'arange', 'linspace', 'logspace', 'eye', '_efficientzerotensor', 'rand', 'rand_like', 'randn', 'randn_like',
     'randint', 'randint_like', 'randperm', 'fill', 'fill_', 'zero_', '_unsafe_view', '_reshape_alias', 'unsafe_split', 'unsafe_split_with_sizes', 'unsafe_chunk',
-    'as_strided_', 'resize_', 'set_')) - {None} | {getattr(torch.ops.prim, 'device', None)} - {None}  # prim.device: a metadata query (fake tensors)
+    'as_strided_', 'resize_', 'set_') + [getattr(torch.ops.prim, 'device', None)]) - {None}  # prim.device: a metadata query (fake tensors)
 _elem_ops = set(_aten(
     # selects (every overload: `masked_fill.Tensor` and `where.Scalar` carry no pointwise tag)
     'masked_fill', 'masked_fill_', 'where',
@@ -194,7 +194,7 @@ _elem_ops = set(_aten(
     'index', 'index_put', 'index_put_', '_index_put_impl_', 'index_select', 'index_select_backward', 'index_add', 'index_add_', 'index_copy',
     'index_copy_', 'index_fill', 'index_fill_', 'gather', 'scatter', 'scatter_', 'scatter_add', 'scatter_add_', 'scatter_reduce', 'scatter_reduce_',
     'masked_scatter', 'masked_select', 'select_backward', 'slice_backward', 'slice_scatter', 'select_scatter', 'diagonal_scatter',
-    'as_strided_scatter', 'fill_', 'zero_', 'tril', 'triu', 'tril_', 'triu_', 'sort', 'topk', 'cumsum', 'cumsum_', 'cumprod', 'nonzero',
+    'as_strided_scatter', 'tril', 'triu', 'tril_', 'triu_', 'sort', 'topk', 'cumsum', 'cumsum_', 'cumprod', 'nonzero',
     '_unique2', 'unique_dim', 'bucketize', 'searchsorted', '_pack_padded_sequence', '_pad_packed_sequence',
     # losses
     'nll_loss_forward', 'nll_loss_backward', 'nll_loss2d_forward', 'nll_loss2d_backward', 'mse_loss', 'mse_loss_backward', 'l1_loss',
@@ -220,9 +220,9 @@ def op_kind(func):
     f = getattr(f, getattr(func, '_overloadname', 'default'), None) or getattr(f, 'default', None)  # the same overload: masked_fill_.Scalar
     return op_kind(f) if f is not None else 'unknown'
 
-def op_cost(func, args, kwargs, out):
-    "`(macs, elem_ops, known)` of one aten call of `func`"
-    k,p = op_kind(func),_packet(func)
+def op_cost(func, args, kwargs, out, kind=None):
+    "`(macs, elem_ops, known)` of one aten call of `func` (whose `op_kind` is `kind`, if the caller has it)"
+    k,p = ifnone(kind, op_kind(func)),_packet(func)
     if k=='formula':
         if p not in flop_registry and p not in _op_rules: p = _functional(p)  # an in-place op takes its out-of-place op's arguments
         fs = [lambda: flop_registry[p](*args, **kwargs, out_val=out)//2, lambda: _op_rules[p](*args, **kwargs)]
@@ -244,13 +244,14 @@ class OpTally:
 
     def add(self, func, args, kwargs, out):
         "Charge one aten call"
-        macs,elem,known = op_cost(func, args, kwargs, out)
+        k = op_kind(func)
+        macs,elem,known = op_cost(func, args, kwargs, out, k)
         self.macs += macs; self.elem_ops += elem; self.n_ops += 1
         if not known: self.unknown.add(op_name(func))
         ins = flat_tensors((args, kwargs))
         for t in ins:
             if isinstance(t, nn.Parameter): self.params.setdefault(id(t), t)
-        if op_kind(func)!='zero':
+        if k!='zero':
             n,nb = act_size(flat_tensors(out)); self.act_elems += n; self.act_bytes += nb
             self.in_bytes += act_size(ins)[1]
 
@@ -287,22 +288,28 @@ class OpCounter(TorchDispatchMode):
 
 # %% ../nbs/01_counting.ipynb #37477607
 def _assign_params(units, recs, tallies):
-    "Each row's parameters (its module's and those its ops read) counted once across rows, in row order; uncalled units keep the rest"
+    "Each row's parameters (its module's and those its ops read) counted once across rows, in row order; uncalled units keep the rest. `{id(param): unit}`"
     seen = {}
-    for (n,m,k),r,t in zip(units, recs, tallies):
+    for i,((n,m,k),r,t) in enumerate(zip(units, recs, tallies)):
         if not r.calls: continue
         ps = list({id(p):p for p in [*m.parameters(recurse=k=='leaf'), *t.params.values()]}.values())
         sh = [p for p in ps if id(p) in seen]
         r.params,r.shared_params = sum(p.numel() for p in ps),sum(p.numel() for p in sh)
-        r.shared_with,r.trainable = (seen[id(sh[0])] if sh else ''),(ps[0].requires_grad if ps else False)
+        r.shared_with,r.trainable = (recs[seen[id(sh[0])]].name if sh else ''),(ps[0].requires_grad if ps else False)
         r.param_bytes = sum(p.numel()*p.element_size() for p in ps)
-        for p in ps: seen.setdefault(id(p), r.name)
-    for (n,m,k),r in zip(units, recs):
+        for p in ps: seen.setdefault(id(p), i)
+    for i,((n,m,k),r) in enumerate(zip(units, recs)):
         if r.calls: continue
         own = list(m.parameters(recurse=k=='leaf'))
-        ps,used = [p for p in own if id(p) not in seen],[seen[id(p)] for p in own if id(p) in seen]
+        ps,used = [p for p in own if id(p) not in seen],[recs[seen[id(p)]].name for p in own if id(p) in seen]
         r.params,r.trainable,r.param_bytes = sum(p.numel() for p in ps),any(p.requires_grad for p in ps),sum(p.numel()*p.element_size() for p in ps)
         r.shared_with = used[0] if used else ''  # the row that uses this never-called module's parameters
+        for p in ps: seen.setdefault(id(p), i)
+    return seen
+
+def has_row(name, kind, rec):
+    "Whether a unit gets a row in the tables: leaves, the model itself, and parents with ops or parameters of their own"
+    return kind=='leaf' or name=='' or bool(rec.macs or rec.elem_ops or rec.unknown_ops or rec.params)
 
 # %% ../nbs/01_counting.ipynb #43d386dc
 def _finish(r, m, rule, tally, args, kwargs, out):
@@ -361,15 +368,16 @@ class Counting:
         for h in self.hs: h.remove()
         self.hs,self.stack = [],[]
 
-    def records(self):
-        "The `LayerRecord` of every unit: forward and backward work, shapes, calls and parameters (each counted once)"
+    def records(self, warn=True):
+        "The `LayerRecord` of every unit: forward and backward work, shapes, calls and parameters (each counted once); `param_units` set"
         c = self.counter
-        _assign_params(self.units, self.recs, c.fwd)
+        self.param_units = _assign_params(self.units, self.recs, c.fwd)  # {id(parameter): index of the unit whose row counts it}
         for r,rule,t,bt in zip(self.recs, self.rules, c.fwd, c.bwd):
             if rule is None: r.macs,r.elem_ops,r.macs_src = t.macs,t.elem_ops,('uncounted' if t.unknown else 'ops')
             else: r.macs_src = 'rule'
             r.unknown_ops = sorted(t.unknown)
             _finish_bwd(r, rule, bt)
+        if not warn: return self.recs
         new = {o for r in self.recs for o in (r.unknown_ops if r.macs_src=='uncounted' else []) + (r.bwd_unknown_ops if r.bwd_src=='uncounted' else [])} - _warned
         if new:
             _warned.update(new)

@@ -45,7 +45,7 @@ def preserved_state(model:nn.Module):
     "Restore every module's `training` flag, buffers and plain state attributes (tensors, numbers: AWD_LSTM's `hidden`) on exit, also after an exception"
     modes = [(m, m.training) for m in model.modules()]
     bufs = [(b, b.detach().clone()) for b in model.buffers() if not is_lazy(b)]
-    attrs = [(m, k, type(v)(v) if isinstance(v, (list, tuple)) else v) for m in model.modules() for k,v in vars(m).items()
+    attrs = [(m, k, list(v) if isinstance(v, list) else v) for m in model.modules() for k,v in vars(m).items()
              if not k.startswith('_') and k!='training' and _is_state(v)]
     try: yield model
     finally:
@@ -56,8 +56,8 @@ def preserved_state(model:nn.Module):
 
 # %% ../nbs/05_learner.ipynb #d5814f41
 def costed(units, recs):
-    "The units and records that get a row: leaves, the model itself, and parents with ops or parameters of their own"
-    keep = [i for i,((n,m,k),r) in enumerate(zip(units,recs)) if k=='leaf' or n=='' or r.macs or r.elem_ops or r.unknown_ops or r.params]
+    "The units and records that get a row (`has_row`): leaves, the model itself, and parents with ops or parameters of their own"
+    keep = [i for i,((n,m,k),r) in enumerate(zip(units,recs)) if has_row(n, k, r)]
     return L(units[i] for i in keep), [recs[i] for i in keep]
 
 # %% ../nbs/05_learner.ipynb #cb8ea37d

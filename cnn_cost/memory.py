@@ -21,7 +21,6 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import TensorBase
 from .core import *
 from .counting import *
-from .counting import _warned
 from .summary import human
 
 # %% ../nbs/03a_memory.ipynb #2a8f6306
@@ -194,20 +193,8 @@ def _host_step(opt, k, v):
     return not (g.get('capturable') or g.get('fused'))
 
 # %% ../nbs/03a_memory.ipynb #f9953935
-def _param_units(units, recs, tallies):
-    "Unit of each parameter (by id): the first called unit that owns or reads it, as `Counting.records` counts it; else its owner"
-    res = {}
-    for i,((n,m,k),r,t) in enumerate(zip(units, recs, tallies)):
-        if r.calls:
-            for p in [*m.parameters(recurse=k=='leaf'), *t.params.values()]: res.setdefault(id(p), i)
-    for i,(n,m,k) in enumerate(units):
-        for p in m.parameters(recurse=k=='leaf'): res.setdefault(id(p), i)
-    return res
-
-def _resolve(mc, units, recs, ps, opt, cuda):
-    "Kind and unit of every block once the step has run"
-    pu = _param_units(units, recs, mc.fwd)
-    bu = {id(b): i for i,(n,m,k) in enumerate(units) for b in m.buffers(recurse=k=='leaf')}
+def _resolve(mc, units, pu, ps, opt, cuda):
+    "Kind and unit of every block once the step has run; `pu`: the unit of each parameter (`Counting.param_units`)"
     for p in ps:
         b = mc.block(p); b.kind,b.unit = MemKind.param,pu.get(id(p), -1)
         if p.grad is not None: b = mc.block(p.grad); b.kind,b.unit = MemKind.grad,pu.get(id(p), -1)
@@ -228,14 +215,6 @@ def _to_float(o):
     "fastai's `MixedPrecision` hands the loss its predictions in float32"
     if isinstance(o, torch.Tensor): return o.float() if o.is_floating_point() else o
     return type(o)(_to_float(x) for x in o) if isinstance(o, (list,tuple)) else o
-
-def _records(c):
-    "`c.records()`, without the counting pass's warnings about ops it cannot count (they are the cost summary's to give)"
-    w = set(_warned)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        try: return c.records()
-        finally: _warned.clear(); _warned.update(w)
 
 def _train_step(model, xs, ys, loss_func, opt, mc, dt):
     "One training step as fastai's `Learner` runs it, phase by phase; `MixedPrecision`'s autocast and loss scaling if `dt`"
@@ -298,7 +277,8 @@ def step_memory(model:nn.Module, # Any PyTorch model
                            [(p.grad, MemKind.grad) for p in ps if p.grad is not None] + [(v, MemKind.opt) for *_,v in (_opt_state(opt) if opt is not None else [])]:
                     mc.add(t, kind=k)
                 res = _train_step(model, xs, ys, loss_func, opt, mc, dt)  # kept alive, as the learner keeps them, until the step is read
-                _resolve(mc, c.units, _records(c), ps, opt, cuda)
+                c.records(warn=False)  # the cost summary warns about ops it cannot count, not the memory model
+                _resolve(mc, c.units, c.param_units, ps, opt, cuda)
             return mc, c, opt
     finally:
         for m,t in modes: m.training = t
@@ -317,8 +297,8 @@ def _timeline(blocks, trace, names):
     return res
 
 def _keep(units, recs):
-    "Rows that the cost summary shows (`learner.costed` and called): leaves, the model, parents with ops or parameters of their own"
-    return [i for i,((n,m,k),r) in enumerate(zip(units,recs)) if r.calls and (k=='leaf' or n=='' or r.macs or r.elem_ops or r.unknown_ops or r.params)]
+    "Rows that the cost summary shows: called, and `has_row`"
+    return [i for i,((n,m,k),r) in enumerate(zip(units,recs)) if r.calls and has_row(n, k, r)]
 
 # %% ../nbs/03a_memory.ipynb #be79656c
 class MemorySummary:
@@ -380,6 +360,12 @@ def __repr__(self:MemorySummary):
     return PrettyString('\n'.join(res + ['_'*n] + self._totals_lines()) + '\n')
 
 @patch
+def display_df(self:MemorySummary):
+    "`df` with bytes as the text table writes them (for markdown and HTML)"
+    return self.df.assign(**{c: self.df[c].map(lambda v: human(v,'B')) for c in self.df if c.endswith('_bytes') or c=='at_peak'},
+                          pct_peak=self.df.pct_peak.map('{:.1f}'.format))
+
+@patch
 def top(self:MemorySummary, k=5, by='at_peak'):
     "The `k` rows holding most by column `by` (default: memory at the peak)"
     return self.df.sort_values(by, ascending=False).head(k)
@@ -433,7 +419,7 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
         raise RuntimeError(f"The training step could not run on fake tensors ({type(e).__name__}: {e}). An op that needs the data's values "
                            "(`.item()`, `nonzero`) cannot be predicted: report it, or measure on a real step with `step_memory(..., fake=False)`") from e
     shapes = [(ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else () for t in tuplify(xb)]
-    return MemorySummary(mc.blocks, mc.trace, c.units, _records(c), type(model).__name__, shapes, ifnone(bs, len(tuplify(xb)[0])),
+    return MemorySummary(mc.blocks, mc.trace, c.units, c.recs, type(model).__name__, shapes, ifnone(bs, len(tuplify(xb)[0])),
                          amp_dtype(dtype) and dtype, device, _coverage(device) + [_opt_note(opt, [p for p in opt.all_params().itemgot(0)] if opt else [])])
 
 # %% ../nbs/03a_memory.ipynb #1cb7a0dc

@@ -43,3 +43,9 @@ def test_html_readable():
     assert r.returncode == 0 and r.stderr == '', r.stderr
     assert r.stdout.startswith('<!DOCTYPE html>') and '<table' in r.stdout and not re.search(r'\de[+-]\d\d|\.\d{4,}', r.stdout)
     assert re.search(r'>\s*\d+(\.\d)?[KMG]\s*<', r.stdout)
+
+def test_memory_markdown_readable():
+    "--memory as markdown: bytes written as the text table writes them, not raw integers"
+    r = run('--memory', '--bs', '32', '--format', 'markdown')
+    assert r.returncode == 0 and r.stderr == '', r.stderr
+    assert r.stdout.startswith('| name') and ' MB ' in r.stdout and not re.search(r'\|\s*\d{5,}\s*\|', r.stdout), r.stdout[:1500]
