@@ -170,8 +170,10 @@ def test_search(site, browser):
     cb = [h for h in hits if urlparse(h).path.endswith('/callback.html')]
     assert cb, hits
     assert not console_errors(browser)
+    # Sphinx keeps adding results while it searches: click once the summary says it finished (a click earlier can hit a re-rendered list)
+    wait(browser, "return document.querySelector('#search-results .search-summary')?.textContent || null", 60)
     browser.find_element(By.CSS_SELECTOR, f'#search-results li a[href="{cb[0][len(url):]}"]').click()
-    wait(browser, "return location.pathname.endsWith('/callback.html')")
+    wait(browser, "return location.pathname.endsWith('/callback.html')", 60)
     assert browser.execute_script("return document.querySelector('article h1').textContent").startswith('CostProfiler')
     frag = unquote(urlparse(browser.current_url).fragment)
     assert not frag or browser.execute_script("return !!document.getElementById(arguments[0])", frag), browser.current_url
