@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # All benchmarks, one after the other (run them on an otherwise idle machine), then BENCHMARKS.md from their outputs.
+# Needs the bench extra for the side-by-side comparison: pip install -e ".[dev,bench]" (torchinfo, fvcore, ptflops, deepspeed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python bench/hook_overhead.py --rounds 100

@@ -114,17 +114,18 @@ def test_hooks_gone_after_exceptions(exc, event):
     assert len(learn.cost_profiler.batches)==5 and no_hooks(learn.model)
 
 def test_frozen_body_has_no_weight_gradient_work():
-    "After `freeze()` the body's convs compute input gradients only: backward MACs = forward MACs, and bwd/fwd time drops"
-    ratios = {}
+    """After `freeze()` the body's convs compute input gradients only: backward MACs = forward MACs (the first conv: none at all).
+    That backward *time* drops with them is a speed claim, measured by bench/callback_overhead.py (C), not asserted here."""
     for frozen in [True, False]:
         learn = tiny_learner()
         if frozen: learn.freeze()
         learn.fit(1, 1e-3, cbs=[cp:=CostProfiler(skip=1, n_batches=3)])
         s = cp.summary(); conv = s.df[s.df.type=='Conv2d']
         rule = conv.macs*(1 if frozen else 2); rule.iloc[0] = 0 if frozen else conv.macs.iloc[0]
-        assert (conv.bwd_macs==rule).all()
-        ratios[frozen] = np.median([sum(b['bwd'][j] for j in conv.index)/sum(b['fwd'][j] for j in conv.index) for b in cp.batches])
-    assert ratios[True] < 0.8*ratios[False], ratios
+        assert (conv.bwd_macs==rule).all(), (frozen, conv.bwd_macs.tolist(), rule.tolist())
+        first = conv.index[0]
+        if frozen: assert all(b['bwd'][first]==0 for b in cp.batches)   # no gradient wanted into the input nor the weight: no backward ran
+        else: assert all(b['bwd'][first]>0 for b in cp.batches)
 
 @pytest.mark.parametrize('extra', ['channels_last', 'grad_acc', 'bf16'])
 def test_alongside_fastai_callbacks(extra):
