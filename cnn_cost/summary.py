@@ -194,6 +194,10 @@ def _totals_lines(self:CostSummary):
         res.append(f"Forward time on {self.device}: {self.total_time_ms:.2f} ms summed over rows (median of {len(self.hooked_ms)} after "
                    f"{self.n_warmup} warm-up); whole hooked pass {self.hooked_forward_ms:.2f} ms, without hooks {self.plain_forward_ms:.2f} ms "
                    f"(hooks x{self.hook_overhead:.3f}); {self.n_passes} forward passes in all")
+        if self.hook_overhead > 1.5:
+            res.append(f"The hooked passes took x{self.hook_overhead:.2f} the time of the plain ones (median of back-to-back pairs), so the row "
+                       "times carry that much disturbance: other load on the machine (on CPU, more busy threads than cores: see "
+                       "`torch.get_num_threads()`) or layers too short to time one by one. Rerun on an idle machine before trusting them.")
     res += self.notes
     if self.unknown_ops: res.append(_ops_line(self.unknown_ops, 'forward'))
     if self.bwd_unknown_ops: res.append(_ops_line(self.bwd_unknown_ops, 'backward'))

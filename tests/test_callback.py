@@ -137,7 +137,9 @@ def test_alongside_fastai_callbacks(extra):
     learn.fit(1, 1e-3, cbs=cbs+[cp:=CostProfiler(skip=1, n_batches=3)])
     s = cp.summary(); leaves = s.df[s.df.kind=='leaf']
     assert (leaves.bwd_ms>0).all() and len(s.steps)==3 and no_hooks(learn.model)
-    if extra=='grad_acc': assert (s.steps.optimizer < s.steps.backward).all()
+    if extra=='grad_acc':  # fastai cancels every other step (32 of 64 samples): the batch counted, the first, was one of them
+        conv = s.df[s.df.type=='Conv2d']
+        assert cp.counted_iter==0 and (conv.bwd_macs>=conv.macs).all() and (conv.bwd_macs>0).all()
 
 def test_lr_find():
     learn = tiny_learner()
