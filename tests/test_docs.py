@@ -152,9 +152,9 @@ def test_pages_in_browser(site, browser):
             if u.fragment and target in ids and unquote(u.fragment) not in ids[target]: problems.append(f'{p}: link to a missing anchor {h}')
     assert not problems, '\n'.join(problems)
 
-def wait(drv, js, timeout=20):
+def wait(drv, js, timeout=20, msg=''):
     from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(drv, timeout).until(lambda d: d.execute_script(js))
+    return WebDriverWait(drv, timeout).until(lambda d: d.execute_script(js), msg)
 
 def test_search(site, browser):
     "Searching as a reader does, from the search box: 'CostProfiler' lists the callback page, and its result opens it"
@@ -184,7 +184,7 @@ def test_api_page(site, browser):
     browser.get(urljoin(url, 'callback.html'))
     # waited for, not read at once: once in CI (under load) the entry was not there right after `get`, though the page has it
     entry = wait(browser, "return document.readyState=='complete' && location.pathname.endsWith('/callback.html') && "
-                          "document.getElementById('cnn_cost.callback.CostProfiler')", 60)
+                          "document.getElementById('cnn_cost.callback.CostProfiler')", 60, 'no CostProfiler entry')
     rows = browser.execute_script("return [...arguments[0].closest('section').querySelectorAll('table tbody tr td:first-child')].map(t => t.textContent.trim())", entry)
     assert {'skip', 'n_batches', 'every'} <= set(rows), rows
     prose = browser.execute_script("return [...document.querySelectorAll('article p a.reference.internal')].map(a => a.href)")
