@@ -87,7 +87,7 @@ class CostSummary:
                 warnings.simplefilter('ignore', RuntimeWarning)
                 df[c],df[c+'_min'],df[c+'_max'],df[c+'_mean'],df[c+'_p90'] = [f(ts, 1) for f in (np.nanmedian,np.nanmin,np.nanmax,np.nanmean,_p90)]
         for c,s in [('macs','pct_macs'), ('time_ms','pct_time'), ('act_bytes','pct_act'), ('bwd_ms','pct_bwd')]:
-            if c in df: df[s] = _pct(df[c].fillna(0))
+            if c in df: df[s] = _pct(df[c].fillna(0)).where(df[c].notna())  # a row not timed has no share either
         chan_first = any(r.type in ('Conv1d','ConvTranspose1d') for r in recs)
         shp = [r.shapes[0] if r.shapes else None for r in recs]
         seq = not chan_first and any(r.block and s is not None and len(s)==3 for r,s in zip(recs, shp))  # blocks that map sequences
@@ -108,11 +108,11 @@ def total_elem_ops(self:CostSummary): return self.df.elem_ops.sum()
 @patch(as_prop=True)
 def total_act_bytes(self:CostSummary): return self.df.act_bytes.sum()
 @patch(as_prop=True)
-def total_time_ms(self:CostSummary): return self.df.time_ms.sum()
+def total_time_ms(self:CostSummary): return self.df.time_ms.sum(min_count=1)  # NaN when no row was timed, never 0
 @patch(as_prop=True)
 def has_bwd(self:CostSummary): return 'bwd_ms' in self.df
 @patch(as_prop=True)
-def total_bwd_ms(self:CostSummary): return self.df.bwd_ms.sum() if self.has_bwd else np.nan
+def total_bwd_ms(self:CostSummary): return self.df.bwd_ms.sum(min_count=1) if self.has_bwd else np.nan
 @patch(as_prop=True)
 def plain_forward_ms(self:CostSummary): return float(np.median(self.plain_ms)) if self.plain_ms else np.nan
 @patch(as_prop=True)
@@ -123,14 +123,16 @@ def hook_overhead(self:CostSummary):
     return float(np.median(np.array(self.hooked_ms)/np.array(self.plain_ms))) if self.plain_ms and self.hooked_ms else np.nan
 
 # %% ../nbs/03_summary.ipynb #a7b2846e
+def _nsum(s): return s.sum(min_count=1)  # a stage with no timed row: NaN, not 0
+
 @patch
 def stages(self:CostSummary):
     "Per-stage totals and shares: consecutive layers grouped by the spatial size of their output, or by block for sequences (`stage_label`)"
     df = self.df.assign(n=self.df.kind=='leaf', params=self.df.params-self.df.shared_params)
     g = df.groupby('stage').agg(stage_label=('stage_label','first'), layers=('n','sum'), params=('params','sum'), macs=('macs','sum'),
-                                act_bytes=('act_bytes','sum'), time_ms=('time_ms','sum'), **({'bwd_ms':('bwd_ms','sum')} if self.has_bwd else {}))
+                                act_bytes=('act_bytes','sum'), time_ms=('time_ms',_nsum), **({'bwd_ms':('bwd_ms',_nsum)} if self.has_bwd else {}))
     for c,s in [('params','pct_params'), ('macs','pct_macs'), ('act_bytes','pct_act'), ('time_ms','pct_time'), ('bwd_ms','pct_bwd')]:
-        if c in g: g[s] = _pct(g[c])
+        if c in g: g[s] = _pct(g[c].fillna(0)).where(g[c].notna())
     return g
 
 # %% ../nbs/03_summary.ipynb #b48c9aa4
@@ -149,12 +151,13 @@ def _header(self:CostSummary):
 
 # %% ../nbs/03_summary.ipynb #04398dc9
 _cols = f"{'Layer (type)':<20} {'Output Shape':<20} {'Param #':<10} {'Trainable':<10} {'Act':>9} {'MACs':>8} {'%MACs':>6} {'ms':>7} {'%Time':>6}"
+def _num(v, w, d=3): return f"{v:>{w}.{d}f}" if v==v else ' '*w  # a time not measured is blank, never 0 (or 'nan')
 def _text_row(r):
     typ = r.type + ('*' if r.kind=='own' else '') + (f' x{r.calls}' if r.calls>1 else '')
     macs = human(r.macs) + ('?' if r.macs_src=='uncounted' else '')
     params = f"{r.params:,}" + ('^' if r.shared_params else '')
     return (f"{typ[:20]:<20} {'':<20} {params:<10} {str(r.trainable):<10} {human(r.act_bytes,'B'):>9} {macs:>8} "
-            f"{r.pct_macs:>6.1f} {r.time_ms:>7.3f} {r.pct_time:>6.1f}")
+            f"{r.pct_macs:>6.1f} {_num(r.time_ms,7)} {_num(r.pct_time,6,1)}")
 
 # %% ../nbs/03_summary.ipynb #ced1302a
 @patch
@@ -168,7 +171,7 @@ def _text_table(self:CostSummary):
             if prev is not None: res.append('_'*n)
             res.append(f"{'':<20} {r.output_shape[:19]:<20}")
             prev = r.output_shape
-        res.append(_text_row(r) + (f" {r.bwd_ms:>7.3f} {r.pct_bwd:>6.1f} {human(r.saved_bytes,'B'):>9}" if bwd else '')
+        res.append(_text_row(r) + (f" {_num(r.bwd_ms,7)} {_num(r.pct_bwd,6,1)} {human(r.saved_bytes,'B'):>9}" if bwd else '')
                    + (f"  ? {', '.join(r.unknown_ops)}" if r.macs_src=='uncounted' else ''))
     res.append('_'*n)
     return res
@@ -198,6 +201,8 @@ def _totals_lines(self:CostSummary):
             res.append(f"The hooked passes took x{self.hook_overhead:.2f} the time of the plain ones (median of back-to-back pairs), so the row "
                        "times carry that much disturbance: other load on the machine (on CPU, more busy threads than cores: see "
                        "`torch.get_num_threads()`) or layers too short to time one by one. Rerun on an idle machine before trusting them.")
+    nt = df.name[df.time_ms.isna()].tolist()
+    if self.hooked_ms and nt: res.append(f"Not timed (blank, left out of the sums): {', '.join(nt)}: their hooks never fired in a timed pass")
     res += self.notes
     if self.unknown_ops: res.append(_ops_line(self.unknown_ops, 'forward'))
     if self.bwd_unknown_ops: res.append(_ops_line(self.bwd_unknown_ops, 'backward'))
@@ -215,7 +220,7 @@ def _stage_lines(self:CostSummary):
            f"{'Stage':<{w}} {'Layers':>6} {'Params':>9} {'%Params':>8} {'MACs':>8} {'%MACs':>6} {'Act':>9} {'%Act':>6} {'ms':>8} {'%Time':>6}"]
     for r in st.itertuples():
         res.append(f"{r.stage_label:<{w}} {r.layers:>6} {human(r.params):>9} {r.pct_params:>8.1f} {human(r.macs):>8} {r.pct_macs:>6.1f} "
-                   f"{human(r.act_bytes,'B'):>9} {r.pct_act:>6.1f} {r.time_ms:>8.3f} {r.pct_time:>6.1f}")
+                   f"{human(r.act_bytes,'B'):>9} {r.pct_act:>6.1f} {_num(r.time_ms,8)} {_num(r.pct_time,6,1)}")
     return res
 
 # %% ../nbs/03_summary.ipynb #61b407f4
