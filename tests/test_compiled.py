@@ -143,3 +143,12 @@ def test_profiler_compiled_fit_inductor():
     assert fa == fb
     s = l1.cost_profile.summary()
     assert s.df.time_ms.isna().all() and (s.steps.forward > 0).all() and s.df.name.iloc[0] == '0'
+
+def test_learner_cost_summary_and_plot_compiled():
+    "`learn.cost_summary()` of a compiled `learn.model`: eager rows beside the compiled forward; a compiled fit's plot draws with blank times"
+    learn = tiny_learner(compile='eager')
+    cs = learn.cost_summary(n_repeat=2)
+    assert cs.compiled and cs.model_name == 'Sequential' and cs.df.name.iloc[0] == '0' and (cs.df.time_ms > 0).all()
+    learn.fit(1, 1e-2, cbs=CostProfiler(skip=2, n_batches=2))
+    fig = learn.cost_profile.plot(k=5)
+    assert fig is not None and learn.cost_profile.compiled is not None
