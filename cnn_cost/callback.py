@@ -236,7 +236,7 @@ def _gather(self:CostProfiler):
 # %% ../nbs/06_callback.ipynb #d191531f
 class TrainProfile:
     "What a `CostProfiler` measured in one `fit`, as plain data that outlives the callback: `summary()`, `steps()`, `plot()`"
-    def __init__(self, recs, kinds, tables, model_name='', input_shapes=(), device='cpu', skip=0, counted_iter=None, compiled=None):
+    def __init__(self, recs, kinds, tables, model_name='', input_shapes=(), device='cpu', skip=0, counted_iter=None, compiled_frames=None):
         store_attr()
 
     def steps(self):
@@ -277,7 +277,7 @@ def summary(self:TrainProfile)->CostSummary:
                  f"{res.total_bwd_ms:.2f} ms of the {med.backward:.2f} ms backward ({100*res.total_bwd_ms/med.backward:.1f}%)",
                  f"Saved for backward: {human(np.median([s for t in ts for s in t['saved_total']]),'B')} (each storage once); "
                  f"MACs forward {human(res.total_macs)}, backward {human(res.df.bwd_macs.sum())}, counted op by op on training batch {self.counted_iter}"]
-    if self.compiled is not None: res.notes[1:2] = _compiled_notes(self, len(st))
+    if getattr(self, 'compiled_frames', None) is not None: res.notes[1:2] = _compiled_notes(self, len(st))
     if len(ts)>1: _add_rank_cols(res, ts)
     return res
 
@@ -344,7 +344,7 @@ class StepHooks:
 
 def _compiled_notes(prof, n):
     "The summary's lines on what a compiled fit measured"
-    fs = prof.compiled
+    fs = prof.compiled_frames
     res = [f"Compiled model: the profiled batches ran the compiled code with no hook (a hook would never fire there, or be compiled in and "
            f"recompiled), so per-layer forward and backward times and saved bytes are blank; the step split is measured. Rows and MACs are "
            f"of the eager module, counted on training batch {prof.counted_iter} run eagerly (`torch.compiler.set_stance('force_eager')`). "

@@ -128,7 +128,7 @@ def test_profiler_compile_in_profiled_batch_noted():
     _,_,f0,g0 = compiled_fit('eager')
     assert (f, g) == (f0, g0)
     s = learn.cost_profile.summary()
-    assert learn.cost_profile.compiled[0] >= 1 and not any(learn.cost_profile.compiled[1:])
+    assert learn.cost_profile.compiled_frames[0] >= 1 and not any(learn.cost_profile.compiled_frames[1:])
     assert 'during 1 of the 3 profiled batches' in str(s)
 
 @pytest.mark.slow  # about 35 s on 2 busy cores: inductor compiles forward and backward
@@ -151,4 +151,4 @@ def test_learner_cost_summary_and_plot_compiled():
     assert cs.compiled and cs.model_name == 'Sequential' and cs.df.name.iloc[0] == '0' and (cs.df.time_ms > 0).all()
     learn.fit(1, 1e-2, cbs=CostProfiler(skip=2, n_batches=2))
     fig = learn.cost_profile.plot(k=5)
-    assert fig is not None and learn.cost_profile.compiled is not None
+    assert fig is not None and learn.cost_profile.compiled_frames is not None
