@@ -217,7 +217,7 @@ def _wait_lines(self:CostSummary):
     if w is None: return []
     if w!=w: return ["CPU run-queue wait: unavailable (no /proc/self/task/*/schedstat: not Linux), so other load on the machine is not checked; "
                      "compare with a run on an idle machine before trusting small differences"]
-    res = [f"CPU run-queue wait: {100*w:.1f}% of the timed passes' wall time (this process's threads waiting for a core; "
+    res = [f"CPU run-queue wait: {100*w:.1f}% of the timed wall time (this process's threads waiting for a core; "
            f"disturbed above {100*cpu_wait_max:.0f}%)"]
     if w > cpu_wait_max:
         res.append(f"The row times are disturbed: other processes held the cores, so this process's threads waited {100*w:.0f}% of the "

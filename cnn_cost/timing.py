@@ -6,7 +6,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/timing.html.md"""
 
 # %% auto #0
 __all__ = ['cpu_wait_max', 'CPUClock', 'CUDAClock', 'clock_for', 'timed', 'run_queue_ns', 'run_queue_wait', 'CPUWait',
-           'TimeHooks']
+           'wait_share', 'TimeHooks']
 
 # %% ../nbs/02_timing.ipynb #d7a68440
 import time, glob, torch, torch.nn as nn
@@ -76,6 +76,12 @@ class CPUWait:
         return w,dt
     @property
     def share(self): return float('nan') if self.wait is None or not self.wall else self.wait/self.wall
+
+def wait_share(pairs):
+    "Run-queue wait / wall time summed over `(wait, wall)` ns pairs (what `CPUWait.stop` returns); NaN when a wait is unknown or there is none"
+    pairs = list(pairs)
+    if not pairs or any(w is None for w,t in pairs) or not sum(t for w,t in pairs): return float('nan')
+    return sum(w for w,t in pairs)/sum(t for w,t in pairs)
 
 # %% ../nbs/02_timing.ipynb #9c9cba0b
 class TimeHooks:
