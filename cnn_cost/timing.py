@@ -78,7 +78,7 @@ class CPUWait:
     def share(self): return float('nan') if self.wait is None or not self.wall else self.wait/self.wall
 
 def wait_share(pairs):
-    "Run-queue wait / wall time summed over `(wait, wall)` ns pairs (what `CPUWait.stop` returns); NaN when a wait is unknown or there is none"
+    "Run-queue wait / wall time summed over `(wait, wall)` ns pairs (as `CPUWait`'s `stop` returns them); NaN when a wait is unknown or there is none"
     pairs = list(pairs)
     if not pairs or any(w is None for w,t in pairs) or not sum(t for w,t in pairs): return float('nan')
     return sum(w for w,t in pairs)/sum(t for w,t in pairs)
