@@ -121,8 +121,9 @@ def plain_forward_ms(self:CostSummary): return float(np.median(self.plain_ms)) i
 def hooked_forward_ms(self:CostSummary): return float(np.median(self.hooked_ms)) if self.hooked_ms else np.nan
 @patch(as_prop=True)
 def hook_overhead(self:CostSummary):
-    "Median over repeats of hooked / plain forward time, the two timed back to back"
-    return float(np.median(np.array(self.hooked_ms)/np.array(self.plain_ms))) if self.plain_ms and self.hooked_ms else np.nan
+    "Median over rounds of hooked / plain forward time, the two timed back to back (the first rounds, when later ones ran hooked passes only)"
+    n = min(len(self.hooked_ms), len(self.plain_ms))
+    return float(np.median(np.array(self.hooked_ms[:n])/np.array(self.plain_ms[:n]))) if n else np.nan
 
 # %% ../nbs/03_summary.ipynb #a7b2846e
 @patch

@@ -70,6 +70,7 @@ def test_adaptive_rounds_stop_when_settled(monkeypatch):
     s = model_cost(_cnn(), X)
     assert len(s.hooked_ms) == n_min_repeat and len(s.plain_ms) == n_paired   # identical rounds settle at once
     assert s.n_passes == 1 + 1 + n_min_repeat + n_paired
+    assert s.hook_overhead == s.hooked_ms[0]/s.plain_ms[0] and 'hooks x' in str(s)   # paired over the rounds that ran both
 
 class Jitter(nn.Module):
     def __init__(self): super().__init__(); self.i = 0
