@@ -110,7 +110,7 @@ def _count(model, xb, units, kw):
 
 def model_cost(model:nn.Module, # Any PyTorch model
                *xb, # Its inputs: one batch, on the model's device
-               n_warmup:int=1, # Plain forward passes before timing (the counting pass warms up too)
+               n_warmup:int=0, # Plain forward passes before timing (the counting pass has run the model's kernels once already)
                n_repeat:int|None=None, # Timed rounds, one hooked and one plain pass each; `None`: rounds until the row medians settle (`settled`)
                autocast=None, # A context manager to run the passes in, e.g. `torch.autocast('cuda')`
                model_kwargs:dict=None, # Keyword inputs of the model
