@@ -1,7 +1,12 @@
 """The times stored in the docs come from quiet runs (issue 18): every stored summary in nbs/*.ipynb and README.md prints the run-queue
 wait of its timed passes, under `cpu_wait_max`, and no note that its row times are disturbed.
 
-Fails until the notebooks are re-run on a quiet machine after a change that adds the run-queue line (see BENCHMARKS.md, 'Stored times')."""
+Fails until the notebooks that store times are re-run on an idle machine (after the change that added the run-queue line it fails
+until then): on an idle machine, with /work/venv/bin (or the project's environment) first on PATH,
+    for nb in index 05_learner 06_callback 07_plots 08_analysis 10_tutorial; do
+      jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 nbs/$nb.ipynb; done
+    nbdev-clean && make readme && make docs && python -m pytest -q tests/test_stored_times.py
+07_plots and 08_analysis store times only in plots and tables (no printed summary), which this test cannot read: re-run them alike."""
 import json, re, pytest
 from pathlib import Path
 from cnn_cost.timing import cpu_wait_max
