@@ -1,10 +1,11 @@
-"""Wall time of `learn.cost_summary()` on the seed's setup (resnet18, 64 x 3 x 28 x 28, CPU), import time aside,
-and how much of it is the forward passes it runs.
+"""Wall time of `learn.cost_summary()` on the seed's setup (resnet18, 64 x 3 x 28 x 28, CPU), import time aside, in plain-forward
+equivalents, and how close its adaptive rows come to a fixed 10-round reference measured in the same round.
 
-Each round times, back to back: one plain forward, one counting pass (`count_pass`), and one whole `learn.cost_summary()`.
-The summary runs `n_passes` forwards: 1 counting pass + `n_warmup` plain + `n_repeat` hooked + `n_repeat` plain.
-Its expected time is count_pass + (n_passes-1) plain forwards; the rest is cnn_cost's own work (hook registration,
-summary building). Run: python bench/cost_summary_time.py [--rounds 5]"""
+Each round times, back to back: one plain forward, one counting pass (`count_pass`), one adaptive `learn.cost_summary()` (the default:
+rounds until the row medians settle) and one with `n_repeat=10` (the old fixed count: 10 hooked + 10 plain after 2 warm-up).
+Cost in plain-forward equivalents = the call's wall time / the median plain forward. Accuracy: for every row whose reference median is
+above 50 us, |adaptive - reference| / reference; the target is every such row within 5%. The run-queue wait share of both calls
+(`CostSummary.cpu_wait`) is recorded: a round above `cpu_wait_max` ran on a disturbed machine. Run: python bench/cost_summary_time.py [--rounds 5]"""
 import argparse, json, time, numpy as np, torch
 from pathlib import Path
 from fastai.vision.all import *
@@ -15,28 +16,39 @@ def main(rounds=5):
     xb = learn.dls.train.one_batch()[0]
     model = learn.model.eval()
     learn.cost_summary(n_repeat=2)  # first call: lazy imports, allocator warm-up
-    res = dict(wall=[], plain=[], count=[], passes=[])
+    res = {k: [] for k in ['plain','count','wall','wall_ref','passes','rounds','wait','wait_ref','worst','n_rows','n_out']}
     for _ in range(rounds):
         with torch.no_grad():
-            t = time.perf_counter(); model(xb); res['plain'].append(time.perf_counter()-t)
+            ps = []
+            for _ in range(3): t = time.perf_counter(); model(xb); ps.append(time.perf_counter()-t)
+            res['plain'].append(float(np.median(ps)))
             t = time.perf_counter(); count_pass(model, (xb,)); res['count'].append(time.perf_counter()-t)
         t = time.perf_counter(); cs = learn.cost_summary(); res['wall'].append(time.perf_counter()-t)
-        res['passes'].append(cs.n_passes)
+        t = time.perf_counter(); ref = learn.cost_summary(n_repeat=10, n_warmup=2); res['wall_ref'].append(time.perf_counter()-t)
+        res['passes'].append(cs.n_passes); res['rounds'].append(len(cs.hooked_ms))
+        res['wait'].append(cs.cpu_wait); res['wait_ref'].append(ref.cpu_wait)
+        big = ref.df.time_ms > 0.05
+        err = (cs.df.time_ms[big]-ref.df.time_ms[big]).abs()/ref.df.time_ms[big]
+        res['worst'].append(float(err.max())); res['n_rows'].append(int(big.sum())); res['n_out'].append(int((err>0.05).sum()))
     med = {k: float(np.median(v)) for k,v in res.items()}
-    expected = med['count'] + (med['passes']-1)*med['plain']
-    out = {'setup': 'resnet18 64x3x28x28 cpu', 'rounds': rounds, 'n_passes': int(med['passes']),
-           'cost_summary_s_median': med['wall'], 'cost_summary_s_min': float(min(res['wall'])), 'cost_summary_s_max': float(max(res['wall'])),
+    out = {'setup': 'resnet18 64x3x28x28 cpu', 'torch': torch.__version__, 'rounds': rounds,
            'plain_forward_ms': med['plain']*1e3, 'count_pass_ms': med['count']*1e3,
-           'forward_passes_share': expected/med['wall']}
-    print(json.dumps(out, indent=1))
+           'adaptive_s_median': med['wall'], 'adaptive_plain_equiv': med['wall']/med['plain'], 'adaptive_n_passes': med['passes'],
+           'adaptive_timed_rounds': res['rounds'], 'fixed10_s_median': med['wall_ref'], 'fixed10_plain_equiv': med['wall_ref']/med['plain'],
+           'rows_over_50us': res['n_rows'], 'rows_outside_5pct': res['n_out'], 'worst_row_rel_err': res['worst'],
+           'cpu_wait_adaptive': res['wait'], 'cpu_wait_fixed10': res['wait_ref'], 'raw': res}
+    print(json.dumps({k:v for k,v in out.items() if k!='raw'}, indent=1))
     o = Path(__file__).parent/'out'; o.mkdir(exist_ok=True)
     (o/'cost_summary_time.json').write_text(json.dumps(out, indent=1))
     (o/'cost_summary_time.md').write_text(
-        f"{out['setup']}, {rounds} rounds (import time and the first call aside)\n\n"
-        f"- `learn.cost_summary()`: median {out['cost_summary_s_median']:.2f} s (min {out['cost_summary_s_min']:.2f}, max {out['cost_summary_s_max']:.2f})\n"
-        f"- forward passes it runs: {out['n_passes']} (1 counting pass, 2 warm-up, 10 hooked, 10 plain)\n"
-        f"- plain forward {out['plain_forward_ms']:.1f} ms, counting pass {out['count_pass_ms']:.1f} ms: the passes account for "
-        f"{100*out['forward_passes_share']:.0f}% of the call's time, the rest is cnn_cost's own work (hooks, statistics)\n")
+        f"{out['setup']}, torch {out['torch']}, {rounds} rounds (import time and the first call aside)\n\n"
+        f"- adaptive `learn.cost_summary()`: median {out['adaptive_s_median']:.2f} s = {out['adaptive_plain_equiv']:.1f} plain forwards "
+        f"({out['adaptive_n_passes']:.0f} passes; timed rounds {res['rounds']})\n"
+        f"- fixed `n_repeat=10, n_warmup=2` (the old default): median {out['fixed10_s_median']:.2f} s = {out['fixed10_plain_equiv']:.1f} plain forwards\n"
+        f"- plain forward {out['plain_forward_ms']:.1f} ms, counting pass {out['count_pass_ms']:.1f} ms\n"
+        f"- rows above 50 us outside 5% of the fixed-10 reference, per round: {res['n_out']} of {res['n_rows']}; "
+        f"worst relative difference {', '.join(f'{w:.3f}' for w in res['worst'])}\n"
+        f"- run-queue wait share (adaptive / reference), per round: {', '.join(f'{a:.2f}/{b:.2f}' for a,b in zip(res['wait'], res['wait_ref']))}\n")
     return out
 
 if __name__ == '__main__':

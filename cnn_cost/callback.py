@@ -196,10 +196,11 @@ def _one_batch(self:CostProfiler):
         if not self.training: return self._orig()
         if self.recs is None: return self._count() if self.train_iter>=self.skip-1 and self.n_batches!=0 else self._orig()  # 0: nothing to count for
         if not self._on: return self._orig()
+        cw = CPUWait()  # run-queue wait over the batch, read before and after it, never in a hook
         with self.hooks as h:
-            h.start(); ev = self._ev; ev['start'] = h.clock.stamp()
+            h.start(); ev = self._ev; cw.start(); ev['start'] = h.clock.stamp()
             try: self._orig()
-            finally: ev['end'] = h.clock.stamp()
+            finally: ev['end'] = h.clock.stamp(); self._wait = cw.stop()
     except _keep_on: raise
     except BaseException: self._unwrap(); raise
 
@@ -214,7 +215,7 @@ def _collect(self:CostProfiler):
     st = dict(data=self._data_ms, forward=ms('start','after_pred'), loss=ms('after_pred','after_loss'),
               backward=ms('before_backward','after_backward'), optimizer=ms('before_step','end'), total=ms('start','end'))
     st['other'] = st['total']-st['forward']-st['loss']-st['backward']-st['optimizer']
-    self.batches.append(dict(iter=self._iter, fwd=fwd, bwd=bwd, saved=saved, saved_total=saved_tot, mem=list(h.mem), step=st))
+    self.batches.append(dict(iter=self._iter, fwd=fwd, bwd=bwd, saved=saved, saved_total=saved_tot, mem=list(h.mem), step=st, wait=self._wait))
     h.start()  # drops the armed graph nodes and marks now rather than at the next profiled batch
 
 # %% ../nbs/06_callback.ipynb #42197e55
@@ -224,7 +225,7 @@ def _table(self:CostProfiler):
     B = self.batches
     return dict(rank=rank_distrib(), names=[n for n,m,k in self.units or []], fwd=[b['fwd'] for b in B], bwd=[b['bwd'] for b in B],
                 saved=[b['saved'] for b in B], mem=[b['mem'] for b in B], steps=[b['step'] for b in B],
-                saved_total=[b['saved_total'] for b in B], iters=[b['iter'] for b in B])
+                saved_total=[b['saved_total'] for b in B], iters=[b['iter'] for b in B], wait=[b['wait'] for b in B])
 
 @patch
 def _gather(self:CostProfiler):
@@ -267,7 +268,8 @@ def summary(self:TrainProfile)->CostSummary:
         r.times = cat('fwd', j)
         r.bwd_times = cat('bwd', j) if k=='leaf' else []
         r.saved_bytes,r.mem_bytes = _imed(cat('saved', j)),_imed(cat('mem', j))
-    res = CostSummary(recs, self.model_name, self.input_shapes, self.device, n_warmup=self.skip, n_passes=sum(len(t['fwd']) for t in ts))
+    res = CostSummary(recs, self.model_name, self.input_shapes, self.device, n_warmup=self.skip, n_passes=sum(len(t['fwd']) for t in ts),
+                      cpu_wait=wait_share(w for t in ts for w in t.get('wait', [(None,0)])))
     st = self.steps()
     res.steps = st
     med = st[_step_cols].median()

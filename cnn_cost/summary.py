@@ -14,6 +14,7 @@ from fastcore.basics import *
 from fastcore.foundation import L
 from fastcore.xtras import PrettyString
 from .core import *
+from .timing import cpu_wait_max
 
 # %% ../nbs/03_summary.ipynb #c106abb2
 def human(n, unit=''):
@@ -66,8 +67,9 @@ def _p90(a, axis): return np.nanpercentile(a, 90, axis=axis)
 # %% ../nbs/03_summary.ipynb #fe161b2e
 class CostSummary:
     "Per-layer cost of one model on one batch: `df`, totals, `stages()`; prints as fastai's summary does"
-    def __init__(self, records, model_name='', input_shapes=(), device='cpu', plain_ms=(), hooked_ms=(), n_warmup=0, n_passes=0):
-        store_attr('records,model_name,input_shapes,device,n_warmup,n_passes')
+    def __init__(self, records, model_name='', input_shapes=(), device='cpu', plain_ms=(), hooked_ms=(), n_warmup=0, n_passes=0,
+                 cpu_wait=None): # run-queue wait / wall time of the timed passes (`CPUWait.share`): NaN off Linux, None if not measured
+        store_attr('records,model_name,input_shapes,device,n_warmup,n_passes,cpu_wait')
         self.plain_ms,self.hooked_ms,self.notes = list(plain_ms),list(hooked_ms),[]
         called = [r for r in records if r.calls]
         self.uncalled = L(r.name for r in records if r.calls==0)
@@ -119,8 +121,9 @@ def plain_forward_ms(self:CostSummary): return float(np.median(self.plain_ms)) i
 def hooked_forward_ms(self:CostSummary): return float(np.median(self.hooked_ms)) if self.hooked_ms else np.nan
 @patch(as_prop=True)
 def hook_overhead(self:CostSummary):
-    "Median over repeats of hooked / plain forward time, the two timed back to back"
-    return float(np.median(np.array(self.hooked_ms)/np.array(self.plain_ms))) if self.plain_ms and self.hooked_ms else np.nan
+    "Median over rounds of hooked / plain forward time, the two timed back to back (the first rounds, when later ones ran hooked passes only)"
+    n = min(len(self.hooked_ms), len(self.plain_ms))
+    return float(np.median(np.array(self.hooked_ms[:n])/np.array(self.plain_ms[:n]))) if n else np.nan
 
 # %% ../nbs/03_summary.ipynb #a7b2846e
 def _nsum(s): return s.sum(min_count=1)  # a stage with no timed row: NaN, not 0
@@ -150,28 +153,28 @@ def _header(self:CostSummary):
     return f"{self.model_name} (Input shape: {', '.join(_shape_of(s) for s in self.input_shapes)})"
 
 # %% ../nbs/03_summary.ipynb #04398dc9
-_cols = f"{'Layer (type)':<20} {'Output Shape':<20} {'Param #':<10} {'Trainable':<10} {'Act':>9} {'MACs':>8} {'%MACs':>6} {'ms':>7} {'%Time':>6}"
+def _cols(w=20): return f"{'Layer (type)':<20} {'Output Shape':<{w}} {'Param #':<10} {'Trainable':<10} {'Act':>9} {'MACs':>8} {'%MACs':>6} {'ms':>7} {'%Time':>6}"
 def _num(v, w, d=3): return f"{v:>{w}.{d}f}" if v==v else ' '*w  # a time not measured is blank, never 0 (or 'nan')
-def _text_row(r):
+def _text_row(r, w=20):
     typ = r.type + ('*' if r.kind=='own' else '') + (f' x{r.calls}' if r.calls>1 else '')
     macs = human(r.macs) + ('?' if r.macs_src=='uncounted' else '')
     params = f"{r.params:,}" + ('^' if r.shared_params else '')
-    return (f"{typ[:20]:<20} {'':<20} {params:<10} {str(r.trainable):<10} {human(r.act_bytes,'B'):>9} {macs:>8} "
+    return (f"{typ[:20]:<20} {'':<{w}} {params:<10} {str(r.trainable):<10} {human(r.act_bytes,'B'):>9} {macs:>8} "
             f"{r.pct_macs:>6.1f} {_num(r.time_ms,7)} {_num(r.pct_time,6,1)}")
 
 # %% ../nbs/03_summary.ipynb #ced1302a
 @patch
 def _text_table(self:CostSummary):
-    bwd = self.has_bwd
-    cols = _cols + (f" {'bwd ms':>7} {'%Bwd':>6} {'Saved':>9}" if bwd else '')
+    bwd,w = self.has_bwd,max([20]+[len(o)+1 for o in self.df.output_shape])  # the shape column widens to the longest shape
+    cols = _cols(w) + (f" {'bwd ms':>7} {'%Bwd':>6} {'Saved':>9}" if bwd else '')
     n = len(cols)
     res,prev = [self._header(), '='*n, cols, '='*n],None
     for r in self.df.itertuples():
         if r.output_shape!=prev:
             if prev is not None: res.append('_'*n)
-            res.append(f"{'':<20} {r.output_shape[:19]:<20}")
+            res.append(f"{'':<20} {r.output_shape:<{w}}")
             prev = r.output_shape
-        res.append(_text_row(r) + (f" {_num(r.bwd_ms,7)} {_num(r.pct_bwd,6,1)} {human(r.saved_bytes,'B'):>9}" if bwd else '')
+        res.append(_text_row(r, w) + (f" {_num(r.bwd_ms,7)} {_num(r.pct_bwd,6,1)} {human(r.saved_bytes,'B'):>9}" if bwd else '')
                    + (f"  ? {', '.join(r.unknown_ops)}" if r.macs_src=='uncounted' else ''))
     res.append('_'*n)
     return res
@@ -203,12 +206,29 @@ def _totals_lines(self:CostSummary):
                        "`torch.get_num_threads()`) or layers too short to time one by one. Rerun on an idle machine before trusting them.")
     nt = df.name[df.time_ms.isna()].tolist()
     if self.hooked_ms and nt: res.append(f"Not timed (blank, left out of the sums): {', '.join(nt)}: their hooks never fired in a timed pass")
+    res += self._wait_lines()
     res += self.notes
     if self.unknown_ops: res.append(_ops_line(self.unknown_ops, 'forward'))
     if self.bwd_unknown_ops: res.append(_ops_line(self.bwd_unknown_ops, 'backward'))
     unc = [n + (f' (parameters used by {self._uses[n]})' if n in self._uses else '') for n in self.uncalled]
     if self.uncalled: res.append(f"Never called during the forward (fast path or unused; not in the table): {', '.join(unc)}"
                                  + (f"; their {self.uncalled_params:,} params are not in the totals" if self.uncalled_params else ''))
+    return res
+
+# %% ../nbs/03_summary.ipynb #9d325d65
+@patch
+def _wait_lines(self:CostSummary):
+    "What the run-queue wait over the timed passes says about the row times (nothing when no pass was timed)"
+    w = self.cpu_wait
+    if w is None: return []
+    if w!=w: return ["CPU run-queue wait: unavailable (no /proc/self/task/*/schedstat: not Linux), so other load on the machine is not checked; "
+                     "compare with a run on an idle machine before trusting small differences"]
+    res = [f"CPU run-queue wait: {100*w:.1f}% of the timed wall time (this process's threads waiting for a core; "
+           f"disturbed above {100*cpu_wait_max:.0f}%)"]
+    if w > cpu_wait_max:
+        res.append(f"The row times are disturbed: other processes held the cores, so this process's threads waited {100*w:.0f}% of the "
+                   "timed wall time for a CPU, and every row is slowed (measured on resnet18: a wait of 100% made the forward 12x its quiet time). "
+                   "Rerun on an idle machine, or give torch fewer threads than the free cores (`torch.set_num_threads`).")
     return res
 
 # %% ../nbs/03_summary.ipynb #25ee0e47
@@ -279,6 +299,7 @@ def to_json(self:CostSummary, path=None):
     "Rows, stages and totals as JSON"
     tot = {k: getattr(self, k) for k in ['total_params','trainable_params','uncalled_params','total_macs','total_elem_ops','total_act_bytes',
                                           'total_time_ms','total_bwd_ms','plain_forward_ms','hooked_forward_ms','hook_overhead']}
+    tot['cpu_wait'] = np.nan if self.cpu_wait is None else self.cpu_wait
     d = dict(model=self.model_name, input_shapes=[list(s) for s in self.input_shapes], device=str(self.device),
              totals={k: float(v) for k,v in tot.items()}, uncalled=list(self.uncalled), uncounted=list(self.uncounted),
              unknown_ops=self.unknown_ops, bwd_unknown_ops=self.bwd_unknown_ops, notes=self.notes,

@@ -103,6 +103,20 @@ def test_site_files(site):
     for p in out.rglob('*.css'): ext += [f'{p.name}: {u}' for u in re.findall(r'url\(\s*["\']?((?:https?:)?//[^"\')]+)', p.read_text())]
     assert not ext, '\n'.join(ext)
 
+def test_one_heading_per_entry_and_real_signatures(site):
+    "No page shows a heading twice under its title (a section named as its entry, or an entry shown twice); an Enum shows its members, a dataclass is a `class`"
+    out,_ = site
+    dups = {}
+    for p in pages(out):
+        hs = [re.sub(r'<[^>]+>|#', '', h).strip() for h in re.findall(r'<h[2-6][^>]*>(.*?)</h[2-6]>', (out/p).read_text(), re.S)]  # the page title aside
+        if d:=sorted({h for h in hs if hs.count(h)>1}): dups[p] = d
+    assert not dups, dups
+    text = lambda p: re.sub(r'<[^>]+>', '', (out/p).read_text()).replace('&#39;', "'")
+    mem,core = text('memory.html'),text('core.html')
+    assert '*args, **kwds' not in mem and "class MemKind(Enum):" in mem and "param = 'parameters'" in mem
+    assert 'class LayerRecord(' in core and 'def LayerRecord(' not in core and '<factory>' not in core and '&lt;factory&gt;' not in core
+    assert 'shapes:list=field(default_factory=list)' in core
+
 def test_search_index_has_every_entry(site):
     "Every `show_doc` entry is a Python object in Sphinx's search index, so searching any documented name lists it first"
     out,_ = site

@@ -67,22 +67,72 @@ def apply_quarto_opts(nb):
     for i,c in enumerate(nb.cells): c.id = f'c{i}'  # nbdev's processing gives new random ids each run: number them, so a rebuild changes nothing
     return nb
 
+_re_head = re.compile(r'^(#{1,6}) (.+?)\s*$', re.M)
+def _plain(s): return re.sub(r'[`*\\]', '', s).strip()
+
+def one_heading(nb):
+    "One heading per API entry: an entry shown twice (nbdev's automatic `show_doc` and the notebook's own) once; a section heading named as an entry in its section becomes the entry's heading, the entry moved up to it"
+    cells,seen,keep = nb.cells,set(),[]
+    def _sd(c): return 'showdoc' in c.metadata and (h:=_re_head.search(c.source)) and h
+    for c in cells:
+        if (h:=_sd(c)):
+            if _plain(h.group(2)) in seen: continue
+            seen.add(_plain(h.group(2)))
+        keep.append(c)
+    cells[:] = keep
+    for c in list(cells):
+        if c.cell_type!='markdown' or 'showdoc' in c.metadata or not (hd:=_re_head.search(c.source)) or c.source[:hd.start()].strip(): continue
+        i = cells.index(c)
+        for d in cells[i+1:]:
+            if (h:=_sd(d)):
+                if _plain(h.group(2))!=_plain(hd.group(2)): continue
+                d.source = d.source[:h.start()] + hd.group(1) + ' ' + h.group(2) + d.source[h.end():]
+                rest = c.source[hd.end():].strip()
+                cells.remove(d)
+                if rest: c.source = rest; cells.insert(i, d)  # the entry first, then the section's own prose
+                else: cells[i] = d
+                break
+            if d.cell_type=='markdown' and (e:=_re_head.search(d.source)) and len(e.group(1))<=len(hd.group(1)): break  # the next section
+    return nb
+
 def slug(s):
     "A heading's anchor as pandoc (quarto) makes it, which nbdev's `_modidx.py` links to: `CostProfiler.after_fit` -> `costprofiler.after_fit`"
     s = re.sub(r'\s+', '-', re.sub(r'[^\w\s.-]', '', s.strip().lower()))
     return re.sub(r'^[^a-z]+', '', s) or 'section'
 
-def param_table(c, mods):
-    "fastcore's docments table (`DocmentTbl`) for the symbol of a `show_doc` cell, looked up in the package's modules"
-    from fastcore.docments import DocmentTbl
+def showdoc_obj(c, mods):
+    "The object a `show_doc` cell documents, looked up in the package's modules; None if not found"
     try:
         call = next(n for n in ast.walk(ast.parse(c.metadata['showdoc'])) if isinstance(n, ast.Call) and getattr(n.func, 'id', '')=='show_doc')
         expr = ast.unparse(call.args[0])
-    except (StopIteration, SyntaxError, IndexError): return ''
+    except (StopIteration, SyntaxError, IndexError): return None
     for m in mods:
-        try: return DocmentTbl(eval(expr, vars(m)))._repr_markdown_()
+        try: return eval(expr, vars(m))
         except Exception: pass
-    return ''
+    return None
+
+def param_table(c, mods):
+    "fastcore's docments table (`DocmentTbl`) for the symbol of a `show_doc` cell, looked up in the package's modules"
+    from fastcore.docments import DocmentTbl
+    if (o:=showdoc_obj(c, mods)) is None: return ''
+    try: return DocmentTbl(o)._repr_markdown_()
+    except Exception: return ''
+
+def real_signature(md, o):
+    "An Enum's members instead of `show_doc`'s `(*args, **kwds)`; a dataclass shown as a `class`, its default factories written out"
+    import dataclasses, enum
+    if isinstance(o, type) and issubclass(o, enum.Enum):
+        base = next((b.__name__ for b in o.__mro__[1:] if issubclass(b, enum.Enum)), 'Enum')
+        body = '\n'.join(f'    {k} = {v.value!r}' for k,v in o.__members__.items())
+        return re.sub(r'```python\n.*?```', lambda m: f'```python\nclass {o.__name__}({base}):\n{body}\n```', md, count=1, flags=re.S)
+    if isinstance(o, type) and dataclasses.is_dataclass(o):
+        fac = {f.name: f.default_factory.__name__ for f in dataclasses.fields(o) if f.default_factory is not dataclasses.MISSING}
+        def _sig(m):
+            t = re.sub(r'^def ', 'class ', m.group(0), count=1, flags=re.M)
+            t = re.sub(r'(\w+)(:[^,=\n]*)?=<factory>', lambda n: f'{n.group(1)}{n.group(2) or ""}=field(default_factory={fac.get(n.group(1), "...")})', t)
+            return re.sub(r'\)->None:\n```$', '):\n```', t)
+        return re.sub(r'```python\n.*?```', _sig, md, count=1, flags=re.S)
+    return md
 
 _re_cmt,_re_src = re.compile(r'^(\s+.*?,) # .*$|^\s+# .*\n', re.M),re.compile(r'^\[source\]\(\S+\)\{[^}]*\}\s*\n', re.M)
 def showdoc_md(c, mods):
@@ -92,6 +142,7 @@ def showdoc_md(c, mods):
     if src: md = md.replace(src.group(0), '')
     if m:=re.search(r'^(#{1,6}) (.+)$', md, re.M):
         md = md[:m.start()] + '{.nbdev-showdoc}\n' + m.group(1) + ' ' + re.sub(r'([_*])', r'\\\1', m.group(2)) + '\n\n' + (src.group(0) if src else '') + md[m.end():]
+    md = real_signature(md, showdoc_obj(c, mods))
     if not (tbl:=param_table(c, mods)): return md
     md = re.sub(r'```python\n.*?```', lambda m: _re_cmt.sub(lambda n: n.group(1) or '', m.group(0)), md, count=1, flags=re.S)
     md = re.sub(r'^(\):\s*|\)\s*->.*?:) # .*$', r'\1', md, flags=re.M)
@@ -150,7 +201,9 @@ def stage(cfg, proc, src, names):
         apply_quarto_opts(nb)
         ms = sorted(mods.values(), key=lambda m: doc not in home[m.__name__])
         for c in nb.cells:
-            if 'showdoc' in c.metadata: c.source = showdoc_md(c, ms); del c.metadata['showdoc']
+            if 'showdoc' in c.metadata: c.source = showdoc_md(c, ms)
+        one_heading(nb)
+        for c in nb.cells: c.metadata.pop('showdoc', None)
         title,desc = fm.get('title', Path(name).stem),nbdev.doclinks.NbdevLookup().linkify(fm.get('description', ''))
         nb.cells.insert(0, nbformat.v4.new_markdown_cell(f'# {title}' + (f'\n\n{{.description}}\n{desc}' if desc else '')))
         nb.metadata['language_info'] = {'name': 'python'}
