@@ -48,7 +48,7 @@ def timed(f, clock):
 # %% ../nbs/02_timing.ipynb #9c9cba0b
 class TimeHooks:
     "Forward hooks on `mods` charging the time between consecutive hook events of the forward to the innermost running module; a recompute in backward goes to `bmarks`"
-    def __init__(self, mods, clock): self.mods,self.clock,self.hs,self.tracker = list(mods),clock,[],PhaseTracker(); self.start()
+    def __init__(self, mods, clock): self.mods,self.clock,self.hs,self.tracker = list(mods),clock,[],PhaseTracker(); TimeHooks.start(self)
     def __enter__(self):
         try:
             for i,m in enumerate(self.mods): self.hs += [m.register_forward_pre_hook(self._pre(i)), m.register_forward_hook(self._post())]
