@@ -123,5 +123,6 @@ class PhaseTracker:
 
     def unit(self, ph=None):
         "The innermost running unit of phase `ph` (default: the phase now; the recompute's for 'bwd'), None if none runs"
-        s = self.fstack if (ph or self.phase())=='fwd' else self.rstack
-        return s[-1] if s else None
+        if (ph or self.phase())=='fwd': return self.fstack[-1] if self.fstack else None
+        if torch._C._current_autograd_node() is not self.node: return None  # a recompute under another node: the open units are an old one's
+        return self.rstack[-1] if self.rstack else None
