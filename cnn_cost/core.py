@@ -97,8 +97,8 @@ class LayerRecord:
 # %% ../nbs/00_core.ipynb #5c84f1fe
 class PhaseTracker:
     "Which phase runs now, 'fwd', 'bwd' or 'recompute' (a forward run again inside backward by activation checkpointing), and the running units of each"
-    def __init__(self): self.reset()
-    def reset(self): self.fstack,self.rstack,self.node,self.n_rec = [],[],None,0
+    def __init__(self): self.fstack = []; self.reset()
+    def reset(self): self.fstack.clear(); self.rstack,self.node,self.n_rec = [],None,0  # `fstack` stays one list: hooks may hold it
 
     @staticmethod
     def phase():

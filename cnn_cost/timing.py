@@ -46,6 +46,7 @@ def timed(f, clock):
     return clock.ms(a, b)
 
 # %% ../nbs/02_timing.ipynb #9c9cba0b
+_gtid = torch._C._current_graph_task_id  # -1 outside autograd's backward: `PhaseTracker.phase` is 'fwd'
 class TimeHooks:
     "Forward hooks on `mods` charging the time between consecutive hook events of the forward to the innermost running module; a recompute in backward goes to `bmarks`"
     def __init__(self, mods, clock): self.mods,self.clock,self.hs,self.tracker = list(mods),clock,[],PhaseTracker(); TimeHooks.start(self)
@@ -63,18 +64,18 @@ class TimeHooks:
     def stack(self): return self.tracker.fstack
 
     def _pre(self, i):
-        stamp,tr = self.clock.stamp,self.tracker
+        stamp,tr,fs = self.clock.stamp,self.tracker,self.tracker.fstack
         def f(m, args):
             t = stamp()
-            if tr.push(i)=='fwd': self.marks.append((t, i)); self.calls[i] += 1
-            else: self.bmarks.append((t, i, tr.n_rec))  # a recompute (activation checkpointing): backward-phase work
+            if _gtid()==-1: fs.append(i); self.marks.append((t, i)); self.calls[i] += 1  # the forward: `PhaseTracker.push`'s fast path inline
+            else: tr.push(i); self.bmarks.append((t, i, tr.n_rec))  # a recompute (activation checkpointing): backward-phase work
         return f
     def _post(self):
-        stamp,tr = self.clock.stamp,self.tracker
+        stamp,tr,fs = self.clock.stamp,self.tracker,self.tracker.fstack
         def f(m, args, out):
-            t = stamp(); ph = tr.pop(); i = tr.unit(ph)
-            if ph=='fwd': self.marks.append((t, -1 if i is None else i))
-            else: self.bmarks.append((t, -1 if i is None else i, tr.n_rec))
+            t = stamp()
+            if _gtid()==-1: fs.pop(); self.marks.append((t, fs[-1] if fs else -1))
+            else: ph = tr.pop(); i = tr.unit(ph); self.bmarks.append((t, -1 if i is None else i, tr.n_rec))
         return f
 
     def times(self):
