@@ -120,7 +120,7 @@ class CostProfiler(Callback):
     def _init_state(self):
         self.hooks,self.units,self.recs,self.batches,self.rank_tables,self.skip_ptrs,self._ev,self._orig = None,None,None,[],None,set(),{},None
         self._on,self._t_end,self.model_name,self.counted_iter,self._bwd_seen = False,None,'',None,False
-        self.patterns,self._tries,self._label,self._n_pred = [],0,'',0  # the sets of modules the batches ran, and their counts
+        self.patterns,self._tries,self._label,self._n_pred,self._n_rc = [],0,'',0,0  # the sets of modules the batches ran, and their counts
 
     def _pattern(self, key, recs=None, it=None):
         "Index of the batch pattern `key` (the batch's label and each unit's number of forward calls); a new one is added"
@@ -223,8 +223,9 @@ def _one_batch(self:CostProfiler):
         if self.recs is None: return self._count() if self.train_iter>=self.skip-1 and self.n_batches!=0 else self._orig()  # 0: nothing to count for
         if not self._on: return self._orig()
         need = {p['label'] for p in self.patterns if p['recs'] is None}
-        if self._label in need or (need and self._tries):  # count, untimed, a batch of a labelled pattern not counted, or the next few of unlabelled ones
-            self._tries = max(self._tries-1, 0); self._on = False; return self._count()
+        if (self._label in need or (need and self._tries)) and self._n_rc<8:  # count, untimed, a batch of a labelled pattern not counted, or the next few
+            self._tries,self._n_rc,self._on = max(self._tries-1, 0),self._n_rc+1,False  # at most 8 counts more: batches that always differ (routing) stay timed
+            return self._count()
         with self.hooks as h:
             h.start(); ev = self._ev; ev['start'] = h.clock.stamp()
             try: self._orig()
