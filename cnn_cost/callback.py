@@ -34,7 +34,7 @@ class TrainHooks(TimeHooks):
         super().__init__(mods, clock)
         self.leaf,self.sth = list(leaf),None
         self.cuda = isinstance(clock, CUDAClock)
-        self.bmarks,self.armed,self.saves,self.mstack = [],set(),[],[]
+        self.armed,self.saves,self.mstack = set(),[],[]
         self.mem = [0]*len(self.mods)
 
     def __enter__(self):
@@ -55,12 +55,12 @@ class TrainHooks(TimeHooks):
 
     def start(self):
         super().start()
-        for o in (self.bmarks,self.armed,self.saves,self.mstack): o.clear()
+        for o in (self.armed,self.saves,self.mstack): o.clear()
         self.mem = [0]*len(self.mods)
 
     def _arm(self, i):
-        stamp,marks,armed = self.clock.stamp,self.bmarks,self.armed
-        def hook(g): marks.append((stamp(), i))
+        stamp,armed = self.clock.stamp,self.armed
+        def hook(g): self.bmarks.append((stamp(), i, 0))  # armed in the forward, or in a reentrant recompute whose graph the backward runs
         def f(m, args, out):
             for o in flat_tensors(out):
                 if not o.requires_grad or o.grad_fn is None: continue
@@ -69,22 +69,30 @@ class TrainHooks(TimeHooks):
         return f
 
     def _pack(self, t):
-        s = self.stack
-        self.saves.append((s[-1] if s else -1, _ptr(t), t.numel()*t.element_size()))
+        if self.tracker.phase()=='fwd':  # what the forward keeps; a recompute's saves live inside the backward
+            s = self.stack; self.saves.append((s[-1] if s else -1, _ptr(t), t.numel()*t.element_size()))
         return t.detach()  # not `t`: a saved output would then hold its own grad_fn, a reference cycle
 
-    def _mem_pre(self, m, args): self.mstack.append(torch.cuda.memory_allocated())
+    def _mem_pre(self, m, args):
+        if self.tracker.phase()=='fwd': self.mstack.append(torch.cuda.memory_allocated())
     def _mem_post(self, i):
-        def f(m, args, out): self.mem[i] += torch.cuda.memory_allocated()-self.mstack.pop()
+        def f(m, args, out):
+            if self.tracker.phase()=='fwd': self.mem[i] += torch.cuda.memory_allocated()-self.mstack.pop()
         return f
 
 # %% ../nbs/06_callback.ipynb #a28ed82b
 @patch
 def bwd_times(self:TrainHooks, t_end):
-    "ms of backward charged to each module: from each of its output-gradient hooks to the next hook (the last to `t_end`)"
-    res,ms,bm = [0.]*len(self.mods),self.clock.ms,self.bmarks+[(t_end,-1)]
-    for (a,i),(b,_) in zip(bm, bm[1:]): res[i] += ms(a, b)
-    return res
+    "ms of backward charged to each module, and the part of it that recomputes the forward: from each output-gradient or recompute hook to the next (the last to `t_end`)"
+    n,ms = len(self.mods),self.clock.ms
+    bwd,rec,bm,cur = [0.]*n,[0.]*n,self.bmarks+[(t_end,-1,0)],-1
+    for (a,i,k),(b,_,k2) in zip(bm, bm[1:]):
+        if not k: cur = i  # an output-gradient hook: module `i`'s backward runs
+        # `k`: the recompute's number. Torch stops a recompute once it has what backward needs, before the open modules' hooks fire:
+        # only up to the same recompute's next hook is it recompute; after its last hook, it is the backward node's
+        if k and i>=0 and k2==k: rec[i] += ms(a, b)
+        elif cur>=0: bwd[cur] += ms(a, b)
+    return [b+r for b,r in zip(bwd, rec)],rec
 
 @patch
 def saved(self:TrainHooks, skip=()):
@@ -102,7 +110,7 @@ _step_cols = ['data','forward','loss','backward','optimizer','other','total']
 class CostProfiler(Callback):
     "Profile per-layer forward and backward time, saved-for-backward bytes, memory and MACs of training batches"
     order,run_valid,remove_on_fetch = 5,False,True
-    _stateattrs = ('hooks','units','recs','batches','rank_tables','skip_ptrs','_ev','_orig')
+    _stateattrs = ('hooks','units','recs','batches','rank_tables','skip_ptrs','_ev','_orig','patterns')
     def __init__(self,
         skip:int=2, # Training batches of each `fit` left unprofiled first (warm-up); the last of them is counted (the first batch if `skip=0`)
         n_batches:int|None=10, # How many batches to profile at most (`None`: no limit)
@@ -112,7 +120,18 @@ class CostProfiler(Callback):
     def _init_state(self):
         self.hooks,self.units,self.recs,self.batches,self.rank_tables,self.skip_ptrs,self._ev,self._orig = None,None,None,[],None,set(),{},None
         self._on,self._t_end,self.model_name,self.counted_iter,self._bwd_seen = False,None,'',None,False
+        self.patterns,self._tries,self._label,self._n_pred,self._n_rc = [],0,'',0,0  # the sets of modules the batches ran, and their counts
         self.compiled = False
+
+    def _pattern(self, key, recs=None, it=None):
+        "Index of the batch pattern `key` (the batch's label and each unit's number of forward calls); a new one is added"
+        i = next((i for i,p in enumerate(self.patterns) if p['key']==key), None)
+        if i is None:
+            i = len(self.patterns); self.patterns.append(dict(key=key, label=key[0] or f'pattern {i}', recs=None, counted_iter=None))
+            self._tries = 0 if key[0] else 4  # count up to 4 of the next batches to meet an unlabelled new pattern again
+        p = self.patterns[i]
+        if p['recs'] is None and recs is not None: p['recs'],p['counted_iter'] = recs,it
+        return i
 
     def _want(self, i):
         return (self.recs is not None and i>self.counted_iter and i>=self.skip and (i-self.skip)%self.every==0
@@ -144,9 +163,13 @@ def before_train(self:CostProfiler): self._t_end = time.perf_counter_ns()
 def before_batch(self:CostProfiler):
     t = time.perf_counter_ns()
     self._on,self._iter = self._want(self.train_iter),self.train_iter
+    gm = getattr(self.learn.model, 'gen_mode', None)  # fastai's `GANModule`: the generator's or the critic's step
+    self._label = '' if gm is None else 'generator' if gm else 'critic'
     if self._on: self._ev,self._data_ms = {},(t-self._t_end)/1e6 if self._t_end else np.nan
 @patch
-def after_pred(self:CostProfiler): self._stamp('after_pred')
+def after_pred(self:CostProfiler):
+    self._stamp('after_pred')
+    if self._on: self._n_pred = len(self.hooks.marks)  # marks after this: modules that ran inside the loss (`GANLoss`)
 @patch
 def after_loss(self:CostProfiler): self._stamp('after_loss')
 @patch
@@ -182,9 +205,14 @@ def _count(self:CostProfiler):
 def _finish_count(self:CostProfiler, c):
     "Records of the counted batch, and the hooks for the profiled ones"
     model,xb = self.learn.model,self.learn.xb
+    if self.recs is not None:  # a batch of a pattern not counted yet: the units (and hooks) stay those of the first count
+        by = {r.name: r for r in c.records()}
+        recs = [by[n] for n,m,k in self.units]
+        self._pattern((self._label, tuple(r.calls for r in recs)), recs, self.train_iter); return
     dev = batch_device(model, xb)
     self.units,self.recs = costed(c.units, c.records())
     self.counted_iter = self.train_iter
+    self._pattern((self._label, tuple(r.calls for r in self.recs)), self.recs, self.train_iter)
     self.input_shapes,self.device,self.model_name = [t.shape for t in flat_tensors(xb)],dev,type(eager_module(model)).__name__
     self.skip_ptrs = {_ptr(t) for t in list(model.parameters())+list(model.buffers())}
     self.compiled = is_compiled(model)  # compiled code runs no hook, or compiles ours in: the step split only (`StepHooks`)
@@ -196,6 +224,10 @@ def _one_batch(self:CostProfiler):
         if not self.training: return self._orig()
         if self.recs is None: return self._count() if self.train_iter>=self.skip-1 and self.n_batches!=0 else self._orig()  # 0: nothing to count for
         if not self._on: return self._orig()
+        need = {p['label'] for p in self.patterns if p['recs'] is None}
+        if (self._label in need or (need and self._tries)) and self._n_rc<8:  # count, untimed, a batch of a labelled pattern not counted, or the next few
+            self._tries,self._n_rc,self._on = max(self._tries-1, 0),self._n_rc+1,False  # at most 8 counts more: batches that always differ (routing) stay timed
+            return self._count()
         cw = CPUWait()  # run-queue wait over the batch, read before and after it, never in a hook
         with self.hooks as h:
             h.start(); ev = self._ev; cw.start(); ev['start'] = h.clock.stamp()
@@ -210,12 +242,15 @@ def _collect(self:CostProfiler):
     h,ev = self.hooks,self._ev
     fwd = h.times()
     ms = lambda a,b: h.clock.ms(ev[a], ev[b]) if a in ev and b in ev else 0.
-    bwd = h.bwd_times(ev['after_backward']) if 'after_backward' in ev else [0.]*len(fwd)
+    bwd,rec = h.bwd_times(ev['after_backward']) if 'after_backward' in ev else ([0.]*len(fwd),[0.]*len(fwd))
     saved,saved_tot = h.saved(self.skip_ptrs)
     st = dict(data=self._data_ms, forward=ms('start','after_pred'), loss=ms('after_pred','after_loss'),
               backward=ms('before_backward','after_backward'), optimizer=ms('before_step','end'), total=ms('start','end'))
     st['other'] = st['total']-st['forward']-st['loss']-st['backward']-st['optimizer']
-    self.batches.append(dict(iter=self._iter, fwd=fwd, bwd=bwd, saved=saved, saved_total=saved_tot, mem=list(h.mem), step=st, wait=self._wait))
+    # which modules ran, how often: cheap, from the timing hooks (a compiled model runs none: one pattern)
+    pat,inl = (0,False) if self.compiled else (self._pattern((self._label, tuple(h.calls))), len(h.marks)>self._n_pred)
+    self.batches.append(dict(iter=self._iter, fwd=fwd, bwd=bwd, rec=rec, saved=saved, saved_total=saved_tot, mem=list(h.mem), step=st,
+                             pattern=pat, in_loss=inl, wait=self._wait))
     h.start()  # drops the armed graph nodes and marks now rather than at the next profiled batch
 
 # %% ../nbs/06_callback.ipynb #42197e55
@@ -223,9 +258,10 @@ def _collect(self:CostProfiler):
 def _table(self:CostProfiler):
     "This rank's plain per-batch numbers, the input of `summary` and what ranks send to rank 0"
     B = self.batches
-    return dict(rank=rank_distrib(), names=[n for n,m,k in self.units or []], fwd=[b['fwd'] for b in B], bwd=[b['bwd'] for b in B],
+    return dict(rank=rank_distrib(), names=[n for n,m,k in self.units or []], fwd=[b['fwd'] for b in B], bwd=[b['bwd'] for b in B], rec=[b['rec'] for b in B],
                 saved=[b['saved'] for b in B], mem=[b['mem'] for b in B], steps=[b['step'] for b in B],
-                saved_total=[b['saved_total'] for b in B], iters=[b['iter'] for b in B], wait=[b['wait'] for b in B])
+                saved_total=[b['saved_total'] for b in B], iters=[b['iter'] for b in B],
+                patterns=[b['pattern'] for b in B], in_loss=[b['in_loss'] for b in B], wait=[b['wait'] for b in B])
 
 @patch
 def _gather(self:CostProfiler):
@@ -237,8 +273,9 @@ def _gather(self:CostProfiler):
 # %% ../nbs/06_callback.ipynb #d191531f
 class TrainProfile:
     "What a `CostProfiler` measured in one `fit`, as plain data that outlives the callback: `summary()`, `steps()`, `plot()`"
-    def __init__(self, recs, kinds, tables, model_name='', input_shapes=(), device='cpu', skip=0, counted_iter=None, compiled_frames=None):
+    def __init__(self, recs, kinds, tables, model_name='', input_shapes=(), device='cpu', skip=0, counted_iter=None, patterns=None, compiled_frames=None):
         store_attr()
+        self.patterns = patterns or [dict(key=('', tuple(r.calls for r in recs)), label='pattern 0', recs=recs, counted_iter=counted_iter)]
 
     def steps(self):
         "The step split of each profiled batch (ms; on all ranks after a distributed fit)"
@@ -249,45 +286,99 @@ def profile(self:CostProfiler):
     "The `TrainProfile` of the current or last `fit`"
     if self.recs is None: raise ValueError("Nothing profiled yet: fit for more than `skip` training batches first")
     return TrainProfile(deepcopy(self.recs), [k for n,m,k in self.units], self.rank_tables or [self._table()], self.model_name,
-                        self.input_shapes, self.device, self.skip, self.counted_iter, list(self.hooks.frames) if self.compiled else None)
+                        self.input_shapes, self.device, self.skip, self.counted_iter, deepcopy(self.patterns),
+                        list(self.hooks.frames) if self.compiled else None)
 
 @patch
 def steps(self:CostProfiler): return self.profile.steps()
 
 # %% ../nbs/06_callback.ipynb #8cd01191
-def _imed(xs): m = np.median(xs); return int(m) if m==m else np.nan  # NaN: not measured
+_sum_fields = 'macs elem_ops bwd_macs bwd_elem_ops recompute_macs recompute_elem_ops act_elems act_bytes in_bytes'.split()
+def _merged(pats, w):
+    "Records of several batch patterns `pats` in one: work averaged with weights `w` (profiled batches per pattern), calls the most of any"
+    res = deepcopy(next(p['recs'] for p in pats if p['recs'] is not None))
+    cp = [(p,x) for p,x in zip(pats, w) if p['recs'] is not None and x]
+    tot = sum(x for _,x in cp) or 1
+    for j,r in enumerate(res):
+        for f in _sum_fields: setattr(r, f, sum(getattr(p['recs'][j], f)*x for p,x in cp)/tot)
+        r.calls = max(p['key'][1][j] for p in pats)
+        ran = [p['recs'][j] for p,_ in cp if p['recs'][j].calls]
+        if ran: r.shapes,r.macs_src,r.bwd_src = ran[0].shapes,ran[0].macs_src,ran[0].bwd_src
+    return res
+
+def _med0(xs):
+    "Median of `xs` ignoring NaN, 0 if there is none (a module that never ran saved nothing)"
+    xs = [x for x in xs if x==x]
+    return int(np.median(xs)) if xs else 0
+
+def _pattern_index(pats, pattern):
+    if isinstance(pattern, int) and 0<=pattern<len(pats): return pattern
+    i = next((i for i,p in enumerate(pats) if p['label']==pattern), None)
+    if i is None: raise ValueError(f"No batch pattern {pattern!r}: the profiled batches ran {[p['label'] for p in pats]} (an index or a label)")
+    return i
+
+def _sums(s):
+    "How the rows of `s` sum against its step, in percent"
+    return f"{100*s.total_time_ms/s.forward_ms:.0f}% of the forward, {100*s.total_bwd_ms/s.steps.backward.median():.0f}% of the backward"
 
 @patch
-def summary(self:TrainProfile)->CostSummary:
-    "`CostSummary` of the profiled batches: per layer median/mean/p90 forward and backward ms, saved bytes, MACs; step split in `notes`"
-    ts = self.tables
+def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
+    "`CostSummary` of the profiled batches (of batch `pattern` only: its index or label, e.g. 'generator'): per layer median/mean/p90 forward and backward ms, saved bytes, MACs; step split in `notes`"
+    ts,P = self.tables,self.patterns
     if not any(t['fwd'] for t in ts): raise ValueError("No batch profiled yet: fit for more than `skip` training batches first")
-    recs = deepcopy(self.recs)
-    cat = lambda k,j: [b[j] for t in ts for b in t[k]]
+    q = None if pattern is None else _pattern_index(P, pattern)
+    pb = lambda t: t.get('patterns') or [0]*len(t['fwd'])
+    sel = [(t,b) for t in ts for b,x in enumerate(pb(t)) if q is None or x==q]  # (table, batch) of the batches described
+    if not sel: raise ValueError(f"No profiled batch ran pattern {pattern!r}")
+    w = [sum(pb(t)[b]==i for t,b in sel) for i in range(len(P))]
+    n_all = [sum(x==i for t in ts for x in pb(t)) for i in range(len(P))]
+    one = P[0] if q is None and len(P)==1 else P[q] if q is not None else None
+    recs = deepcopy(one['recs']) if one is not None and one['recs'] is not None else _merged(P if one is None else [one]+P, w if one is None else [1]+[0]*len(P))
+    ran = lambda t,b,j: len(P)==1 or P[pb(t)[b]]['key'][1][j]>0  # a module that did not run in a batch has no time there: NaN, not 0
+    cat = lambda k,j: [t[k][b][j] if ran(t,b,j) else np.nan for t,b in sel]
     for j,(k,r) in enumerate(zip(self.kinds, recs)):
         r.times = cat('fwd', j)
-        r.bwd_times = cat('bwd', j) if k=='leaf' else []
-        r.saved_bytes,r.mem_bytes = _imed(cat('saved', j)),_imed(cat('mem', j))
-    res = CostSummary(recs, self.model_name, self.input_shapes, self.device, n_warmup=self.skip, n_passes=sum(len(t['fwd']) for t in ts),
-                      cpu_wait=wait_share(w for t in ts for w in t.get('wait', [(None,0)])))
+        rec = cat('rec', j) if all('rec' in t for t in ts) else []
+        r.bwd_times = cat('bwd', j) if k=='leaf' or np.nansum(rec) else []  # a parent's own backward is untimed, its recompute is timed
+        r.recompute_times = rec if np.nansum(rec) else []
+        r.saved_bytes,r.mem_bytes = (np.nan,np.nan) if self.compiled_frames is not None else (_med0(cat('saved', j)),_med0(cat('mem', j)))  # compiled: not measured
+    res = CostSummary(recs, self.model_name, self.input_shapes, self.device, n_warmup=self.skip, n_passes=len(sel),
+                      cpu_wait=wait_share(w for t,b in sel for w in [t.get('wait', [(None,0)]*len(t['fwd']))[b]]))
     st = self.steps()
+    if q is not None: st = st[[x==q for t in ts for x in pb(t)]]
     res.steps = st
     med = st[_step_cols].median()
+    in_loss = any(t.get('in_loss', [False]*len(t['fwd']))[b] for t,b in sel)
+    f_ms,f_what = (med.forward+med.loss,'forward and loss (modules also ran inside the loss)') if in_loss else (med.forward,'forward')
+    res.forward_ms = f_ms
+    its = sorted({p['counted_iter'] for p in ([P[q]] if q is not None else P) if p['counted_iter'] is not None})
     res.notes = [f"Training step on {self.device}, median of {len(st)} profiled batches: " +
                  ', '.join(f"{c} {med[c]:.2f}" for c in _step_cols[:-1]) + f"; total {med.total:.2f} ms (data: host time since the previous batch)",
-                 f"Rows sum to {res.total_time_ms:.2f} ms of the {med.forward:.2f} ms forward ({100*res.total_time_ms/med.forward:.1f}%) and "
-                 f"{res.total_bwd_ms:.2f} ms of the {med.backward:.2f} ms backward ({100*res.total_bwd_ms/med.backward:.1f}%)",
-                 f"Saved for backward: {human(np.median([s for t in ts for s in t['saved_total']]),'B')} (each storage once); "
-                 f"MACs forward {human(res.total_macs)}, backward {human(res.df.bwd_macs.sum())}, counted op by op on training batch {self.counted_iter}"]
-    if getattr(self, 'compiled_frames', None) is not None: res.notes[1:2] = _compiled_notes(self, len(st))
+                 (f"Rows sum to {res.total_time_ms:.2f} ms of the {f_ms:.2f} ms {f_what} ({100*res.total_time_ms/f_ms:.1f}%) and "
+                  f"{res.total_bwd_ms:.2f} ms of the {med.backward:.2f} ms backward ({100*res.total_bwd_ms/med.backward:.1f}%)" if q is not None or len(P)==1 else
+                  "Rows sum the medians of each module over the batches that ran it; per pattern, rows sum to " +
+                  ', '.join(f"{p['label']}: {_sums(self.summary(i))}" for i,p in enumerate(P) if w[i])),
+                 f"Saved for backward: {human(np.median([t['saved_total'][b] for t,b in sel]),'B')} (each storage once); "
+                 f"MACs forward {human(res.total_macs)}, backward {human(res.df.bwd_macs.sum())}, counted op by op on training batch {', '.join(map(str, its))}"]
+    if self.compiled_frames is not None: res.notes[1:2] = _compiled_notes(self, len(st))
+    rm = res.df.recompute_macs.sum()
+    if rm or 'recompute_ms' in res.df:
+        res.notes.append(f"Activation checkpointing: the backward recomputed {human(rm)} MACs" + (f" in {res.df.recompute_ms.sum():.2f} ms" if 'recompute_ms' in res.df else '') +
+                         " of the forward; they are in the backward columns (`recompute_macs`, `recompute_ms`), the forward is counted once")
+    if len(P)>1:
+        desc = '; '.join(f"{p['label']}: {n_all[i]} batches" + ('' if p['recs'] is not None else ' (not counted: MACs from the others)') for i,p in enumerate(P))
+        res.notes.append(f"The profiled batches ran {len(P)} different patterns of modules ({desc}). " +
+                         (f"This table: {P[q]['label']} only; what it lists as never called ran in the others." if q is not None else
+                          "This table: MACs averaged over the profiled batches, times the median over the batches in which each module ran; "
+                          "`summary(pattern=...)` shows one pattern, whose rows sum to its step"))
     if len(ts)>1: _add_rank_cols(res, ts)
     return res
 
 @patch
-def summary(self:CostProfiler)->CostSummary:
+def summary(self:CostProfiler, pattern:int|str|None=None)->CostSummary:
     "`CostSummary` of the profiled batches of the current or last `fit` (see `TrainProfile.summary`)"
     if not self.batches and not self.rank_tables: raise ValueError("No batch profiled yet: fit for more than `skip` training batches first")
-    return self.profile.summary()
+    return self.profile.summary(pattern)
 
 # %% ../nbs/06_callback.ipynb #becf0fea
 def _add_rank_cols(res, ts):
@@ -339,7 +430,7 @@ class StepHooks:
     def remove(self): pass
     def start(self): self.clock.reset(); self.f0 = _frames()
     def times(self): self.clock.sync(); self.frames.append(_frames()-self.f0); return [np.nan]*self.n  # once per profiled batch, in `_collect`
-    def bwd_times(self, t_end): return [np.nan]*self.n
+    def bwd_times(self, t_end): return [np.nan]*self.n,[np.nan]*self.n  # backward and recompute, as `TrainHooks.bwd_times`
     def saved(self, skip=()): return [np.nan]*self.n, np.nan
     @property
     def mem(self): return [np.nan]*self.n

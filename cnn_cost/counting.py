@@ -257,11 +257,11 @@ class OpTally:
 
 # %% ../nbs/01_counting.ipynb #3f514851
 class OpCounter(TorchDispatchMode):
-    "Charge every aten op to a unit: forward ops to `unit()`, backward ops to the unit whose forward made the running autograd node"
-    def __init__(self, n, unit):
+    "Charge every aten op to a unit: forward and recompute ops to `unit()`, backward ops to the unit whose forward or recompute made the running autograd node"
+    def __init__(self, n, unit, tracker=None):
         super().__init__()
-        self.fwd,self.bwd,self.outside = [OpTally() for _ in range(n)],[OpTally() for _ in range(n)],OpTally()
-        self.unit,self.nodes,self.pending = unit,{},[]
+        self.fwd,self.bwd,self.rec,self.outside = [OpTally() for _ in range(n)],[OpTally() for _ in range(n)],[OpTally() for _ in range(n)],OpTally()
+        self.unit,self.tracker,self.nodes,self.pending = unit,ifnone(tracker, PhaseTracker()),{},[]
 
     def _map_nodes(self):
         "The autograd nodes of the last op's outputs, which autograd attached after the op returned, belong to its unit"
@@ -270,19 +270,24 @@ class OpCounter(TorchDispatchMode):
             if t is not None and t.grad_fn is not None: self.nodes.setdefault(t.grad_fn, i)
         self.pending = []
 
+    def unit_now(self):
+        "The unit running now: the forward's or recompute's innermost unit, or in backward the unit whose node runs; -1 for none"
+        i = self.nodes.get(torch._C._current_autograd_node()) if self.tracker.phase()=='bwd' else self.unit()
+        return -1 if i is None else i
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.pending: self._map_nodes()
         out = func(*args, **kwargs)
-        node = torch._C._current_autograd_node()
-        if node is None:
+        ph = self.tracker.phase()
+        if ph=='bwd':
+            i = self.nodes.get(torch._C._current_autograd_node())
+            tally = self.outside if i is None else self.bwd[i]
+        else:
             i = self.unit()
             if i is None: return out
-            tally = self.fwd[i]
-            if torch.is_grad_enabled(): self.pending = [(weakref.ref(t), i) for t in flat_tensors(out)]
-        else:
-            i = self.nodes.get(node)
-            tally = self.outside if i is None else self.bwd[i]
+            tally = (self.fwd if ph=='fwd' else self.rec)[i]
+            if torch.is_grad_enabled(): self.pending = [(weakref.ref(t), i) for t in flat_tensors(out)]  # a reentrant recompute's nodes run its backward
         tally.add(func, args, kwargs, out)
         return out
 
@@ -326,12 +331,15 @@ def _finish(r, m, rule, tally, args, kwargs, out):
         macs,elem = rule(m, [t.shape for t in ins], [t.shape for t in outs])
         r.macs += macs; r.elem_ops += elem
 
-def _finish_bwd(r, rule, t):
-    "Backward work of a unit from the ops charged to it; a layer rule's gradient products where its backward ran ops without a formula"
-    if not t.n_ops: return
-    r.bwd_elem_ops,r.bwd_unknown_ops = t.elem_ops,sorted(t.unknown)
-    if t.unknown and rule is not None: r.bwd_macs,r.bwd_src = r.macs*(r.inreq + r.trainable),'rule'
-    else: r.bwd_macs,r.bwd_src = t.macs,('uncounted' if t.unknown else 'ops')
+def _finish_bwd(r, rule, t, rt=None):
+    "Backward work of a unit from the ops charged to it, its recompute (`rt`, activation checkpointing) included; a layer rule's gradient products where its backward ran ops without a formula"
+    rt = ifnone(rt, OpTally())
+    r.recompute_macs,r.recompute_elem_ops = rt.macs,rt.elem_ops
+    if not (t.n_ops or rt.n_ops): return
+    unk = t.unknown | rt.unknown
+    r.bwd_elem_ops,r.bwd_unknown_ops = t.elem_ops+rt.elem_ops,sorted(unk)
+    if t.unknown and rule is not None: r.bwd_macs,r.bwd_src = r.macs*(r.inreq + r.trainable) + rt.macs,'rule'
+    else: r.bwd_macs,r.bwd_src = t.macs+rt.macs,('uncounted' if unk else 'ops')
 
 # %% ../nbs/01_counting.ipynb #dd98b35c
 _warned = set()
@@ -343,15 +351,16 @@ class Counting:
         self.recs = [LayerRecord(n, type(m).__name__, k, block=next((b for b in blocks if n==b or n.startswith(b+'.')), ''))
                      for n,m,k in self.units]
         self.rules = [find_rule(m) if k=='leaf' else None for n,m,k in self.units]
-        self.stack,self.hs = [],[]
-        self.counter = OpCounter(len(self.units), lambda: self.stack[-1] if self.stack else None)
+        self.tracker,self.hs = PhaseTracker(),[]
+        self.counter = OpCounter(len(self.units), self.tracker.unit, self.tracker)
 
     def _pre(self, i):
-        def f(m, args, kw): self.stack.append(i)
+        def f(m, args, kw): self.tracker.push(i)
         return f
     def _post(self, i):
         r,rule,t = self.recs[i],self.rules[i],self.counter.fwd[i]
-        def f(m, args, kw, out): self.stack.pop(); _finish(r, m, rule, t, args, kw, out)
+        def f(m, args, kw, out):
+            if self.tracker.pop()=='fwd': _finish(r, m, rule, t, args, kw, out)  # a recompute in backward is counted from its ops, as backward work
         return f
 
     def __enter__(self):
@@ -366,17 +375,17 @@ class Counting:
         finally: self._remove()
     def _remove(self):
         for h in self.hs: h.remove()
-        self.hs,self.stack = [],[]
+        self.hs = []; self.tracker.reset()
 
     def records(self, warn=True):
         "The `LayerRecord` of every unit: forward and backward work, shapes, calls and parameters (each counted once); `param_units` set"
         c = self.counter
         self.param_units = _assign_params(self.units, self.recs, c.fwd)  # {id(parameter): index of the unit whose row counts it}
-        for r,rule,t,bt in zip(self.recs, self.rules, c.fwd, c.bwd):
+        for r,rule,t,bt,rt in zip(self.recs, self.rules, c.fwd, c.bwd, c.rec):
             if rule is None: r.macs,r.elem_ops,r.macs_src = t.macs,t.elem_ops,('uncounted' if t.unknown else 'ops')
             else: r.macs_src = 'rule'
             r.unknown_ops = sorted(t.unknown)
-            _finish_bwd(r, rule, bt)
+            _finish_bwd(r, rule, bt, rt)
         if not warn: return self.recs
         new = {o for r in self.recs for o in (r.unknown_ops if r.macs_src=='uncounted' else []) + (r.bwd_unknown_ops if r.bwd_src=='uncounted' else [])} - _warned
         if new:

@@ -54,10 +54,8 @@ class MemCounter(OpCounter):
         self.size,self.blocks,self.idx,self.refs,self.trace,self.phase = ifnone(size, lambda n: n),[],{},{},[],'pre'
 
     def cur_unit(self):
-        "The unit running now: the forward's innermost module, or the unit whose forward made the running backward node; -1 for none"
-        node = torch._C._current_autograd_node()
-        i = self.unit() if node is None else self.nodes.get(node)
-        return -1 if i is None else i
+        "The unit running now (`OpCounter.unit_now`: the phase from its `PhaseTracker`, a recompute charged to its units); -1 for none"
+        return self.unit_now()
 
     def block(self, t):
         "The `Block` of tensor `t`'s storage, None if it is not tracked"
@@ -107,7 +105,7 @@ class MemCounting(Counting):
     "`Counting` with a `MemCounter` (storages sized by `size`, default their bytes), which also marks every unit's outputs"
     def __init__(self, model, units=None, size=None):
         super().__init__(model, units)
-        self.counter = MemCounter(len(self.units), lambda: self.stack[-1] if self.stack else None, size)
+        self.counter = MemCounter(len(self.units), self.tracker.unit, size)
     def _post(self, i):
         f,c = super()._post(i),self.counter
         def g(m, args, kw, out):

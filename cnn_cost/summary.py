@@ -81,13 +81,14 @@ class CostSummary:
         self.df = self._frame(called)
 
     def _frame(self, recs):
-        df = pd.DataFrame([asdict(r) for r in recs]).drop(columns=['times','shapes','bwd_times'])
+        df = pd.DataFrame([asdict(r) for r in recs]).drop(columns=['times','shapes','bwd_times','recompute_times'])
         df.insert(3, 'output_shape', [r.output_shape for r in recs])
         for c,k in [('time_ms','times')] + [('bwd_ms','bwd_times')]*any(r.bwd_times for r in recs):
             ts = _padded([getattr(r,k) for r in recs])
             with warnings.catch_warnings():  # a row never timed (a counting-only summary) is NaN, not a warning
                 warnings.simplefilter('ignore', RuntimeWarning)
                 df[c],df[c+'_min'],df[c+'_max'],df[c+'_mean'],df[c+'_p90'] = [f(ts, 1) for f in (np.nanmedian,np.nanmin,np.nanmax,np.nanmean,_p90)]
+        if any(r.recompute_times for r in recs): df['recompute_ms'] = np.nanmedian(_padded([r.recompute_times or [0.] for r in recs]), 1)  # part of bwd_ms
         for c,s in [('macs','pct_macs'), ('time_ms','pct_time'), ('act_bytes','pct_act'), ('bwd_ms','pct_bwd')]:
             if c in df: df[s] = _pct(df[c].fillna(0)).where(df[c].notna())  # a row not timed has no share either
         chan_first = any(r.type in ('Conv1d','ConvTranspose1d') for r in recs)

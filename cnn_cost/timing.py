@@ -84,9 +84,10 @@ def wait_share(pairs):
     return sum(w for w,t in pairs)/sum(t for w,t in pairs)
 
 # %% ../nbs/02_timing.ipynb #9c9cba0b
+_gtid = torch._C._current_graph_task_id  # -1 outside autograd's backward: `PhaseTracker.phase` is 'fwd'
 class TimeHooks:
-    "Forward hooks on `mods` charging the time between consecutive hook events to the innermost running module"
-    def __init__(self, mods, clock): self.mods,self.clock,self.hs,self.marks,self.stack = list(mods),clock,[],[],[]
+    "Forward hooks on `mods` charging the time between consecutive hook events of the forward to the innermost running module; a recompute in backward goes to `bmarks`"
+    def __init__(self, mods, clock): self.mods,self.clock,self.hs,self.tracker = list(mods),clock,[],PhaseTracker(); TimeHooks.start(self)
     def __enter__(self):
         try:
             for i,m in enumerate(self.mods): self.hs += [m.register_forward_pre_hook(self._pre(i)), m.register_forward_hook(self._post())]
@@ -96,17 +97,23 @@ class TimeHooks:
     def remove(self):
         for h in self.hs: h.remove()
         self.hs = []
-    def start(self): self.marks,self.stack = [],[]; self.clock.reset()
+    def start(self): self.marks,self.bmarks,self.calls = [],[],[0]*len(self.mods); self.tracker.reset(); self.clock.reset()
+    @property
+    def stack(self): return self.tracker.fstack
 
     def _pre(self, i):
-        stamp = self.clock.stamp
-        def f(m, args): self.marks.append((stamp(), i)); self.stack.append(i)
+        stamp,tr,fs = self.clock.stamp,self.tracker,self.tracker.fstack
+        def f(m, args):
+            t = stamp()
+            if _gtid()==-1: fs.append(i); self.marks.append((t, i)); self.calls[i] += 1  # the forward: `PhaseTracker.push`'s fast path inline
+            else: tr.push(i); self.bmarks.append((t, i, tr.n_rec))  # a recompute (activation checkpointing): backward-phase work
         return f
     def _post(self):
-        stamp = self.clock.stamp
+        stamp,tr,fs = self.clock.stamp,self.tracker,self.tracker.fstack
         def f(m, args, out):
-            t = stamp(); s = self.stack; s.pop()
-            self.marks.append((t, s[-1] if s else -1))
+            t = stamp()
+            if _gtid()==-1: fs.pop(); self.marks.append((t, fs[-1] if fs else -1))
+            else: ph = tr.pop(); i = tr.unit(ph); self.bmarks.append((t, -1 if i is None else i, tr.n_rec))
         return f
 
     def times(self):
