@@ -424,6 +424,7 @@ Learner.cost_profile = property(_cost_profile, _set_cost_profile, doc="The `Trai
 # %% ../nbs/06_callback.ipynb #c16c0002
 class StepHooks:
     "`TrainHooks`' place on a compiled model: no hook at all, every per-layer number NaN; `frames`: frames dynamo compiled in each profiled batch"
+    marks = ()  # no hook, no mark
     def __init__(self, mods, leaf, clock): self.n,self.clock,self.frames,self.f0 = len(list(mods)),clock,[],0
     def __enter__(self): return self
     def __exit__(self, *args): pass
