@@ -6,17 +6,18 @@ Docs: https://cnn-cost.github.io/cnn_cost/counting.html.md"""
 
 # %% auto #0
 __all__ = ['aten', 'layer_rule', 'runs_stock', 'find_rule', 'conv_cost', 'linear_cost', 'bilinear_cost', 'rnn_cost', 'op_rule',
-           'native_mha_macs', 'native_encoder_layer_macs', 'attention_macs', 'sdpa_macs', 'sdpa_backward_macs',
-           'flash_fwd_macs', 'efficient_fwd_macs', 'flash_bwd_macs', 'efficient_bwd_macs', 'mv_macs', 'dot_macs',
-           'addmm_act_macs', 'addbmm_macs', 'op_name', 'op_kind', 'is_complex', 'op_cost', 'OpTally', 'composite',
-           'OpCounter', 'has_row', 'shape_of', 'Counting', 'count_pass']
+           'native_mha_macs', 'native_encoder_layer_macs', 'linear_macs', 'attention_macs', 'sdpa_macs',
+           'sdpa_backward_macs', 'flash_fwd_macs', 'efficient_fwd_macs', 'flash_bwd_macs', 'efficient_bwd_macs',
+           'mv_macs', 'dot_macs', 'addmm_act_macs', 'addbmm_macs', 'op_name', 'op_kind', 'is_complex', 'op_cost',
+           'OpTally', 'composite', 'OpCounter', 'has_row', 'shape_of', 'Counting', 'count_pass', 'plain_ops',
+           'path_note']
 
 # %% ../nbs/01_counting.ipynb #501dc5bc
-import torch, torch.nn as nn, math, warnings, weakref, collections
+import torch, torch.nn as nn, math, warnings, weakref, collections, numpy as np
 from torch.nn.utils import parametrize
 from dataclasses import dataclass, field
 from torch.utils.flop_counter import flop_registry
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from fastcore.basics import *
 from .core import *
 
@@ -102,15 +103,23 @@ def _attn_macs(b, lq, lk, e, ffn=0):
     "In-projections, scores, weighted values and out-projection of attention; plus a 2-layer MLP of width `ffn`"
     return b*(lq*e*e + 2*lk*e*e + 2*lq*lk*e + lq*e*e + 2*lq*e*ffn)
 
+def _lens(t):
+    "Sequence lengths of the batch `t` (batch, length, dim) or (length, dim), dense or nested (the padding-mask fast path: one length per sequence)"
+    return t._nested_tensor_size()[:, -2].tolist() if t.is_nested else [t.shape[-2]]*(t.shape[0] if t.dim()==3 else 1)
+
 @op_rule(aten._native_multi_head_attention)
 def native_mha_macs(q, k, v, embed_dim, *args, **kwargs):
-    return _attn_macs(q.shape[0] if q.dim()==3 else 1, q.shape[-2], k.shape[-2], embed_dim)
+    return sum(_attn_macs(1, lq, lk, embed_dim) for lq,lk in zip(_lens(q), _lens(k)))
 
 @op_rule(aten._transformer_encoder_layer_fwd)
 def native_encoder_layer_macs(src, embed_dim, num_heads, qkv_w, qkv_b, proj_w, proj_b, use_gelu, norm_first, eps,
                               nw1, nb1, nw2, nb2, ffn_w1, *args, **kwargs):
-    l = src.shape[-2]
-    return _attn_macs(src.shape[0] if src.dim()==3 else 1, l, l, embed_dim, ffn_w1.shape[0])
+    return sum(_attn_macs(1, l, l, embed_dim, ffn_w1.shape[0]) for l in _lens(src))
+
+@op_rule(aten.linear)
+def linear_macs(x, w, b=None):
+    "`F.linear` reaches a dispatch mode whole on a nested tensor only (elsewhere it decomposes into `mm`/`addmm`): `x.numel()` times out-features"
+    return x.numel()*(w.shape[0] if w.dim()==2 else 1)
 
 # %% ../nbs/01_counting.ipynb #a77e0001
 def attention_macs(q, k, v, backward=False, seq_first=False):
@@ -163,7 +172,7 @@ _zero_ops = set(_aten('detach', 'alias', 'lift_fresh', 'lift_fresh_copy', '_loca
     'new_empty', 'new_empty_strided', 'zeros', 'zeros_like', 'new_zeros', 'ones', 'ones_like', 'new_ones', 'full', 'full_like', 'new_full',
     'scalar_tensor', 'arange', 'linspace', 'logspace', 'eye', '_efficientzerotensor', 'rand', 'rand_like', 'randn', 'randn_like',
     'randint', 'randint_like', 'randperm', 'fill', 'fill_', 'zero_', '_unsafe_view', '_reshape_alias', 'unsafe_split', 'unsafe_split_with_sizes', 'unsafe_chunk',
-    'as_strided_', 'resize_', 'set_') + [getattr(torch.ops.prim, 'device', None)]) - {None}  # prim.device: a metadata query (fake tensors)
+    'as_strided_', 'resize_', 'set_', '_nested_tensor_size', '_nested_tensor_strides', '_nested_tensor_storage_offsets') + [getattr(torch.ops.prim, 'device', None)]) - {None}  # prim.device: a metadata query (fake tensors)
 _elem_ops = set(_aten(
     # selects (every overload: `masked_fill.Tensor` and `where.Scalar` carry no pointwise tag)
     'masked_fill', 'masked_fill_', 'where',
@@ -207,6 +216,7 @@ _elem_ops = set(_aten(
     'masked_scatter', 'masked_select', 'select_backward', 'slice_backward', 'slice_scatter', 'select_scatter', 'diagonal_scatter',
     'as_strided_scatter', 'tril', 'triu', 'tril_', 'triu_', 'sort', 'topk', 'cumsum', 'cumsum_', 'cumprod', 'nonzero',
     '_unique2', 'unique_dim', 'bucketize', 'searchsorted', '_pack_padded_sequence', '_pad_packed_sequence',
+    '_nested_tensor_from_mask', '_nested_tensor_from_mask_left_aligned', 'to_padded_tensor', '_nested_from_padded', '_nested_tensor_from_tensor_list',
     # losses
     'nll_loss_forward', 'nll_loss_backward', 'nll_loss2d_forward', 'nll_loss2d_backward', 'mse_loss', 'mse_loss_backward', 'l1_loss',
     'smooth_l1_loss', 'smooth_l1_loss_backward', 'huber_loss', 'huber_loss_backward', 'binary_cross_entropy', 'binary_cross_entropy_backward',
@@ -343,7 +353,8 @@ def has_row(name, kind, rec):
 # %% ../nbs/01_counting.ipynb #43d386dc
 def shape_of(t:torch.Tensor):
     "`t.shape`; for a nested tensor (ragged lengths), the shape of its padded form: the largest size along each dim"
-    return torch.Size([t.size(0), *t._nested_tensor_size().amax(0).tolist()]) if t.is_nested else t.shape
+    if not t.is_nested: return t.shape
+    with _disable_current_modes(): return torch.Size([t.size(0), *t._nested_tensor_size().amax(0).tolist()])  # not an op of the model
 
 def _finish(r, m, rule, tally, args, kwargs, out):
     "Record one call of a unit"
@@ -436,3 +447,18 @@ def count_pass(model:nn.Module, xb:tuple, units=None, kwargs=None, backward=Fals
         else:
             with torch.no_grad(): model(*xb, **(kwargs or {}))
     return c.records()
+
+# %% ../nbs/01_counting.ipynb #c16a0002
+def plain_ops(model:nn.Module, xb:tuple, kwargs=None):
+    "The aten ops run (a `Counter` of names) and the `OpTally` of one `model(*xb, **kwargs)` without module hooks, under `no_grad`"
+    with OpCounter(1, lambda: 0) as c, torch.no_grad(): model(*xb, **(kwargs or {}))
+    return c.ops, c.fwd[0]
+
+def path_note(hooked, plain, tally, macs, plain_ms=()):
+    "A note when the hooked pass ran other ops (`hooked`, a `Counter`) than the unhooked one (`plain`, with `tally`); `macs`: the rows' total; '' if the same"
+    if hooked==plain: return ''
+    def _ops(c): return ', '.join(f'{k} x{v}' if v>1 else k for k,v in sorted(c.items())) or 'nothing else'
+    ms = f"; the unhooked passes take {np.median(plain_ms):.3f} ms (`plain_ms`)" if len(plain_ms) else ''
+    return (f"Hooks change what this model runs (a fast path that module hooks switch off): without them it runs {_ops(plain-hooked)} "
+            f"instead of {_ops(hooked-plain)}, {tally.macs:,} MACs{' (uncounted ops: '+', '.join(sorted(tally.unknown))+')' if tally.unknown else ''} "
+            f"against {int(macs):,} in the rows. The rows and their times describe the hooked path{ms}.")
