@@ -82,14 +82,16 @@ def _input_hint(model, xb):
     return ''
 
 def _count(model, xb, units, kw):
-    "The counting pass, with lazy modules initialised by it named in the notes, and a clear error for a batch of the wrong size"
+    "The counting pass, with lazy modules initialised by it named in the notes, a clear error for a batch of the wrong size, and the ops of the hooked and plain passes"
     lazy = [n for n,m in model.named_modules() if any(is_lazy(p) for p in m.parameters(recurse=False))]
-    try: recs = count_pass(model, xb, units, kw)
+    try:
+        with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)
+        recs,path = c.records(),(c.counter.ops, *plain_ops(model, xb, kw))  # did the hooks change the path? (`path_note`)
     except Exception as e:
         hint = _input_hint(model, xb)
         if hint: raise ValueError(f"{type(model).__name__} cannot run on the batch {[list(t.shape) for t in flat_tensors(xb)]} ({e}). {hint}") from e
         raise
-    return recs, ([f"Lazy modules initialised by this first forward: {', '.join(lazy)}"] if lazy else [])
+    return recs, ([f"Lazy modules initialised by this first forward: {', '.join(lazy)}"] if lazy else []), path
 
 def model_cost(model:nn.Module, # Any PyTorch model
                *xb, # Its inputs: one batch, on the model's device
@@ -106,7 +108,7 @@ def model_cost(model:nn.Module, # Any PyTorch model
     def fwd(): return model(*xb, **kw)
     with torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else []), preserved_state(model), torch.no_grad(), (autocast or contextlib.nullcontext()):
         model.eval()
-        recs,notes = _count(model, xb, units, kw)
+        recs,notes,path = _count(model, xb, units, kw)
         units,recs = costed(units, recs)
         mods = units.itemgot(1)
         for _ in range(n_warmup): fwd()
@@ -117,7 +119,7 @@ def model_cost(model:nn.Module, # Any PyTorch model
             plain.append(p); hooked.append(h)
             for r,t in zip(recs, ts): r.times.append(t)
     res = CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup, 1+n_warmup+2*n_repeat)
-    res.notes += notes
+    res.notes += notes + [o for o in [path_note(*path, res.total_macs, plain)] if o]
     return res
 
 # %% ../nbs/05_learner.ipynb #7c0929f5
