@@ -8,9 +8,9 @@ Docs: https://cnn-cost.github.io/cnn_cost/counting.html.md"""
 __all__ = ['aten', 'layer_rule', 'runs_stock', 'find_rule', 'conv_cost', 'linear_cost', 'bilinear_cost', 'rnn_cost', 'op_rule',
            'native_mha_macs', 'native_encoder_layer_macs', 'linear_macs', 'attention_macs', 'sdpa_macs',
            'sdpa_backward_macs', 'flash_fwd_macs', 'efficient_fwd_macs', 'flash_bwd_macs', 'efficient_bwd_macs',
-           'mv_macs', 'dot_macs', 'addmm_act_macs', 'addbmm_macs', 'op_name', 'op_kind', 'is_complex', 'op_cost',
-           'OpTally', 'composite', 'OpCounter', 'has_row', 'shape_of', 'Counting', 'count_pass', 'plain_ops',
-           'path_note']
+           'mv_macs', 'dot_macs', 'addmm_act_macs', 'addbmm_macs', 'packed_tensors', 'quantized_linear_macs',
+           'quantized_rnn_macs', 'op_name', 'op_kind', 'is_complex', 'op_cost', 'OpTally', 'composite', 'OpCounter',
+           'has_row', 'shape_of', 'Counting', 'count_pass', 'plain_ops', 'path_note']
 
 # %% ../nbs/01_counting.ipynb #501dc5bc
 import torch, torch.nn as nn, math, warnings, weakref, collections, numpy as np
@@ -166,6 +166,33 @@ def dot_macs(a, b, **kwargs): return a.numel()
 def addmm_act_macs(inp, a, b, *args, **kwargs): return a.shape[0]*a.shape[1]*b.shape[1]
 @op_rule(aten.addbmm)
 def addbmm_macs(inp, a, b, *args, **kwargs): return a.shape[0]*a.shape[1]*a.shape[2]*b.shape[2]
+
+# %% ../nbs/01_counting.ipynb #c16a0010
+def packed_tensors(o):
+    "The tensors inside `o`, a quantized model's packed parameters (a `torch.ScriptObject`, or lists of them), unpacked; each once"
+    res = {}
+    def _walk(o):
+        if isinstance(o, torch.Tensor): res.setdefault((o.data_ptr(), o.numel(), o.dtype), o)
+        elif isinstance(o, (list, tuple)):
+            for x in o: _walk(x)
+        elif isinstance(o, torch.ScriptObject):
+            for k in ('unpack', '__getstate__'):  # packed linear weights unpack to (weight, bias); an RNN cell's parameters hold packed linears
+                if o._has_method(k): return _walk(getattr(o, k)())
+    _walk(o)
+    return list(res.values())
+
+def _qops(*names): return [getattr(torch.ops.quantized, n) for n in names if hasattr(torch.ops.quantized, n)]
+
+@op_rule(*_qops('linear_dynamic', 'linear_relu_dynamic', 'linear_dynamic_fp16', 'linear', 'linear_relu'))
+def quantized_linear_macs(x, packed, *args, **kwargs):
+    "Quantized `linear` (`quantize_dynamic`, static quantization): `x.numel()` times out-features of the packed weight"
+    return x.numel()*packed.unpack()[0].shape[0]
+
+@op_rule(*_aten('quantized_lstm', 'quantized_gru'))
+def quantized_rnn_macs(x, *args, **kwargs):
+    "`quantized_lstm`/`quantized_gru` (`quantize_dynamic` on `nn.LSTM`/`nn.GRU`): each step's input times every packed weight (gates, layers, directions)"
+    ps = next(a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.ScriptObject))
+    return math.prod(x.shape[:-1])*sum(w.numel() for w in packed_tensors(ps) if w.dim()==2)
 
 # %% ../nbs/01_counting.ipynb #3687a073
 _zero_ops = set(_aten('detach', 'alias', 'lift_fresh', 'lift_fresh_copy', '_local_scalar_dense', 'empty', 'empty_like', 'empty_strided',
@@ -326,28 +353,38 @@ class OpCounter(TorchDispatchMode):
         return out
 
 # %% ../nbs/01_counting.ipynb #37477607
+def _packed_in(m, called):
+    "Packed quantized parameters of `m` and of its submodules that never ran (`LinearPackedParams`, an LSTM's `PackedParameter`s): `{key: tensor}`"
+    res = {(id(o),j):x for o in vars(m).values() if isinstance(o, torch.ScriptObject) for j,x in enumerate(packed_tensors(o))}
+    for c in m.children():
+        if id(c) not in called: res.update(_packed_in(c, called))
+    return res
+
 def _assign_params(units, recs, tallies):
-    "Each row's parameters (its module's and those its ops read) counted once across rows, in row order; uncalled units keep the rest. `{id(param): unit}`"
-    seen = {}
+    "Each row's parameters (its module's, those its ops read, packed ones) counted once across rows, in row order; uncalled units keep the rest. `{key: unit}`"
+    seen,called = {},{id(m) for (n,m,k),r in zip(units, recs) if r.calls}
     for i,((n,m,k),r,t) in enumerate(zip(units, recs, tallies)):
         if not r.calls: continue
-        ps = list({id(p):p for p in [*m.parameters(recurse=k=='leaf'), *t.params.values()]}.values())
-        sh = [p for p in ps if id(p) in seen]
-        r.params,r.shared_params = sum(p.numel() for p in ps),sum(p.numel() for p in sh)
-        r.shared_with,r.trainable = (recs[seen[id(sh[0])]].name if sh else ''),(ps[0].requires_grad if ps else False)
-        r.param_bytes = sum(p.numel()*p.element_size() for p in ps)
-        for p in ps: seen.setdefault(id(p), i)
+        ps = {id(p):p for p in [*m.parameters(recurse=k=='leaf'), *t.params.values()]} | _packed_in(m, called)
+        sh = [p for p in ps if p in seen]
+        r.params,r.shared_params = sum(p.numel() for p in ps.values()),sum(ps[p].numel() for p in sh)
+        r.shared_with,r.trainable = (recs[seen[sh[0]]].name if sh else ''),(first(ps.values()).requires_grad if ps else False)
+        r.param_bytes = sum(p.numel()*p.element_size() for p in ps.values())
+        for p in ps: seen.setdefault(p, i)
     for i,((n,m,k),r) in enumerate(zip(units, recs)):
         if r.calls: continue
-        own = list(m.parameters(recurse=k=='leaf'))
-        ps,used = [p for p in own if id(p) not in seen],[recs[seen[id(p)]].name for p in own if id(p) in seen]
+        own = {id(p):p for p in m.parameters(recurse=k=='leaf')} | _packed_in(m, set())
+        ps,used = [own[p] for p in own if p not in seen],[recs[seen[p]].name for p in own if p in seen]
         r.params,r.trainable,r.param_bytes = sum(p.numel() for p in ps),any(p.requires_grad for p in ps),sum(p.numel()*p.element_size() for p in ps)
         r.shared_with = used[0] if used else ''  # the row that uses this never-called module's parameters
-        for p in ps: seen.setdefault(id(p), i)
+        for p in own: seen.setdefault(p, i)
     return seen
 
+_packed_holders = {'LinearPackedParams', 'EmbeddingPackedParams', 'PackedParameter'}  # hold a quantized layer's weights; the layer runs, they never do
+
 def has_row(name, kind, rec):
-    "Whether a unit gets a row in the tables: leaves, the model itself, and parents with ops or parameters of their own"
+    "Whether a unit gets a row in the tables: leaves (not a quantized layer's never-run weight holders), the model itself, and parents with ops or parameters of their own"
+    if rec.calls==0 and rec.type in _packed_holders and rec.shared_with: return False
     return kind=='leaf' or name=='' or bool(rec.macs or rec.elem_ops or rec.unknown_ops or rec.params)
 
 # %% ../nbs/01_counting.ipynb #43d386dc
