@@ -8,13 +8,14 @@ Docs: https://cnn-cost.github.io/cnn_cost/counting.html.md"""
 __all__ = ['aten', 'layer_rule', 'runs_stock', 'find_rule', 'conv_cost', 'linear_cost', 'bilinear_cost', 'rnn_cost', 'op_rule',
            'native_mha_macs', 'native_encoder_layer_macs', 'linear_macs', 'attention_macs', 'sdpa_macs',
            'sdpa_backward_macs', 'flash_fwd_macs', 'efficient_fwd_macs', 'flash_bwd_macs', 'efficient_bwd_macs',
-           'mv_macs', 'dot_macs', 'addmm_act_macs', 'addbmm_macs', 'packed_tensors', 'quantized_linear_macs',
-           'quantized_rnn_macs', 'op_name', 'op_kind', 'is_complex', 'op_cost', 'OpTally', 'composite', 'OpCounter',
-           'has_row', 'shape_of', 'Counting', 'count_pass', 'plain_ops', 'path_note']
+           'mv_macs', 'dot_macs', 'addmm_act_macs', 'mkldnn_rnn_layer_macs', 'addbmm_macs', 'packed_tensors',
+           'quantized_linear_macs', 'quantized_rnn_macs', 'op_name', 'op_kind', 'is_complex', 'op_cost', 'OpTally',
+           'composite', 'OpCounter', 'has_row', 'shape_of', 'Counting', 'count_pass', 'plain_ops', 'path_note']
 
 # %% ../nbs/01_counting.ipynb #501dc5bc
 import torch, torch.nn as nn, math, warnings, weakref, collections, numpy as np
 from torch.nn.utils import parametrize
+from torch.nn.modules.lazy import LazyModuleMixin
 from dataclasses import dataclass, field
 from torch.utils.flop_counter import flop_registry
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -35,7 +36,8 @@ def layer_rule(*types):
 # %% ../nbs/01_counting.ipynb #f0bfcc56
 def runs_stock(m:nn.Module, t:type):
     "Whether `m` runs the stock computation of `t`, the class whose rule it would get: no `forward` of its own, no computed weight, no pre-hook"
-    if 'forward' in vars(m) or parametrize.is_parametrized(m) or m._forward_pre_hooks: return False  # `m.forward = ...`; a parametrized weight; weight_norm
+    pre = [h for h in m._forward_pre_hooks.values() if getattr(h, '__func__', None) is not LazyModuleMixin._infer_parameters]  # weight_norm's, not a lazy init
+    if 'forward' in vars(m) or parametrize.is_parametrized(m) or pre: return False  # `m.forward = ...`; a parametrized weight; a weight computed by a hook
     for k in ('forward', '_conv_forward'):  # the class whose code runs: `t`'s own, or torch's subclass of `t` in `t`'s module (`Conv2d` of `_ConvNd`)
         c = next((c for c in type(m).__mro__ if k in vars(c)), None)
         if c is not None and c not in t.__mro__ and not (issubclass(c, t) and c.__module__==t.__module__): return False
@@ -54,6 +56,7 @@ def conv_cost(m, ins, outs):
     k = math.prod(m.kernel_size)
     macs = math.prod(ins[0])*(m.out_channels//m.groups)*k if m.transposed else math.prod(outs[0])*(m.in_channels//m.groups)*k
     return macs, (math.prod(outs[0]) if m.bias is not None else 0)
+conv_cost.complex_macs = 3  # torch convolves complex tensors as 3 real convolutions (Gauss's trick, `complex_convolution`): 3 real MACs each
 
 # %% ../nbs/01_counting.ipynb #5a0a6ef2
 @layer_rule(nn.Linear)
@@ -164,6 +167,10 @@ def mv_macs(*args, **kwargs): m = [a for a in args if isinstance(a, torch.Tensor
 def dot_macs(a, b, **kwargs): return a.numel()
 @op_rule(aten._addmm_activation)
 def addmm_act_macs(inp, a, b, *args, **kwargs): return a.shape[0]*a.shape[1]*b.shape[1]
+@op_rule(*_aten('mkldnn_rnn_layer'))
+def mkldnn_rnn_layer_macs(x, w_ih, w_hh, *args, **kwargs):
+    "oneDNN's recurrent layer (CPU `nn.LSTM`), one layer and direction: every step's input and hidden state times all gates' weights"
+    return math.prod(x.shape[:-1])*(w_ih.numel() + w_hh.numel())
 @op_rule(aten.addbmm)
 def addbmm_macs(inp, a, b, *args, **kwargs): return a.shape[0]*a.shape[1]*a.shape[2]*b.shape[2]
 
@@ -302,7 +309,7 @@ class OpTally:
         self.macs += macs; self.elem_ops += elem; self.n_ops += 1
         if not known: self.unknown.add(op_name(func))
         ins = flat_tensors((args, kwargs))
-        if macs and is_complex(ins): self.complex = True
+        if is_complex(ins): self.complex = True
         for t in ins:
             if isinstance(t, nn.Parameter): self.params.setdefault(id(t), t)
         if k!='zero':
@@ -405,7 +412,7 @@ def _finish(r, m, rule, tally, args, kwargs, out):
         r.in_bytes += act_size(ins)[1]
     if rule is not None:
         macs,elem = rule(m, [t.shape for t in ins], [t.shape for t in outs])
-        if is_complex(ins+outs): macs,r.complex_macs = 4*macs,True  # a rule counts complex MACs: 4 real MACs each
+        if is_complex(ins+outs): macs,r.complex_macs = getattr(rule, 'complex_macs', 4)*macs,True  # real MACs per complex MAC: 4, or as the rule says
         r.macs += macs; r.elem_ops += elem
 
 def _finish_bwd(r, rule, t):
