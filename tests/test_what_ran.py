@@ -87,18 +87,19 @@ def test_rule_equals_ops_timm(name):
     n, bad = _rule_vs_ops(model, (torch.randn(1, *model.pretrained_cfg.get('input_size', (3,224,224)), device='meta'),))
     assert n > 0 and not bad, f"{name}: rule vs ops {bad}"
 
+@pytest.mark.parametrize('grad', [True, False])
 @pytest.mark.parametrize('kw', [dict(), dict(num_layers=2, bidirectional=True), dict(proj_size=3)])
 @pytest.mark.parametrize('cls', [nn.LSTM, nn.GRU, nn.RNN])
-def test_rnn_rule_equals_ops_in_training(cls, kw):
-    """The recurrent rule against the ops of the composite path (training with grad: `aten.lstm` decomposes into matmuls on CPU;
-    under `no_grad` CPU runs the fused `mkldnn_rnn_layer`, which has no formula, and the rule counts it)"""
+def test_rnn_rule_equals_ops(cls, kw, grad):
+    """The recurrent rule against the ops the same call ran: on CPU oneDNN's `mkldnn_rnn_layer` (LSTM; `mkldnn_rnn_layer_macs`),
+    or the matmuls of the composite path (GRU, RNN, projected LSTM)"""
     if cls is not nn.LSTM and 'proj_size' in kw: pytest.skip('proj_size is LSTM only')
     torch.manual_seed(0)
     m, x = cls(4, 6, **kw), torch.randn(5, 3, 4)
-    with Counting(m) as c: m(x)
+    with Counting(m) as c, torch.set_grad_enabled(grad): m(x)
     r, t = c.records(warn=False)[0], c.counter.fwd[0]
     assert r.macs_src == 'rule'
-    if t.unknown: pytest.skip(f'this torch runs {sorted(t.unknown)} for {cls.__name__} in training: no ops to compare')
+    if t.unknown: pytest.skip(f'this torch runs {sorted(t.unknown)} for {cls.__name__}: no ops to compare')
     assert r.macs == t.macs
 
 # --- 2. complex numbers: one complex MAC = 4 real MACs ---
