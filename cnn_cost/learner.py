@@ -118,7 +118,7 @@ def model_cost(model:nn.Module, # Any PyTorch model
             else:   p = timed(fwd, clock); h,ts = _hooked(fwd, mods, clock)
             plain.append(p); hooked.append(h)
             for r,t in zip(recs, ts): r.times.append(t)
-    res = CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup, 1+n_warmup+2*n_repeat)
+    res = CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup, 2+n_warmup+2*n_repeat)  # 2: counting and `plain_ops`
     res.notes += notes + [o for o in [path_note(*path, res.total_macs, plain)] if o]
     return res
 
