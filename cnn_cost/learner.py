@@ -86,7 +86,10 @@ def _count(model, xb, units, kw):
     lazy = [n for n,m in model.named_modules() if any(is_lazy(p) for p in m.parameters(recurse=False))]
     try:
         with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)
-        recs,path = c.records(),(c.counter.ops, *plain_ops(model, xb, kw))  # did the hooks change the path? (`path_note`)
+        recs = c.records()
+        if lazy:  # that forward also initialised lazy modules: compare the ops of a second one
+            with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)
+        path = (c.counter.ops, *plain_ops(model, xb, kw))  # did the hooks change the path? (`path_note`)
     except Exception as e:
         hint = _input_hint(model, xb)
         if hint: raise ValueError(f"{type(model).__name__} cannot run on the batch {[list(t.shape) for t in flat_tensors(xb)]} ({e}). {hint}") from e

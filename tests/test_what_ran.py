@@ -193,6 +193,8 @@ def test_hooks_switch_off_fast_path():
     ops, t = plain_ops(enc, (x,))
     assert dict(ops) == {'_transformer_encoder_layer_fwd': 1} and t.macs == hand
     assert not any(n.startswith('Hooks change') for n in model_cost(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), x, n_warmup=0, n_repeat=1).notes)
+    lazy = model_cost(nn.Sequential(nn.LazyLinear(8), nn.ReLU()), x, n_warmup=0, n_repeat=1)   # its initialisation in the first forward is no other path
+    assert lazy.total_macs == 2*4*8*8 and not any(n.startswith('Hooks change') for n in lazy.notes)
 
 def test_nested_padding_mask():
     """With `src_key_padding_mask` the unhooked encoder packs the 6 real tokens into a nested tensor:
