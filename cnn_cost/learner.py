@@ -86,10 +86,9 @@ def _count(model, xb, units, kw):
     lazy = [n for n,m in model.named_modules() if any(is_lazy(p) for p in m.parameters(recurse=False))]
     try:
         with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)
-        recs = c.records()
-        if lazy:  # that forward also initialised lazy modules: compare the ops of a second one
-            with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)
-        path = (c.counter.ops, *plain_ops(model, xb, kw))  # did the hooks change the path? (`path_note`)
+        recs,plain = c.records(),plain_ops(model, xb, kw)  # did the hooks change the path? (`path_note`)
+        with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)  # not the first forward's ops: lazy init, a reset hidden state
+        path = (c.counter.ops, *plain)
     except Exception as e:
         hint = _input_hint(model, xb)
         if hint: raise ValueError(f"{type(model).__name__} cannot run on the batch {[list(t.shape) for t in flat_tensors(xb)]} ({e}). {hint}") from e
@@ -121,7 +120,7 @@ def model_cost(model:nn.Module, # Any PyTorch model
             else:   p = timed(fwd, clock); h,ts = _hooked(fwd, mods, clock)
             plain.append(p); hooked.append(h)
             for r,t in zip(recs, ts): r.times.append(t)
-    res = CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup, 2+n_warmup+2*n_repeat)  # 2: counting and `plain_ops`
+    res = CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup, 3+n_warmup+2*n_repeat)  # 3: counting, and the unhooked and hooked op passes
     res.notes += notes + [o for o in [path_note(*path, res.total_macs, plain)] if o]
     return res
 
