@@ -78,7 +78,7 @@ class CostSummary:
         self.bwd_unknown_ops = _ops_rows(called, 'bwd_src', 'bwd_unknown_ops')
         self.df = self._frame(called)
         cx = [r.name or r.type for r in called if r.complex_macs]
-        if cx: self.notes.append(f"Complex tensors in {', '.join(cx)}: MACs are real MACs, 4 per complex multiply-accumulate")
+        if cx: self.notes.append(f"Complex tensors in {', '.join(cx)}: MACs are real MACs, 4 per complex multiply-accumulate (3 in convolutions, as torch runs them)")
 
     def _frame(self, recs):
         df = pd.DataFrame([asdict(r) for r in recs]).drop(columns=['times','shapes','bwd_times'])
