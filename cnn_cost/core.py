@@ -87,6 +87,7 @@ class LayerRecord:
     in_bytes:int=0; param_bytes:int=0     # inputs read (summed over calls); parameters (once)
     macs:float=0.; elem_ops:float=0.      # multiply-accumulates; elementwise operations
     macs_src:str=''                       # 'rule', 'ops' (counted from aten ops) or 'uncounted'
+    complex_macs:bool=False               # MACs ran on complex tensors: counted in real MACs (4 per complex MAC; 3 in convolutions)
     unknown_ops:list=field(default_factory=list) # aten ops without a MAC formula that ran in the unit's forward
     inreq:bool=False                      # an input needed a gradient (its backward computes one)
     bwd_macs:float=0.; bwd_elem_ops:float=0. # backward work, counted from the backward's aten ops (`count_pass(backward=True)`), a recompute included

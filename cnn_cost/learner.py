@@ -138,14 +138,18 @@ def _input_hint(model, xb):
     return ''
 
 def _count(model, xb, units, kw):
-    "The counting pass, with lazy modules initialised by it named in the notes, and a clear error for a batch of the wrong size"
+    "The counting pass, with lazy modules initialised by it named in the notes, a clear error for a batch of the wrong size, and the ops of the hooked and plain passes"
     lazy = [n for n,m in model.named_modules() if any(is_lazy(p) for p in m.parameters(recurse=False))]
-    try: recs = count_pass(model, xb, units, kw)
+    try:
+        with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)
+        recs,plain = c.records(),plain_ops(model, xb, kw)  # did the hooks change the path? (`path_note`)
+        with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)  # not the first forward's ops: lazy init, a reset hidden state
+        path = (c.counter.ops, *plain)
     except Exception as e:
         hint = _input_hint(model, xb)
         if hint: raise ValueError(f"{type(model).__name__} cannot run on the batch {[list(t.shape) for t in flat_tensors(xb)]} ({e}). {hint}") from e
         raise
-    return recs, ([f"Lazy modules initialised by this first forward: {', '.join(lazy)}"] if lazy else [])
+    return recs, ([f"Lazy modules initialised by this first forward: {', '.join(lazy)}"] if lazy else []), path
 
 def model_cost(model:nn.Module, # Any PyTorch model
                *xb, # Its inputs: one batch, on the model's device
@@ -164,7 +168,7 @@ def model_cost(model:nn.Module, # Any PyTorch model
     def fwd(): return model(*xb, **kw)
     with run_eager(comp), torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else []), preserved_state(model), torch.no_grad(), (autocast or contextlib.nullcontext()):
         model.eval()
-        recs,notes = _count(model, xb, units, kw)
+        recs,notes,path = _count(model, xb, units, kw)
         units,recs = costed(units, recs)
         mods = units.itemgot(1)
         for _ in range(n_warmup): fwd()
@@ -177,8 +181,8 @@ def model_cost(model:nn.Module, # Any PyTorch model
             if n_repeat is None and i+1>=n_min_repeat and settled(recs): break
         cw.stop()
     res = CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup,
-                      1+n_warmup+len(hooked)+len(plain), cpu_wait=cw.share)
-    res.notes += notes
+                      3+n_warmup+len(hooked)+len(plain), cpu_wait=cw.share)  # 3: counting, and the unhooked and hooked op passes
+    res.notes += notes + [o for o in [path_note(*path, res.total_macs, plain)] if o]
     if is_compiled(comp): _time_compiled(res, comp, model, xb, kw, clock, n_warmup, n_repeat, autocast)
     return res
 

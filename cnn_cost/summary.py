@@ -79,6 +79,8 @@ class CostSummary:
         self.unknown_ops = _ops_rows(called, 'macs_src', 'unknown_ops')
         self.bwd_unknown_ops = _ops_rows(called, 'bwd_src', 'bwd_unknown_ops')
         self.df = self._frame(called)
+        cx = [r.name or r.type for r in called if r.complex_macs]
+        if cx: self.notes.append(f"Complex tensors in {', '.join(cx)}: MACs are real MACs, 4 per complex multiply-accumulate (3 in convolutions, as torch runs them)")
 
     def _frame(self, recs):
         df = pd.DataFrame([asdict(r) for r in recs]).drop(columns=['times','shapes','bwd_times','recompute_times'])

@@ -1,0 +1,241 @@
+"""Every row describes what ran: layer rules only where the module runs its class's stock computation (LoRA-style subclasses, instance
+`forward`s, parametrized and weight-normed layers are counted from their ops), a rule equal to the ops it stands for over the torchvision
+and timm corpora, complex tensors in real MACs, the same counts under `inference_mode`, `no_grad` and grad enabled, fast paths that hooks
+switch off, and dynamic-quantized models. References: hand counts, and `torch.utils.flop_counter.FlopCounterMode` (FLOPs / 2) where it
+counts the same thing (it counts a complex product as one MAC and the nested fast path as nothing, so those are hand counts)."""
+import warnings, pytest, torch, torch.nn as nn, torchvision
+from torch.nn.utils import parametrize
+from torch.utils.flop_counter import FlopCounterMode
+from cnn_cost.all import *
+from cnn_cost.counting import Counting, find_rule, plain_ops, path_note
+from test_published_macs import build, TIMM
+
+def fc_macs(model, *xb, **kw):
+    with FlopCounterMode(display=False) as fc, torch.no_grad(): model(*xb, **kw)
+    return fc.get_total_flops()//2
+
+def rows(model, *xb, **kw): return {r.name: r for r in count_pass(model, xb, kwargs=kw)}
+
+# --- 1. rules never hide executed work ---
+class LoRALinear(nn.Linear):
+    "A LoRA-style layer: the frozen linear plus a rank-`r` update `x Aᵀ Bᵀ`"
+    def __init__(self, i, o, r):
+        super().__init__(i, o); self.A,self.B = nn.Parameter(torch.randn(r, i)),nn.Parameter(torch.randn(o, r))
+    def forward(self, x): return super().forward(x) + x @ self.A.t() @ self.B.t()
+
+def test_lora_subclass_counted_from_ops():
+    "256 → 256, rank 8, batch 32: 32·256·256 + 32·256·8 + 32·8·256 = 2,228,224 (the Linear rule alone: 2,097,152)"
+    torch.manual_seed(0)
+    m, x = LoRALinear(256, 256, 8), torch.randn(32, 256)
+    hand = 32*256*256 + 32*256*8 + 32*8*256
+    r = rows(m, x)['']
+    assert (r.macs, r.macs_src) == (hand, 'ops') == (2_228_224, 'ops')
+    assert fc_macs(m, x) == hand
+    assert model_cost(m, x, n_warmup=0, n_repeat=1).total_macs == hand
+
+class PlainSub(nn.Linear): pass   # a subclass that runs the stock forward keeps the rule
+
+class Scaled(nn.Conv2d):
+    "A conv that overrides `_conv_forward`, not `forward` (weight-standardised convs do this): its ops count"
+    def _conv_forward(self, x, w, b): return super()._conv_forward(x, w - w.mean((1,2,3), keepdim=True), b)
+
+class LowRank(nn.Module):
+    "A parametrization: the weight is computed as `U V` on every access"
+    def __init__(self, o, i, r): super().__init__(); self.U,self.V = nn.Parameter(torch.randn(o, r)),nn.Parameter(torch.randn(r, i))
+    def forward(self, w): return self.U @ self.V
+
+def test_rule_only_for_stock_forward():
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    assert find_rule(PlainSub(16, 4)) is not None and find_rule(nn.LazyLinear(4)) is not None and find_rule(nn.LSTM(4, 4)) is not None
+    inst = nn.Linear(16, 4); f = inst.forward; inst.forward = lambda x: f(x) + f(2*x)   # an instance-level override
+    par = nn.Linear(16, 16); parametrize.register_parametrization(par, 'weight', LowRank(16, 16, 4))
+    wn = torch.nn.utils.weight_norm(nn.Linear(16, 4))   # old-style: a forward pre-hook computes the weight
+    sc = Scaled(3, 4, 3)
+    for m in (inst, par, wn, sc): assert find_rule(m) is None, type(m)
+    got = {k: {r.name: r for r in count_pass(nn.Sequential(m), (xb,))}['0'] for k,m,xb in [('sub', PlainSub(16, 4), x), ('inst', inst, x), ('par', par, x),
+                                                                    ('wn', wn, x), ('sc', sc, torch.randn(2, 3, 8, 8))]}
+    assert (got['sub'].macs_src, got['sub'].macs) == ('rule', 8*16*4)
+    assert (got['inst'].macs_src, got['inst'].macs) == ('ops', 2*8*16*4)
+    # a parametrized layer is a parent (its parametrization is a child module): U V on the child's row, the linear on its own
+    rs = {r.name: r for r in count_pass(nn.Sequential(par), (x,))}
+    assert (got['par'].kind, got['par'].macs_src, got['par'].macs, rs['0.parametrizations.weight.0'].macs) == ('own', 'ops', 8*16*16, 16*4*16)
+    assert sum(r.macs for r in rs.values()) == fc_macs(nn.Sequential(par), x) == 8*16*16 + 16*4*16
+    assert (got['wn'].macs_src, got['wn'].macs) == ('ops', 8*16*4) and got['wn'].elem_ops > 4*16   # the norm of the weight is its work
+    assert (got['sc'].macs_src, got['sc'].macs) == ('ops', 2*4*6*6*3*9) and got['sc'].elem_ops > 0
+
+def _rule_vs_ops(model, xb):
+    "Rows whose rule MACs differ from the MACs of the aten ops the same call ran (one pass: ops are tallied for every unit)"
+    with Counting(model) as c, torch.no_grad(): model(*xb)
+    recs = c.records(warn=False)
+    n_rule = sum(r.macs_src=='rule' for r in recs)
+    bad = {r.name: (r.macs, t.macs, sorted(t.unknown)) for r,t in zip(recs, c.counter.fwd) if r.macs_src=='rule' and (t.unknown or r.macs!=t.macs)}
+    return n_rule, bad
+
+@pytest.mark.parametrize('name', torchvision.models.list_models(module=torchvision.models))
+def test_rule_equals_ops_torchvision(name):
+    "Every torchvision classification model on `meta`: each row counted by a rule runs aten ops with exactly the rule's MACs"
+    _, model, xb, _ = build(name)
+    n, bad = _rule_vs_ops(model, xb)
+    assert n > 0 and not bad, f"{name}: rule vs ops {bad}"
+
+@pytest.mark.parametrize('name', TIMM)
+def test_rule_equals_ops_timm(name):
+    timm = pytest.importorskip('timm')
+    if name not in timm.list_models(): pytest.skip(f'{name} is not in timm {timm.__version__}')
+    with torch.device('meta'): model = timm.create_model(name, pretrained=False).eval()
+    n, bad = _rule_vs_ops(model, (torch.randn(1, *model.pretrained_cfg.get('input_size', (3,224,224)), device='meta'),))
+    assert n > 0 and not bad, f"{name}: rule vs ops {bad}"
+
+@pytest.mark.parametrize('grad', [True, False])
+@pytest.mark.parametrize('kw', [dict(), dict(num_layers=2, bidirectional=True), dict(proj_size=3)])
+@pytest.mark.parametrize('cls', [nn.LSTM, nn.GRU, nn.RNN])
+def test_rnn_rule_equals_ops(cls, kw, grad):
+    """The recurrent rule against the ops the same call ran: on CPU oneDNN's `mkldnn_rnn_layer` (LSTM; `mkldnn_rnn_layer_macs`),
+    or the matmuls of the composite path (GRU, RNN, projected LSTM)"""
+    if cls is not nn.LSTM and 'proj_size' in kw: pytest.skip('proj_size is LSTM only')
+    torch.manual_seed(0)
+    m, x = cls(4, 6, **kw), torch.randn(5, 3, 4)
+    with Counting(m) as c, torch.set_grad_enabled(grad): m(x)
+    r, t = c.records(warn=False)[0], c.counter.fwd[0]
+    assert r.macs_src == 'rule'
+    if t.unknown: pytest.skip(f'this torch runs {sorted(t.unknown)} for {cls.__name__}: no ops to compare')
+    assert r.macs == t.macs
+
+# --- 2. complex numbers: one complex MAC = 4 real MACs ---
+def test_complex_linear_conv_matmul():
+    torch.manual_seed(0)
+    cf = torch.cfloat
+    lin, x = nn.Linear(16, 4, bias=False, dtype=cf), torch.randn(8, 16, dtype=cf)
+    r = rows(nn.Sequential(lin), x)['0']
+    assert (r.macs, r.macs_src, r.complex_macs) == (4*8*16*4, 'rule', True) == (2048, 'rule', True)
+    r = count_pass(nn.Sequential(lin), (x,), rules=False)[0]
+    assert (r.macs, r.macs_src, r.complex_macs) == (2048, 'ops', True)   # the matmul it runs, counted from ops
+    conv, xi = nn.Conv2d(2, 3, 3, dtype=cf), torch.randn(1, 2, 5, 5, dtype=cf)
+    # torch convolves complex tensors as 3 real convolutions (Gauss's trick): the rule counts the 3 real MACs per complex MAC that run
+    r = rows(nn.Sequential(conv), xi)['0']
+    assert (r.macs, r.macs_src, r.complex_macs) == (3*(1*3*3*3 * 2*9), 'rule', True)
+    r = count_pass(nn.Sequential(conv), (xi,), rules=False)[0]
+    assert (r.macs, r.macs_src, r.complex_macs) == (3*(1*3*3*3 * 2*9), 'ops', True)
+    class Mix(nn.Module):   # a Fourier layer's mode mixing: complex einsum over channels, complex matmul
+        def __init__(self): super().__init__(); self.w = nn.Parameter(torch.randn(4, 6, 10, dtype=cf))
+        def forward(self, x): return torch.einsum('bim,iom->bom', x, self.w) @ torch.randn(10, 3, dtype=cf)
+    xm = torch.randn(2, 4, 10, dtype=cf)
+    r = rows(Mix(), xm)['']
+    assert (r.macs, r.complex_macs) == (4*(2*4*6*10 + 2*6*10*3), True)
+    s = model_cost(nn.Sequential(lin), x, n_warmup=0, n_repeat=1)
+    assert s.total_macs == 2048 and any('Complex tensors in 0' in n and '4 per complex' in n for n in s.notes)
+    assert not any('Complex' in n for n in model_cost(nn.Linear(16, 4), torch.randn(8, 16), n_warmup=0, n_repeat=1).notes)
+    assert rows(nn.Sequential(nn.Linear(16, 4)), torch.randn(8, 16))['0'].complex_macs is False
+
+# --- 3. grad modes ---
+class MatW(nn.Module):
+    def __init__(self): super().__init__(); self.w = nn.Parameter(torch.randn(16, 4))
+    def forward(self, x): return x @ self.w
+
+def _modes(model, xb):
+    """`(name, macs, macs_src, unknown_ops)` and `elem_ops` of every row under `inference_mode`, `no_grad` and with grad enabled.
+    (Elementwise work can differ in inference mode: torch's `matmul` folds a batched input into one `mm` only where autograd runs, so it
+    copies the input for a `bmm` instead; the MACs are the same.)"""
+    res = {}
+    for mode,ctx in [('inference', torch.inference_mode), ('no_grad', torch.no_grad), ('grad', torch.enable_grad)]:
+        with ctx():
+            xs = tuple(x.clone() for x in xb)   # inference tensors made outside would not mix with grad mode
+            with Counting(model) as c: model(*xs)
+        res[mode] = [(r.name, r.macs, r.macs_src, r.unknown_ops) for r in c.records(warn=False)]
+        res[mode+'_elem'] = [r.elem_ops for r in c.records(warn=False)]
+    return res
+
+def _vit():
+    timm = pytest.importorskip('timm')
+    torch.manual_seed(0)
+    return timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=64, num_classes=10).eval(), (torch.randn(1, 3, 64, 64),)
+
+# vit_tiny at 64 px, 10 classes: 16 patches + the class token = 17 tokens of 192; 12 blocks of 3 heads; MLP 768
+VIT_HAND = 16*192*3*16*16 + 12*(17*192*3*192 + 2*3*17*17*64 + 17*192*192 + 2*17*192*768) + 192*10
+
+@pytest.mark.parametrize('case', ['matmul', 'vit', 'cnn', 'lstm', 'transformer_train'])
+def test_counts_same_in_every_grad_mode(case):
+    torch.manual_seed(0)
+    if case=='matmul': model, xb, hand = MatW(), (torch.randn(8, 16),), 8*16*4
+    elif case=='vit':  (model, xb), hand = _vit(), VIT_HAND
+    elif case=='cnn':  model, xb, hand = torchvision.models.resnet18().eval(), (torch.randn(1, 3, 64, 64),), None
+    elif case=='lstm': model, xb, hand = nn.LSTM(8, 16, num_layers=2), (torch.randn(5, 2, 8),), 5*2*4*16*((8+16) + (16+16))
+    else:              model, xb, hand = nn.TransformerEncoderLayer(16, 2, 32, dropout=0., batch_first=True), (torch.randn(2, 5, 16),), None
+    res = _modes(model, xb)
+    assert res['inference'] == res['no_grad'] == res['grad'], case
+    assert res['no_grad_elem'] == res['grad_elem'], case
+    assert not any(src=='uncounted' for _,_,src,_ in res['no_grad'])
+    total = sum(m for _,m,_,_ in res['no_grad'])
+    if hand is not None: assert total == hand
+    if case in ('cnn', 'matmul'): assert total == fc_macs(model, *xb)   # (torch 2.14's flop_counter has no formula for the CPU attention kernel)
+
+def test_model_cost_in_inference_mode():
+    model, xb = _vit()
+    ref = model_cost(model, *xb, n_warmup=0, n_repeat=1)
+    with torch.inference_mode(): s = model_cost(model, *xb, n_warmup=0, n_repeat=1)
+    assert s.total_macs == ref.total_macs == VIT_HAND == 93_936_000 and not s.uncounted
+
+# --- 4. fast paths and nested tensors ---
+def _encoder():
+    torch.manual_seed(0)
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1).eval(), torch.randn(2, 4, 8)
+
+def test_hooks_switch_off_fast_path():
+    """Dense, no mask: unhooked, the layer runs `_transformer_encoder_layer_fwd`; hooked, MHA and the linears.
+    MACs by hand: per token 3·8·8 (in-projection) + 8·8 (out) + 2·8·16 (MLP) = 512; per sequence 2·4·4·8 for scores and values."""
+    enc, x = _encoder()
+    s = model_cost(enc, x, n_warmup=0, n_repeat=2)
+    hand = 8*512 + 2*2*4*4*8
+    assert s.total_macs == hand == 4608
+    note = [n for n in s.notes if n.startswith('Hooks change what this model runs')]
+    assert len(note)==1 and '_transformer_encoder_layer_fwd' in note[0] and f'{hand:,} MACs against {hand:,}' in note[0] and '(`plain_ms`)' in note[0]
+    ops, t = plain_ops(enc, (x,))
+    assert dict(ops) == {'_transformer_encoder_layer_fwd': 1} and t.macs == hand
+    assert not any(n.startswith('Hooks change') for n in model_cost(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), x, n_warmup=0, n_repeat=1).notes)
+    lazy = model_cost(nn.Sequential(nn.LazyLinear(8), nn.ReLU()), x, n_warmup=0, n_repeat=1)   # its initialisation in the first forward is no other path
+    assert lazy.total_macs == 2*4*8*8 and not any(n.startswith('Hooks change') for n in lazy.notes)
+
+def test_nested_padding_mask():
+    """With `src_key_padding_mask` the unhooked encoder packs the 6 real tokens into a nested tensor:
+    6·512 + 2·(4·4 + 2·2)·8 = 3,392 MACs (dense: 4,608). `FlopCounterMode` counts 0 for the nested kernel: the reference is the hand count."""
+    enc, x = _encoder()
+    mask = torch.tensor([[False]*4, [False, False, True, True]])
+    hand = 6*512 + 2*(4*4 + 2*2)*8
+    ops, t = plain_ops(enc, (x,), dict(src_key_padding_mask=mask))
+    assert t.macs == hand == 3392 and '_transformer_encoder_layer_fwd' in ops
+    with torch.no_grad(): ref = enc(x, src_key_padding_mask=mask)
+    s = model_cost(enc, x, model_kwargs=dict(src_key_padding_mask=mask), n_warmup=0, n_repeat=2)
+    assert s.total_macs == hand and not s.uncounted
+    assert s.df.set_index('name').loc['layers.0.self_attn', 'macs'] == 6*4*8*8 + 2*(16+4)*8
+    assert any(n.startswith('Hooks change what this model runs') and '3,392 MACs against 3,392' in n for n in s.notes)
+    with torch.no_grad(): assert torch.equal(enc(x, src_key_padding_mask=mask), ref)   # model untouched, no hooks left
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in enc.modules())
+
+# --- 5. dynamic-quantized models ---
+def _quantize(m, types):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return torch.ao.quantization.quantize_dynamic(m, types, dtype=torch.qint8)
+
+def test_quantized_linear():
+    torch.manual_seed(0)
+    q = _quantize(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)), {nn.Linear})
+    s = model_cost(q, torch.randn(3, 16), n_warmup=0, n_repeat=1)
+    assert s.total_params == (16*8 + 8) + (8*4 + 4) == 172
+    assert s.total_macs == 3*(16*8 + 8*4) and not s.uncounted
+    assert not [n for n in s.uncalled if 'packed' in n]
+    assert s.df.set_index('name').loc['0', 'param_bytes'] == 16*8*1 + 8*4   # int8 weight, float bias
+
+def test_quantized_lstm():
+    "LSTM(4, 8), 2 layers, bidirectional: the parameters of the float LSTM; MACs of the recurrent rule (steps · gates·h·(in+h), per layer and direction)"
+    torch.manual_seed(0)
+    f = nn.LSTM(4, 8, num_layers=2, bidirectional=True)
+    q = _quantize(nn.Sequential(f), {nn.LSTM})
+    x = torch.randn(5, 3, 4)
+    hand_p = 2*(4*32 + 8*32 + 2*32) + 2*(16*32 + 8*32 + 2*32)
+    hand_m = 15*2*32*(4+8) + 15*2*32*(16+8)
+    assert sum(p.numel() for p in f.parameters()) == hand_p == 2560
+    s = model_cost(q, x, n_warmup=0, n_repeat=1)
+    assert (s.total_params, s.total_macs) == (hand_p, hand_m) == (2560, 34_560)
+    assert not s.uncounted and not s.uncalled
