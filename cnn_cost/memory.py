@@ -363,8 +363,8 @@ def _keep(units, recs):
 # %% ../nbs/03a_memory.ipynb #be79656c
 class MemorySummary:
     "Memory of one training step: per-layer `df`, the `timeline`, the `peak` and what holds it; prints as `CostSummary` does"
-    def __init__(self, blocks, trace, units, recs, model_name='', input_shapes=(), bs=None, dtype=None, device='cpu', notes=()):
-        store_attr('model_name,input_shapes,bs,device'); self.dtype,self.notes = str(dtype or 'fp32'),list(notes)
+    def __init__(self, blocks, trace, units, recs, model_name='', input_shapes=(), bs=None, dtype=None, device='cpu', notes=(), flags=None):
+        store_attr('model_name,input_shapes,bs,device'); self.dtype,self.notes,self.flags = str(dtype or 'fp32'),list(notes),dict(flags or {})
         names = [n or type(m).__name__ for n,m,k in units]
         self.timeline = _timeline(blocks, trace, names)
         self.peak_event = int(self.timeline.live.values.argmax())
@@ -407,7 +407,8 @@ def _totals_lines(self:MemorySummary):
     return [f"Peak: {h(self.peak)} ({_gib(self.peak)}) during {_phases[self.peak_phase]}" + (f", in {self.peak_unit}" if self.peak_unit else ", outside the layers (loss, gradient accumulation)") +
             f" (event {self.peak_event} of {len(self.timeline)})",
             f"At the peak: {at}", f"Held outside the layers at the peak (batch, loss, optimizer): {out or 'nothing'}",
-            f"Saved for backward in all: {h(self.saved_total)} (each storage once)"] + self.notes
+            f"Saved for backward in all: {h(self.saved_total)} (each storage once)"] + self.notes + \
+           [f"Not predicted: {op} ({len(v)} call{'s'*(len(v)>1)}): {v[0][0]}; the peak may be low by up to {h(sum(n for _,n in v))}" for op,v in self.flags.items()]
 
 @patch
 def __repr__(self:MemorySummary):
@@ -480,7 +481,7 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
                            "(`.item()`, `nonzero`) cannot be predicted: report it, or measure on a real step with `step_memory(..., fake=False)`") from e
     shapes = [(ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else () for t in tuplify(xb)]
     return MemorySummary(mc.blocks, mc.trace, c.units, c.recs, type(model).__name__, shapes, ifnone(bs, len(tuplify(xb)[0])),
-                         amp_dtype(dtype) and dtype, device, _coverage(device) + [_opt_note(opt, [p for p in opt.all_params().itemgot(0)] if opt else [])])
+                         amp_dtype(dtype) and dtype, device, _coverage(device) + [_opt_note(opt, [p for p in opt.all_params().itemgot(0)] if opt else [])], mc.flags)
 
 # %% ../nbs/03a_memory.ipynb #1cb7a0dc
 def _batch(learn, xb, yb):

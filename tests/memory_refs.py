@@ -89,3 +89,51 @@ def trial_max_batch(make, start=8, max_bs=2**14):
         if fits(make, mid): lo = mid
         else: hi = mid
     return lo
+
+def hooked_saved(model, xb, yb, loss_func):
+    "Bytes autograd saves in a real forward and loss of `model` on `(xb, yb)`, each storage once; parameters, buffers and the batch left out"
+    from cnn_cost.core import flat_tensors
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *flat_tensors((xb, yb))]}
+    seen = {}
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip: seen[st.data_ptr()] = st.nbytes()
+        return t.detach()
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): loss = loss_func(model(*xb), *yb)
+    del loss
+    return sum(seen.values())
+
+def step_peak(model, xb, yb, loss_func, opt_func):
+    "PyTorch `MemTracker`'s peak over one real CPU training step as fastai's `Learner` runs it (`pred`, loss and its clone kept, backward, `opt.step`, `opt.zero_grad`), after a warm-up step"
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from cnn_cost.core import flat_tensors
+    opt = opt_func(list(model.parameters()), lr=1e-3)
+    def step():
+        pred = model(*xb); loss = loss_func(pred, *yb); l = loss.clone(); loss.backward(); opt.step(); opt.zero_grad()
+        return pred, loss, l
+    model.train(); r = step(); del r
+    mt = MemTracker()
+    mt.track_external(model, *[p.grad for p in model.parameters() if p.grad is not None], *_opt_tensors(opt), *flat_tensors((xb, yb)))
+    with mt: r = step()
+    del r
+    return mt.get_tracker_snapshot('peak')[torch.device('cpu')]['Total']
+
+def corpus_check(name, model, xb, yb, loss_func, opt_func=None):
+    "Prediction (CPU target, fake tensors) against three references on real CPU steps: saved bytes (saved-tensor hooks), peak (`MemTracker`), and every kind (cnn_cost's own real step, `fake=False`)"
+    import copy
+    from cnn_cost.memory import predict_memory, step_memory, MemKind
+    from fastai.optimizer import Adam
+    from cnn_cost.core import flat_tensors
+    opt_func = opt_func or Adam
+    xb,yb = (xb if isinstance(xb, tuple) else (xb,)),(yb if isinstance(yb, tuple) else (yb,))
+    set_seed(0)
+    ms = predict_memory(model, xb, yb, loss_func, opt_func)
+    kinds = lambda mc: {k.value: sum(b.nbytes for b in mc.blocks if b.kind==k) for k in MemKind}
+    real,_,_ = step_memory(copy.deepcopy(model), xb, yb, loss_func, opt_func, fake=False)
+    fk,_,_ = step_memory(model, xb, yb, loss_func, opt_func)
+    saved = hooked_saved(copy.deepcopy(model), xb, yb, loss_func)
+    peak = step_peak(copy.deepcopy(model), xb, yb, loss_func, opt_func)
+    kf,kr = kinds(fk),kinds(real)
+    return dict(name=name, pred_saved=ms.saved_total, real_saved=saved, pred_peak=ms.peak, real_peak=peak,
+                kinds_equal=kf==kr, kinds_diff={k: kf[k]-kr[k] for k in kf if kf[k]!=kr[k]}, flags=sorted(ms.flags) if hasattr(ms, 'flags') else [])
