@@ -130,11 +130,11 @@ def run(name, make):
     t = time.perf_counter()
     try:
         args = make()
-        model = args[0]
-        n = sum(p.numel() for p in model.parameters())
+        n = sum(p.numel() for p in args[0].parameters())
         if n > BIG: return dict(name=name, params=n, skipped=f'{n/1e6:.0f}M parameters: too large for real runs on this machine')
         opt = args[4] if len(args)>4 else (SGD if n > HEAVY else None)
-        res = corpus_check(name, *args[:4], opt)
+        del args
+        res = corpus_check(name, make, opt)
         res.update(params=n, opt=getattr(opt, '__name__', 'Adam') if opt else 'Adam')
     except Exception as e: res = dict(name=name, error=f'{type(e).__name__}: {str(e)[:300]}')
     res['s'] = round(time.perf_counter()-t, 1)
@@ -153,7 +153,7 @@ def table(rows):
            '| model | params | saved predicted | saved real (hooks) | peak predicted | peak real (MemTracker) | equal | flagged / note |', '|---|---|---|---|---|---|---|---|']
     for r in rows:
         if 'pred_saved' not in r: res.append(f"| {r['name']} | {r.get('params', 0)/1e6:.1f}M | | | | | not run | {r.get('skipped') or r.get('error')} |"); continue
-        note = ', '.join(r['flags']) + (f" kinds differ: {r['kinds_diff']}" if not r['kinds_equal'] else '')
+        note = ', '.join(r['flags']) + (f" fake vs real by op: {r['ops_diff']}" if r.get('ops_diff') else '')
         res.append(f"| {r['name']} | {r['params']/1e6:.1f}M | {r['pred_saved']:,} | {r['real_saved']:,} | {r['pred_peak']:,} | {r['real_peak']:,} | "
                    f"{'yes' if equal(r) else 'NO'} | {note} |")
     return '\n'.join(res)

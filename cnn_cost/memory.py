@@ -37,9 +37,9 @@ def cuda_block(n:int):
 # %% ../nbs/03a_memory.ipynb #b9f397a1
 @dataclass
 class Block:
-    "One storage: its bytes, the unit (-1: none) and phase that made it, and the events that allocated and freed it (`e1` None: alive at the end)"
+    "One storage: its bytes, the unit (-1: none), phase and aten `op` that made it, and the events that allocated and freed it (`e1` None: alive at the end)"
     nbytes:int; unit:int; phase:str; e0:int; e1:int=None
-    kind:MemKind=None; saved:bool=False; saver:int=-1; out:bool=False; param:int=None  # `param`: id of the parameter whose gradient accumulation made it
+    kind:MemKind=None; saved:bool=False; saver:int=-1; out:bool=False; param:int=None; op:str=''  # `param`: id of the parameter whose gradient accumulation made it
 
 # %% ../nbs/03a_memory.ipynb #403fad80
 def _unpack(t): return t
@@ -90,7 +90,10 @@ class MemCounter(OpCounter):
             outs = [fix[j] if isinstance(fix.get(j), torch.Tensor) else t for j,t in enumerate(outs)]
             out = type(out)(outs) if isinstance(out, (tuple,list)) else outs[0]
         for j,t in enumerate(outs):
-            for x in flat_tensors(t): self.add(x, i, nbytes=fix.get(j) if isinstance(fix.get(j), int) else None)
+            for x in flat_tensors(t):
+                n = len(self.blocks)
+                b = self.add(x, i, nbytes=fix.get(j) if isinstance(fix.get(j), int) else None)
+                if len(self.blocks)>n: b.op = str(func)
         return out
 
     def fix(self, func, args, outs):
@@ -179,12 +182,20 @@ def _shadow(t, fm, channels_last=False):
         with fm: x = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device='cpu').clone(memory_format=mf)
     return nn.Parameter(x, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else x
 
-def _new_batch(t, bs, fm):
-    "A tensor like batch tensor `t` (fake with `fm`) with `bs` rows if given"
-    if fm is None:
-        if bs is not None and bs!=len(t): raise ValueError("A real step (`fake=False`) runs on the batch as it is: leave `bs` out")
-        return t.detach().clone()
-    with fm: return torch.empty((ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else (), dtype=t.dtype, device='cpu')
+def _new_batch(b, bs, fm):
+    "A batch like `b` (a tensor, or a nested tuple, list or dict of them), fake with `fm`, each tensor with `bs` rows if given"
+    def _new(t):
+        if fm is None:
+            if bs is not None and t.dim() and bs!=len(t): raise ValueError("A real step (`fake=False`) runs on the batch as it is: leave `bs` out")
+            return t.detach().clone()
+        with fm: return torch.empty((ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else (), dtype=t.dtype, device='cpu')
+    return map_tensors(_new, b)
+
+def _batch_size(xb):
+    "Rows of the first tensor of batch `xb` that has a dimension"
+    t = first(t for t in flat_tensors(xb) if t.dim())
+    if t is None: raise ValueError("The batch has no tensor with a batch dimension: pass the model's inputs, e.g. `xb=torch.randn(64,3,28,28)`")
+    return len(t)
 
 def _groups(model, splitter, ts):
     "The parameter groups of `splitter(model)` (default: one group), made of the stand-ins `ts`"
@@ -247,7 +258,7 @@ def _train_step(model, xs, ys, loss_func, opt, mc, dt):
 
 # %% ../nbs/03a_memory.ipynb #57d3f682
 def step_memory(model:nn.Module, # Any PyTorch model
-                xb, # Its inputs: a tensor or a tuple (their shapes and dtypes are used)
+                xb, # Its inputs: a tensor or a tuple of them, each a tensor or a nested tuple, list or dict (their shapes and dtypes are used)
                 yb, # The targets `loss_func` takes after the predictions
                 loss_func, # The loss, e.g. `learn.loss_func`
                 opt_func=None, # A fastai optimizer function (`Adam`, `SGD`, `OptimWrapper` partial...); None: no optimizer state nor step
@@ -283,7 +294,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
             c = MemCounting(model, size=cuda_block if cuda else None, device=device)
             with c:
                 mc = c.counter
-                for t,k in [(t, MemKind.param) for t in ps] + [(t, MemKind.buffer) for t in bufs] + [(t, MemKind.input) for t in xs+ys] + \
+                for t,k in [(t, MemKind.param) for t in ps] + [(t, MemKind.buffer) for t in bufs] + [(t, MemKind.input) for t in flat_tensors(xs+ys)] + \
                            [(p.grad, MemKind.grad) for p in ps if p.grad is not None] + [(v, MemKind.opt) for *_,v in (_opt_state(opt) if opt is not None else [])]:
                     mc.add(t, kind=k)
                 res = _train_step(model, xs, ys, loss_func, opt, mc, dt)  # kept alive, as the learner keeps them, until the step is read
@@ -319,9 +330,22 @@ def _real_run(func, key):
 _half = (torch.float16, torch.bfloat16)
 @fake_fix(*[getattr(aten, n) for n in ('native_batch_norm', '_native_batch_norm_legit', '_batch_norm_with_update', '_native_batch_norm_legit_functional')
             if hasattr(aten, n)])
-def _bn_stats(args, outs, cuda):
-    "Batch norm on half-precision inputs keeps `save_mean` and `save_invstd` in float32 (CPU and CUDA kernels); the meta kernel in the input's dtype"
-    return {j: outs[j].numel()*4 for j in (1,2) if outs[j].dtype in _half}
+def _bn(args, outs, cuda):
+    "Batch norm's real kernels keep `save_mean`, `save_invstd` in float32 for half-precision inputs, and lay the output out in the input's suggested memory format"
+    res = {j: outs[j].numel()*4 for j in (1,2) if outs[j].dtype in _half}
+    mf = torch._prims_common.suggest_memory_format(args[0])
+    if not outs[0].is_contiguous(memory_format=mf): res[0] = torch.empty_like(outs[0], memory_format=mf)  # the meta kernel copies a transposed input's strides
+    return res
+
+@fake_fix(aten.native_batch_norm_backward)
+def _bn_backward(args, outs, cuda):
+    "The gradients that `output_mask` does not ask for are undefined in the real kernel; the meta kernel allocates them"
+    return {j: 0 for j,m in enumerate(args[9]) if not m}
+
+@fake_fix(aten.mse_loss_backward)
+def _mse_backward(args, outs, cuda):
+    "The real kernel's gradient is contiguous (`zeros_like(input, LEGACY_CONTIGUOUS_MEMORY_FORMAT)`); the meta kernel copies a transposed input's strides"
+    return {} if outs[0].is_contiguous() else {0: torch.empty(outs[0].shape, dtype=outs[0].dtype)}
 
 # %% ../nbs/03a_memory.ipynb #4b9ef811
 @fake_fix(aten.mkldnn_rnn_layer)
@@ -452,10 +476,11 @@ def plot(self:MemorySummary, figsize=(9, 3.5), fname=None):
     return fig
 
 # %% ../nbs/03a_memory.ipynb #7b0a5c74
-def _learner_dtype(learn):
-    "'fp16' or 'bf16' if `learn` trains with fastai's `MixedPrecision`, else 'fp32'"
-    mp = getattr(learn, 'mixed_precision', None)
-    return 'fp32' if mp is None else str(getattr(mp.amp_mode, 'value', mp.amp_mode))
+_names = {torch.float16:'fp16', torch.bfloat16:'bf16', None:'fp32'}
+def _learner_dtype(learn, device):
+    "`(dtype, note)`: 'fp16', 'bf16' or 'fp32' as `learn` really trains on `device` (`learner_amp`), and a note if `to_fp16()`/`to_bf16()` does nothing there"
+    dt,note = learner_amp(learn, device)
+    return _names[dt],note
 
 def _opt_note(opt, ps):
     "How many state tensors the optimizer keeps per trained parameter, and their names"
@@ -479,8 +504,8 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
     except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException, NotImplementedError) as e:
         raise RuntimeError(f"The training step could not run on fake tensors ({type(e).__name__}: {e}). An op that needs the data's values "
                            "(`.item()`, `nonzero`) cannot be predicted: report it, or measure on a real step with `step_memory(..., fake=False)`") from e
-    shapes = [(ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else () for t in tuplify(xb)]
-    return MemorySummary(mc.blocks, mc.trace, c.units, c.recs, type(model).__name__, shapes, ifnone(bs, len(tuplify(xb)[0])),
+    shapes = [(ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else () for t in flat_tensors(tuplify(xb))]
+    return MemorySummary(mc.blocks, mc.trace, c.units, c.recs, type(model).__name__, shapes, ifnone(bs, _batch_size(xb)),
                          amp_dtype(dtype) and dtype, device, _coverage(device) + [_opt_note(opt, [p for p in opt.all_params().itemgot(0)] if opt else [])], mc.flags)
 
 # %% ../nbs/03a_memory.ipynb #1cb7a0dc
@@ -498,15 +523,18 @@ def _model_device(model): return next((p.device.type for p in model.parameters()
 @patch
 def memory_summary(self:Learner,
                    bs:int=None, # Batch size (default: the data's)
-                   dtype=None, # 'fp32', 'fp16' or 'bf16' (default: as the learner trains: `to_fp16()`, `to_bf16()`)
+                   dtype=None, # 'fp32', 'fp16' or 'bf16' (default: as the learner trains on `device`: `to_fp16()`, `to_bf16()` where fastai's autocast acts)
                    device=None, # 'cuda' or 'cpu', the machine to predict for (default: where the model is)
                    channels_last:bool=None, # Parameters in channels_last (default: whether `to_channelslast()` was called)
                    xb=None, yb=None, # A batch to take the shapes from (default: one batch of `dls.train`)
                   )->MemorySummary:
     "Predicted memory of one training step of `self`, per layer and over time, without running it for real"
     xb,yb = _batch(self, xb, yb)
-    return predict_memory(self.model, xb, yb, self.loss_func, self.opt_func, self.splitter, self.lr, bs, ifnone(dtype, _learner_dtype(self)),
-                             ifnone(channels_last, hasattr(self, 'channels_last')), ifnone(device, _model_device(self.model)))
+    dev = ifnone(device, _model_device(self.model))
+    dt,note = (dtype, '') if dtype is not None else _learner_dtype(self, dev)
+    res = predict_memory(self.model, xb, yb, self.loss_func, self.opt_func, self.splitter, self.lr, bs, dt, ifnone(channels_last, hasattr(self, 'channels_last')), dev)
+    if note: res.notes.append(note)
+    return res
 
 # %% ../nbs/03a_memory.ipynb #e91da172
 @dataclass
@@ -559,7 +587,7 @@ def _bisect(peak, budget, lo, hi):
 @patch
 def max_batch(self:Learner,
               budget:float=None, # GiB the step may use (default: this GPU's free memory plus what PyTorch already holds on it)
-              dtype=None, # 'fp32', 'fp16' or 'bf16' (default: as the learner trains)
+              dtype=None, # 'fp32', 'fp16' or 'bf16' (default: as the learner trains on `device`)
               device='cuda', # The machine to predict for: 'cuda' applies the CUDA allocator's rounding
               channels_last:bool=None, # Parameters in channels_last (default: whether `to_channelslast()` was called)
               max_bs:int=2**16, # Largest batch size considered
@@ -573,7 +601,7 @@ def max_batch(self:Learner,
     if not budget>0: raise ValueError(f"budget is in GiB and must be positive, got {budget}")
     if max_bs<1: raise ValueError(f"max_bs must be at least 1, got {max_bs}")
     B,xb,yb = int(budget*2**30),*_batch(self, None, None)
-    dt,cl = ifnone(dtype, _learner_dtype(self)),ifnone(channels_last, hasattr(self, 'channels_last'))
+    dt,cl = ifnone(dtype, _learner_dtype(self, device)[0]),ifnone(channels_last, hasattr(self, 'channels_last'))
     tried,lives = {},{}
     def peak(b):
         if b not in tried:
@@ -583,7 +611,7 @@ def max_batch(self:Learner,
                 return math.inf  # batch norm cannot train on one sample
             tried[b],lives[b] = ms.peak,ms.timeline.live.values
         return tried[b]
-    a = min(max(2, len(xb[0])), max_bs); b = min(2*a, max_bs)
+    a = min(max(2, _batch_size(xb)), max_bs); b = min(2*a, max_bs)
     peak(a); peak(b)
     res = _search(peak, B, _guess(lives[a], lives[b], a, b, B), max_bs)
     out = MaxBatch(res, tried.get(res, 0), B, list(tried), list(tried.values()), capped=res==max_bs)  # the search stopped at `max_bs`
