@@ -13,7 +13,8 @@ warnings.filterwarnings('ignore')
 import torch, torch.nn as nn, torch.nn.functional as F, torchvision
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from fastai.optimizer import SGD
-from memory_refs import corpus_check
+from memory_refs import corpus_check, op_mismatches
+from cnn_cost.memory import _fake_fixes
 
 BIG = 150e6  # parameters: models above this are not run for real here (the references need three real copies of the weights, on a shared 23 GB machine)
 HEAVY = 60e6  # above this the step uses SGD without momentum (no optimizer state), to keep the real runs in memory
@@ -135,7 +136,8 @@ def run(name, make):
         opt = args[4] if len(args)>4 else (SGD if n > HEAVY else None)
         del args
         res = corpus_check(name, make, opt)
-        res.update(params=n, opt=getattr(opt, '__name__', 'Adam') if opt else 'Adam')
+        res.update(params=n, opt=getattr(opt, '__name__', 'Adam') if opt else 'Adam', torch_fake_ops=op_mismatches(make, opt))
+        res['unfixed'] = [k for k in res['torch_fake_ops'] if k.rsplit('.', 1)[0] not in {str(o) for o in _fake_fixes}]
     except Exception as e: res = dict(name=name, error=f'{type(e).__name__}: {str(e)[:300]}')
     res['s'] = round(time.perf_counter()-t, 1)
     gc.collect()
@@ -143,17 +145,20 @@ def run(name, make):
 
 def equal(r):
     "Whether a row is equal to the byte on all three references"
-    return 'pred_saved' in r and r['pred_saved']==r['real_saved'] and r['pred_peak']==r['real_peak'] and r['kinds_equal']
+    return 'pred_saved' in r and r['pred_saved']==r['real_saved'] and r['pred_peak']==r['real_peak'] and r['kinds_equal'] and not r.get('ops_diff')
 
 def table(rows):
     ok = [r for r in rows if equal(r)]
     ran = [r for r in rows if 'pred_saved' in r]
     res = [f"torch {torch.__version__}, torchvision {torchvision.__version__}, {platform.processor() or platform.machine()}: {len(rows)} models, "
            f"{len(ran)} run for real, {len(ok)} equal to the byte (saved bytes, peak, every kind)", '',
-           '| model | params | saved predicted | saved real (hooks) | peak predicted | peak real (MemTracker) | equal | flagged / note |', '|---|---|---|---|---|---|---|---|']
+           '| model | params | saved predicted | saved real (hooks) | peak predicted | peak real (MemTracker) | equal | fake kernels fixed / flagged |', '|---|---|---|---|---|---|---|---|']
     for r in rows:
         if 'pred_saved' not in r: res.append(f"| {r['name']} | {r.get('params', 0)/1e6:.1f}M | | | | | not run | {r.get('skipped') or r.get('error')} |"); continue
-        note = ', '.join(r['flags']) + (f" fake vs real by op: {r['ops_diff']}" if r.get('ops_diff') else '')
+        fixed = sorted({k.rsplit('.', 1)[0].replace('aten.', '') for k in r.get('torch_fake_ops', {}) if k not in r.get('unfixed', [])})
+        note = '; '.join(filter(None, [f"flagged: {', '.join(r['flags'])}" if r['flags'] else '', f"fixed: {', '.join(fixed)}" if fixed else '',
+                                       f"torch fake differs, not fixed: {', '.join(r['unfixed'])}" if r.get('unfixed') else '',
+                                       f"blocks by op differ: {r['ops_diff']}" if r.get('ops_diff') else '']))
         res.append(f"| {r['name']} | {r['params']/1e6:.1f}M | {r['pred_saved']:,} | {r['real_saved']:,} | {r['pred_peak']:,} | {r['real_peak']:,} | "
                    f"{'yes' if equal(r) else 'NO'} | {note} |")
     return '\n'.join(res)
