@@ -31,9 +31,13 @@ def _opt_tensors(opt):
 
 def _batch_quiet(learn):
     "One real training batch through fastai's own loop (`Learner.one_batch`), without logging"
+    mp = getattr(learn, 'mixed_precision', None)  # its autocast and scaler exist only inside a fit
     with learn.no_logging(), learn.no_bar():
         learn.training = True; learn.model.train()
-        learn.one_batch(0, learn.dls.train.one_batch())
+        if mp is not None: mp.before_fit()
+        try: learn.one_batch(0, learn.dls.train.one_batch())
+        finally:
+            if mp is not None: mp.after_fit()
 
 def cpu_peak(learn):
     "PyTorch `MemTracker`'s peak of live tensor bytes over one real CPU training batch of `learn`, after one warm-up epoch (a steady-state step)"
