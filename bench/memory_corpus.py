@@ -103,7 +103,8 @@ def _kind(make_learner):
         import kinds
         learn = make_learner(kinds)
         b = learn.dls.train.one_batch(); n = learn.dls.train.n_inp
-        return learn.model, tuple(b[:n]), tuple(b[n:]), learn.loss_func, learn.opt_func
+        from cnn_cost.memory import _learner_loss
+        return learn.model, tuple(b[:n]), tuple(b[n:]), _learner_loss(learn), learn.opt_func  # the loss as fastai's callbacks feed it
     return make
 
 KINDS = {'fastai_tabular': _kind(lambda k: k.tabular()), 'fastai_text_classifier': _kind(lambda k: k.text_classifier()),

@@ -518,6 +518,19 @@ def _batch(learn, xb, yb):
     if yb is None: raise ValueError("Pass the targets `yb` with the inputs `xb`: the step computes the loss")
     return tuplify(xb),tuplify(yb)
 
+def _learner_loss(learn):
+    "`learn.loss_func` as fastai's loop feeds it: after `RNNCallback` (the loss gets the first of `(out, raw_out, out)`) and with `RNNRegularizer`'s AR and TAR terms"
+    cbs = {type(cb).__name__: cb for cb in learn.cbs}
+    rnn,reg = cbs.get('RNNCallback'),cbs.get('RNNRegularizer')
+    if rnn is None: return learn.loss_func
+    def loss(pred, *y):
+        out,raw,drop = [o[-1] if isinstance(o, (list,tuple)) else o for o in pred]
+        res = learn.loss_func(out, *y)
+        if reg is not None and reg.alpha: res += reg.alpha*drop.float().pow(2).mean()  # in place, as fastai adds them to `loss_grad`
+        if reg is not None and reg.beta and len(raw)>1: res += reg.beta*(raw[:,1:]-raw[:,:-1]).float().pow(2).mean()
+        return res
+    return loss
+
 def _model_device(model): return next((p.device.type for p in model.parameters()), 'cpu')
 
 @patch
@@ -532,7 +545,7 @@ def memory_summary(self:Learner,
     xb,yb = _batch(self, xb, yb)
     dev = ifnone(device, _model_device(self.model))
     dt,note = (dtype, '') if dtype is not None else _learner_dtype(self, dev)
-    res = predict_memory(self.model, xb, yb, self.loss_func, self.opt_func, self.splitter, self.lr, bs, dt, ifnone(channels_last, hasattr(self, 'channels_last')), dev)
+    res = predict_memory(self.model, xb, yb, _learner_loss(self), self.opt_func, self.splitter, self.lr, bs, dt, ifnone(channels_last, hasattr(self, 'channels_last')), dev)
     if note: res.notes.append(note)
     return res
 
@@ -605,7 +618,7 @@ def max_batch(self:Learner,
     tried,lives = {},{}
     def peak(b):
         if b not in tried:
-            try: ms = predict_memory(self.model, xb, yb, self.loss_func, self.opt_func, self.splitter, self.lr, b, dt, cl, device)
+            try: ms = predict_memory(self.model, xb, yb, _learner_loss(self), self.opt_func, self.splitter, self.lr, b, dt, cl, device)
             except ValueError:
                 if b>1: raise
                 return math.inf  # batch norm cannot train on one sample

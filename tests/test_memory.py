@@ -189,3 +189,15 @@ def test_cost_summary_fp16_on_cpu():
     assert seen[0] == (torch.float32, 4_194_304)
     s = learn.cost_summary(n_repeat=1)
     assert s.records[0].act_bytes == seen[0][1] and any('no effect on cpu' in n for n in s.notes)
+
+def test_language_model():
+    "AWD-LSTM language model: the loss gets `pred[0]` through fastai's `RNNCallback` (its AR/TAR terms added); saved bytes equal, peak against fastai's own batch"
+    import kinds
+    from cnn_cost.memory import _learner_loss
+    learn = kinds.language_model()
+    ms = learn.memory_summary()
+    xb,yb = learn.dls.train.one_batch()
+    assert ms.saved_total == hooked_saved(learn.model, (xb,), (yb,), _learner_loss(learn))
+    ref = cpu_peak(learn)
+    print(f"language model: torch {torch.__version__} predicted {ms.peak:,} B, MemTracker {ref:,} B ({ms.peak-ref:+,} B)")
+    assert abs(ms.peak/ref-1) < 0.001
