@@ -188,18 +188,20 @@ def model_cost(model:nn.Module, # Any PyTorch model
 
 # %% ../nbs/05_learner.ipynb #7c0929f5
 def _learner_autocast(learn, dev):
-    "The autocast context of `learn`'s `MixedPrecision` callback (`to_fp16`/`to_bf16`), if it has one"
-    mp = getattr(learn, 'mixed_precision', None)
-    if mp is None: return None
-    dtype = torch.bfloat16 if str(getattr(mp.amp_mode, 'value', mp.amp_mode))=='bf16' else torch.float16
-    return torch.autocast(dev.type, dtype=dtype)
+    "The autocast `learn` really runs on device `dev` (`learner_amp`): a context, None in float32"
+    dt,_ = learner_amp(learn, dev)
+    return torch.autocast(torch.device(dev).type, dtype=dt) if dt else None
 
 # %% ../nbs/05_learner.ipynb #75057d12
 @patch
 @delegates(model_cost)
 def cost_summary(self:Learner, xb=None, **kwargs):
-    "Measured per-layer cost of `self.model` on one real batch of `self.dls.train` (or on `xb`)"
+    "Measured per-layer cost of `self.model` on one real batch of `self.dls.train` (or on `xb`), in the precision the learner runs on its device"
     if xb is None: xb = self.dls.train.one_batch()[:getattr(self.dls.train, 'n_inp', 1)]
-    xb = tuplify(xb)
-    if 'autocast' not in kwargs: kwargs['autocast'] = _learner_autocast(self, batch_device(self.model, xb))
-    return model_cost(self.model, *xb, **kwargs)
+    xb,note = tuplify(xb),''
+    if 'autocast' not in kwargs:
+        dev = batch_device(self.model, xb)
+        kwargs['autocast'],note = _learner_autocast(self, dev),learner_amp(self, dev)[1]
+    res = model_cost(self.model, *xb, **kwargs)
+    if note: res.notes.append(note)
+    return res

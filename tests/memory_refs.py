@@ -31,9 +31,13 @@ def _opt_tensors(opt):
 
 def _batch_quiet(learn):
     "One real training batch through fastai's own loop (`Learner.one_batch`), without logging"
+    mp = getattr(learn, 'mixed_precision', None)  # its autocast and scaler exist only inside a fit
     with learn.no_logging(), learn.no_bar():
         learn.training = True; learn.model.train()
-        learn.one_batch(0, learn.dls.train.one_batch())
+        if mp is not None: mp.before_fit()
+        try: learn.one_batch(0, learn.dls.train.one_batch())
+        finally:
+            if mp is not None: mp.after_fit()
 
 def cpu_peak(learn):
     "PyTorch `MemTracker`'s peak of live tensor bytes over one real CPU training batch of `learn`, after one warm-up epoch (a steady-state step)"
@@ -89,3 +93,102 @@ def trial_max_batch(make, start=8, max_bs=2**14):
         if fits(make, mid): lo = mid
         else: hi = mid
     return lo
+
+def hooked_saved(model, xb, yb, loss_func):
+    "Bytes autograd saves in a real forward and loss of `model` on `(xb, yb)`, each storage once; parameters, buffers and the batch left out"
+    from cnn_cost.core import flat_tensors
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *flat_tensors((xb, yb))]}
+    seen = {}
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip: seen[st.data_ptr()] = st.nbytes()
+        return t.detach()
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): loss = loss_func(model(*xb), *yb)
+    del loss
+    return sum(seen.values())
+
+def step_peak(model, xb, yb, loss_func, opt_func):
+    "PyTorch `MemTracker`'s peak over one real CPU training step as fastai's `Learner` runs it (`pred`, loss and its clone kept, backward, `opt.step`, `opt.zero_grad`), after a warm-up step"
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from cnn_cost.core import flat_tensors
+    opt = opt_func(list(model.parameters()), lr=1e-3)
+    def step():
+        pred = model(*xb); loss = loss_func(pred, *yb); l = loss.clone(); loss.backward(); opt.step(); opt.zero_grad()
+        return pred, loss, l
+    model.train(); r = step(); del r
+    mt = MemTracker()
+    mt.track_external(model, *[p.grad for p in model.parameters() if p.grad is not None], *_opt_tensors(opt), *flat_tensors((xb, yb)))
+    with mt: r = step()
+    del r
+    return mt.get_tracker_snapshot('peak')[torch.device('cpu')]['Total']
+
+def op_diff(fk, real):
+    "The aten ops whose outputs the fake step sizes unlike the real one: `{op: (fake bytes, real bytes)}`, from the two `MemCounter`s' blocks in order"
+    from collections import Counter
+    f,r = Counter(),Counter()
+    for b in fk.blocks: f[b.op] += b.nbytes
+    for b in real.blocks: r[b.op] += b.nbytes
+    return {k: (f[k], r[k]) for k in sorted(set(f)|set(r)) if f[k]!=r[k]}
+
+def corpus_check(name, make, opt_func=None):
+    """Prediction (CPU target, fake tensors) of the step of `make()` -> `(model, xb, yb, loss_func)` against three references on real CPU steps:
+    saved bytes (saved-tensor hooks), peak (`MemTracker`), and every kind and op (cnn_cost's own real step, `fake=False`); each on a fresh `make()`"""
+    from cnn_cost.memory import predict_memory, step_memory, MemKind
+    from fastai.optimizer import Adam
+    opt_func = opt_func or Adam
+    def get():
+        set_seed(0)
+        m,xb,yb,lf = make()[:4]
+        return m,(xb if isinstance(xb, tuple) else (xb,)),(yb if isinstance(yb, tuple) else (yb,)),lf
+    m,xb,yb,lf = get()
+    ms = predict_memory(m, xb, yb, lf, opt_func)
+    fk,_,_ = step_memory(m, xb, yb, lf, opt_func)
+    m,xb,yb,lf = get(); real,_,_ = step_memory(m, xb, yb, lf, opt_func, fake=False)
+    m,xb,yb,lf = get(); saved = hooked_saved(m, xb, yb, lf)
+    m,xb,yb,lf = get(); peak = step_peak(m, xb, yb, lf, opt_func)
+    kinds = lambda mc: {k.value: sum(b.nbytes for b in mc.blocks if b.kind==k) for k in MemKind}
+    kf,kr = kinds(fk),kinds(real)
+    return dict(name=name, pred_saved=ms.saved_total, real_saved=saved, pred_peak=ms.peak, real_peak=peak, kinds_equal=kf==kr,
+                kinds_diff={k: kf[k]-kr[k] for k in kf if kf[k]!=kr[k]}, ops_diff=op_diff(fk, real), flags=sorted(ms.flags))
+
+def op_mismatches(make, opt_func=None):
+    """Every aten op of one real CPU training step of `make()` whose fake (meta) kernel, run on fake copies of the same inputs, gives outputs of
+    another shape, stride or storage size, or shares storages differently: `{op: what differs}` (torch's own kernels, before any `fake_fix`)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map_only, tree_flatten
+    from fastai.optimizer import Adam
+    res = {}
+    class Check(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default) or \
+               any(t in func.tags for t in (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output, torch.Tag.inplace_view)): return out
+            try:
+                with FakeTensorMode() as fm:
+                    fa,fk = tree_map_only(torch.Tensor, lambda t: fm.from_tensor(t, static_shapes=True), (args, kwargs))
+                    fo = func(*fa, **fk)
+            except Exception: return out
+            ro,fo = [t for t in tree_flatten(out)[0]],[t for t in tree_flatten(fo)[0]]
+            diffs = []
+            for j,(r,f) in enumerate(zip(ro, fo)):
+                if not isinstance(r, torch.Tensor) or not isinstance(f, torch.Tensor): continue
+                if r.shape!=f.shape: diffs.append(f'output {j} shape {tuple(f.shape)} vs real {tuple(r.shape)}')
+                elif not torch._prims_common.check_significant_strides(r, f, only_cuda=False)[0]: diffs.append(f'output {j} strides {f.stride()} vs real {r.stride()}')  # size-1 dims' strides do not matter
+                if r.untyped_storage().nbytes()!=f.untyped_storage().nbytes():
+                    diffs.append(f'output {j} storage {f.untyped_storage().nbytes()} B vs real {r.untyped_storage().nbytes()} B')
+            st = lambda ts: [[i for i,u in enumerate(ts) if isinstance(u, torch.Tensor) and isinstance(t, torch.Tensor) and u.untyped_storage()._cdata==t.untyped_storage()._cdata]
+                             for t in ts]
+            if st(ro)!=st(fo): diffs.append('outputs share storages differently')
+            if diffs: res.setdefault(str(func), set()).update(diffs)
+            return out
+    set_seed(0)
+    m,xb,yb,lf = make()[:4]
+    xb,yb = (xb if isinstance(xb, tuple) else (xb,)),(yb if isinstance(yb, tuple) else (yb,))
+    opt = (opt_func or Adam)(list(m.parameters()), lr=1e-3)
+    m.train()
+    with Check():
+        loss = lf(m(*xb), *yb); loss.backward(); opt.step(); opt.zero_grad()
+    return {k: sorted(v) for k,v in res.items()}

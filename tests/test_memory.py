@@ -8,6 +8,7 @@ from cnn_cost.memory import *
 from cnn_cost.data import digits_dls
 from conftest import hook_count
 from memory_refs import *
+from memory_refs import hooked_saved, step_peak
 
 def seed():
     "The seed setup: fastai resnet18 `vision_learner` on the digits, batch 64 x 3 x 28 x 28, 10 classes"
@@ -121,3 +122,82 @@ def test_cuda_peak(dtype):
     ref = cuda_peak(learn)
     print(f"resnet50 64x224 {dtype}: predicted {ms.peak:,} B, max_memory_allocated {ref:,} B ({ms.peak/ref-1:+.2%})")
     assert abs(ms.peak/ref-1) < 0.05
+
+class Masked(nn.Module):
+    "A model whose one input is a structure: `(x, mask)`, `{'x','mask'}` or `(x, (mask,))`"
+    def __init__(self): super().__init__(); self.lin = nn.Linear(8, 4)
+    def forward(self, b):
+        x,m = (b['x'],b['mask']) if isinstance(b, dict) else (b[0], b[1][0] if isinstance(b[1], tuple) else b[1])
+        return self.lin(x*m[..., None]).mean(1)
+
+def masked_learner(kind):
+    "A fastai `Learner` whose batches are `(structure, y)` (n_inp=1 with a structured item), 16 rows of 6 x 8 and a 6-long mask"
+    from fastai.learner import Learner
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    torch.manual_seed(0)
+    def item():
+        x,m = torch.randn(6, 8),(torch.rand(6)>.3).float()
+        return {'tuple': (x, m), 'dict': {'x': x, 'mask': m}, 'nested': (x, (m,))}[kind], torch.randn(4)
+    items = [item() for _ in range(32)]
+    return Learner(DataLoaders(DataLoader(items, bs=16), DataLoader(items[:4], bs=4)), Masked(), loss_func=nn.MSELoss())
+
+@pytest.mark.parametrize('kind', ['tuple', 'dict', 'nested'])
+def test_structured_batches(kind):
+    "memory_summary, max_batch and the CLI's memory report on a batch `((x, mask), y)`: saved bytes and peak equal to the byte to real steps"
+    from fastai.optimizer import Adam
+    from cnn_cost.cli import memory_report
+    learn = masked_learner(kind)
+    xb,yb = learn.dls.train.one_batch()
+    ms = learn.memory_summary()
+    assert ms.input_shapes == [(16, 6, 8), (16, 6)] and ms.bs == 16
+    assert ms.saved_total == hooked_saved(learn.model, (xb,), (yb,), learn.loss_func)
+    assert ms.peak == step_peak(learn.model, (xb,), (yb,), learn.loss_func, Adam)
+    assert learn.memory_summary(bs=64).input_shapes == [(64, 6, 8), (64, 6)]
+    b = learn.memory_summary(bs=40, device='cuda').peak
+    assert learn.max_batch(budget=b/2**30, show_plot=False).bs == 40
+    assert 'Masked (Input shape: 8 x 6 x 8, 8 x 6)' in memory_report(learn, 8)
+    assert learn.cost_summary(n_repeat=1).records[0].macs == 16*6*8*4
+
+def test_fp16_on_a_cpu_learner():
+    "fastai's `MixedPrecision` autocasts on CUDA only: a CPU learner after `to_fp16()` is predicted in float32 for a CPU target, with a note; fp16 for CUDA"
+    from fastai.callback.fp16 import MixedPrecision
+    learn = seed_random()
+    f32 = learn.memory_summary()
+    learn.to_fp16()
+    ms = learn.memory_summary()
+    assert ms.dtype == 'fp32' and ms.peak == f32.peak and any('`to_fp16()` has no effect on cpu' in n for n in ms.notes)
+    assert 'one training step in fp32 on cpu' in str(ms)
+    ref = cpu_peak(learn)  # MemTracker over a real batch of fastai's own loop, with the callback in place
+    print(f"seed to_fp16 on cpu: torch {torch.__version__} predicted {ms.peak:,} B, MemTracker {ref:,} B ({ms.peak/ref-1:+.3%})")
+    assert abs(ms.peak/ref-1) < 0.02
+    cu = learn.memory_summary(device='cuda')
+    assert cu.dtype == 'fp16' and cu.peak == learn.memory_summary(device='cuda', dtype='fp16').peak != learn.memory_summary(device='cuda', dtype='fp32').peak
+    assert not any('no effect' in n for n in cu.notes)
+    assert learn.max_batch(budget=1, device='cpu', show_plot=False).bs == learn.max_batch(budget=1, device='cpu', dtype='fp32', show_plot=False).bs
+
+def test_cost_summary_fp16_on_cpu():
+    "cost_summary of a CPU learner after `to_fp16()` runs float32, as fastai's fit does (checked by a hook in a real fit), and says why"
+    from fastai.learner import Learner
+    from fastai.callback.fp16 import MixedPrecision
+    learn = Learner(rand_dls(64, (3,32,32)), nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)),
+                    loss_func=CrossEntropyLossFlat()).to_fp16()
+    seen = []
+    h = learn.model[0].register_forward_hook(lambda m,i,o: seen.append((o.dtype, o.numel()*o.element_size())))
+    with learn.no_logging(), learn.no_bar(): learn.fit(1)
+    h.remove()
+    assert seen[0] == (torch.float32, 4_194_304)
+    s = learn.cost_summary(n_repeat=1)
+    assert s.records[0].act_bytes == seen[0][1] and any('no effect on cpu' in n for n in s.notes)
+
+def test_language_model():
+    "AWD-LSTM language model: the loss gets `pred[0]` through fastai's `RNNCallback` (its AR/TAR terms added); saved bytes equal, peak against fastai's own batch"
+    import kinds
+    from cnn_cost.memory import _learner_loss
+    learn = kinds.language_model()
+    ms = learn.memory_summary()
+    xb,yb = learn.dls.train.one_batch()
+    assert ms.saved_total == hooked_saved(learn.model, (xb,), (yb,), _learner_loss(learn))
+    ref = cpu_peak(learn)
+    print(f"language model: torch {torch.__version__} predicted {ms.peak:,} B, MemTracker {ref:,} B ({ms.peak-ref:+,} B)")
+    assert abs(ms.peak/ref-1) < 0.001
