@@ -17,6 +17,7 @@ from fastcore.foundation import L
 from fastcore.xtras import PrettyString
 from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelBatchException, CancelTrainException, CancelEpochException
+import cnn_cost.memory
 from .core import *
 from .memory import *
 from .memory import _batch, _learner_dtype, _search, _guess, _gib
@@ -43,6 +44,14 @@ def _ckpt_forward(m, f):
     return forward
 
 @contextlib.contextmanager
+def _no_recompute_claims():
+    "The memory model's `_claim` skipped inside backward: the graph a recompute builds is thrown away, and mapping its nodes would keep the recomputed tensors alive"
+    f = cnn_cost.memory._claim
+    cnn_cost.memory._claim = lambda nodes, todo, i: None if torch._C._current_graph_task_id()!=-1 else f(nodes, todo, i)
+    try: yield
+    finally: cnn_cost.memory._claim = f
+
+@contextlib.contextmanager
 def checkpointed(model:nn.Module, names):
     "Inside the block, the submodules of `model` called `names` run under activation checkpointing in training; their `forward` put back on exit"
     mods,names = dict(model.named_modules()),list(dict.fromkeys(names))
@@ -51,7 +60,7 @@ def checkpointed(model:nn.Module, names):
     old = [(mods[n], mods[n].__dict__.get('forward')) for n in names]
     try:
         for m,_ in old: m.forward = _ckpt_forward(m, m.forward)
-        yield model
+        with _no_recompute_claims(): yield model
     finally:
         for m,f in reversed(old):
             if f is None: m.__dict__.pop('forward', None)
@@ -108,18 +117,30 @@ class PlanOption:
     @property
     def bs(self): return self.micro*self.n_acc
 
-# %% ../nbs/03b_plan.ipynb #5ea2a216
+# %% ../nbs/03b_plan.ipynb #bf649dcd
+@contextlib.contextmanager
+def _inputs(model, names):
+    "A dict filled, while the block runs, with the bytes of the storages each module in `names` takes as inputs in its first call"
+    res,mods = {},dict(model.named_modules())
+    def pre(n):
+        def f(m, args, kw): res.setdefault(n, sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in flat_tensors((args, kw))}.values()))
+        return f
+    hs = [mods[n].register_forward_pre_hook(pre(n), with_kwargs=True) for n in names]
+    try: yield res
+    finally:
+        for h in hs: h.remove()
+
 class _Steps:
     "Predicted training steps of `learn` by (batch size, dtype, checkpointed blocks), each run once on fake tensors"
     def __init__(self, learn, xb, yb, device, cl): store_attr(); self.peaks,self.lives = {},{}
-    def run(self, b, dt, blocks=()):
-        "`(MemorySummary, counter, counting)` of the step at batch size `b` in `dt` with `blocks` checkpointed"
+    def run(self, b, dt, blocks=(), ins=()):
+        "`(MemorySummary, counter, counting, in_bytes)` of the step at batch size `b` in `dt` with `blocks` checkpointed; `in_bytes`: of the inputs of modules `ins`"
         l = self.learn
-        with checkpointed(l.model, blocks):
+        with checkpointed(l.model, blocks), _inputs(l.model, ins) as res:
             mc,c,_ = step_memory(l.model, self.xb, self.yb, l.loss_func, l.opt_func, l.splitter, l.lr, b, dt, self.cl, self.device)
         ms = MemorySummary(mc.blocks, mc.trace, c.units, c.recs)
         self.peaks[b,dt,tuple(blocks)],self.lives[b,dt,tuple(blocks)] = ms.peak,ms.timeline.live.values
-        return ms,mc,c
+        return ms,mc,c,res
     def __call__(self, b, dt, blocks=()):
         "Predicted peak bytes at batch size `b`; inf if the step cannot train on one sample (batch norm)"
         k = (b, dt, tuple(blocks))
@@ -137,14 +158,13 @@ class _Steps:
         g = _guess(la, lb, a, b, budget) if la is not None and a<b else 1
         return _search(lambda n: self(n, dt, blocks), budget, g, max_bs)
 
-# %% ../nbs/03b_plan.ipynb #25f17328
-def block_stats(ms, mc, c, names):
-    "Per candidate block in `names`: bytes its units save for backward, bytes of its inputs (which a checkpoint saves instead) and its forward MACs"
+# %% ../nbs/03b_plan.ipynb #e3cfe06e
+def block_stats(mc, c, names, ins):
+    "Per block in `names`: bytes its units save for backward, `ins[name]` the bytes of its inputs (which a checkpoint saves instead), and its forward MACs"
     ix = {n: [i for i,(u,m,k) in enumerate(c.units) if u==n or u.startswith(n+'.')] for n in names}
     saver = np.bincount([b.unit for b in mc.blocks if b.kind==MemKind.saved and b.unit>=0], [b.nbytes for b in mc.blocks if b.kind==MemKind.saved and b.unit>=0],
                         len(c.units))
-    inb = {r.name: r.in_bytes for r in c.recs}
-    return pd.DataFrame(dict(block=names, saved=[int(saver[ix[n]].sum()) for n in names], in_bytes=[inb.get(n, 0) for n in names],
+    return pd.DataFrame(dict(block=names, saved=[int(saver[ix[n]].sum()) for n in names], in_bytes=[ins.get(n, 0) for n in names],
                              macs=[float(sum(c.recs[i].macs for i in ix[n])) for n in names]))
 
 def choose_blocks(st, need, exact=12):
@@ -152,7 +172,7 @@ def choose_blocks(st, need, exact=12):
     gain,macs = np.maximum(st.saved.values-st.in_bytes.values, 0),st.macs.values
     if need<=0: return []
     if len(st)<=exact:  # every subset: the fewest MACs, then the fewest blocks, whose estimated gain reaches `need`
-        m = np.array(list(itertools.product([0,1], repeat=len(st))), dtype=bool)
+        m = np.array(list(itertools.product([0,1], repeat=len(st))), dtype=bool)[:, ::-1]  # earlier blocks first among equals
         ok = m@gain>=need
         if ok.any():
             i = np.flatnonzero(ok)[np.lexsort((m[ok].sum(1), m[ok]@macs))[0]]
@@ -172,18 +192,23 @@ class MemoryPlan:
 
     @property
     def blocks(self): return self.suggestion.blocks if self.suggestion else ()
+    def __getitem__(self, name):
+        "The option called `name`, e.g. `plan['checkpointing']`"
+        o = first(o for o in self.options if o.name==name)
+        if o is None: raise KeyError(f"No option {name!r} in this plan: it has {', '.join(o.name for o in self.options)}")
+        return o
     @property
     def df(self): return pd.DataFrame([dict(vars(o), bs=o.bs) for o in self.options])
 
 # %% ../nbs/03b_plan.ipynb #beb5cb7b
 @patch
 def __repr__(self:MemoryPlan):
-    h = f"Memory plan: {self.model_name} at batch {self.bs} in {_gib(self.budget)} on {self.device}; as is its step needs {_gib(self.peak)}"
+    h = f"Memory plan: {self.model_name} at batch {self.bs} in {_gib(self.budget)} on {self.device}; as it is, its step needs {_gib(self.peak)}"
     hd = f"{'Option':<34} {'Batch':>11} {'Dtype':>5} {'Checkpointed':>12} {'Peak':>9} {'Fits':>4} {'Recompute':>10} {'Extra':>6}"
     res = [h, '='*len(hd), hd, '='*len(hd)]
     for o in self.options:
         b = f"{o.n_acc} x {o.micro}" if o.n_acc>1 else str(o.micro)
-        res.append(f"{o.name[:34]:<34} {b:>11} {o.dtype:>5} {len(o.blocks):>12} {_gib(o.peak) if math.isfinite(o.peak) else '-':>9} {'yes' if o.fits else 'no':>4} "
+        res.append(f"{o.name[:34]:<34} {b:>11} {o.dtype:>5} {len(o.blocks):>12} {human(o.peak, 'B') if math.isfinite(o.peak) else '-':>9} {'yes' if o.fits else 'no':>4} "
                    f"{human(o.recompute_macs*o.n_acc, 'MACs') if o.recompute_macs else '0':>10} {o.extra:>6.1%}")
     s = self.suggestion
     res += ['_'*len(hd), f"Suggestion: {s.name} ({s.how})" if s else f"Nothing tried fits in {_gib(self.budget)}"]
@@ -233,9 +258,9 @@ def memory_plan(self:Learner,
     cands = block_names(self.model) if blocks is None else list(blocks)
     with checkpointed(self.model, cands): pass  # unknown names fail here
     S = _Steps(self, xb, yb, device, hasattr(self, 'channels_last'))
-    ms,mc,c = S.run(bs, dt)
+    ms,mc,c,ins = S.run(bs, dt, ins=cands)
     step_macs = sum(r.macs+r.bwd_macs for r in c.recs)
-    st = block_stats(ms, mc, c, cands)
+    st = block_stats(mc, c, cands, ins)
     ms_of = lambda bl: sum(cost.df.time_ms[cost.df.name.map(lambda n: any(n==b or n.startswith(b+'.') for b in bl))]) if cost is not None and bl else math.nan
     def opt(name, micro, n, d, bl=(), changes='', how=''):
         p,rm = S(micro, d, bl),float(st.macs[st.block.isin(bl)].sum())
@@ -248,13 +273,15 @@ def memory_plan(self:Learner,
         return opt(name, mi, n, d, bl, ch, f"DataLoaders with bs={mi} and `cbs=GradientAccumulation(n_acc={mi*n})`")
     def ckpt(d, name='checkpointing'):
         if not cands: return None
-        need,bl = S(bs, d)-B,[]
+        need,tried = S(bs, d)-B,[]
         for _ in range(4):  # the saving is estimated from the saved bytes: check by running the step, and ask for more when short
             bl = choose_blocks(st, need) or cands
-            short = S(bs, d, bl)-B
+            tried.append(bl); short = S(bs, d, bl)-B
             if short<=0 or len(bl)==len(cands): break
             need += short
-        if S(bs, d, bl)>B: bl = cands
+        if short>0 and cands not in tried: tried.append(cands)
+        macs = lambda bl: st.macs[st.block.isin(bl)].sum()
+        bl = min(tried, key=lambda bl: (S(bs, d, bl)>B, macs(bl) if S(bs, d, bl)<=B else S(bs, d, bl)))  # the cheapest that fits, else the lowest peak
         return opt(name, bs, 1, d, bl, '', "`learn.checkpoint(plan)`")
     base = opt('as is', bs, 1, dt, how='nothing to change')
     opts,notes = [base],[]
