@@ -4,17 +4,16 @@ from fastai.vision.all import Learner, CrossEntropyLossFlat, set_seed
 from cnn_cost.core import block_names
 from cnn_cost.memory import step_memory, MemorySummary, _batch
 from cnn_cost.plan import *
-from memory_refs import tv_learner, rand_dls, cpu_peak
-from kinds import unet
+from memory_refs import tv_learner, rand_dls, cpu_peak, unet
 
-def vit(bs=8, size=64):
-    "torchvision's vit_b_16 on 64² images (16 tokens and the class token), with dropout, so that the recompute must replay the RNG"
+def vit(bs=8, size=32):
+    "torchvision's vit_b_16 on 32² images (4 tokens and the class token), with dropout, so that the recompute must replay the RNG"
     set_seed(0)
     return Learner(rand_dls(bs, (3,size,size), n_batches=2), torchvision.models.vit_b_16(image_size=size, num_classes=10, dropout=0.1, attention_dropout=0.1),
                    loss_func=CrossEntropyLossFlat())
 
 # the budget: this fraction of the way from the step as it is to the step with every block checkpointed
-cases = {'resnet50': (lambda: tv_learner('resnet50', 8, 64, n_batches=2), 0.25), 'vit_b_16': (vit, 0.25), 'unet': (lambda: unet(bs=4, size=64), 0.5)}
+cases = {'resnet50': (lambda: tv_learner('resnet50', 4, 64, n_batches=2), 0.25), 'vit_b_16': (vit, 0.25), 'unet': (lambda: unet(bs=2, size=64, n_batches=2), 0.5)}
 
 @pytest.mark.parametrize('name', list(cases))
 def test_plan_peak_is_real(name):
@@ -22,7 +21,7 @@ def test_plan_peak_is_real(name):
     make,f = cases[name]
     learn = make()
     full = learn.memory_summary(device='cpu').peak
-    with checkpointed(learn.model, block_names(learn.model)): floor = learn.memory_summary(device='cpu').peak
+    with checkpointed(learn.model, plan_blocks(learn.model)): floor = learn.memory_summary(device='cpu').peak
     plan = learn.memory_plan((full-f*(full-floor))/2**30, device='cpu', show_plot=False)
     k = plan['checkpointing']
     assert k.fits and 2 <= len(k.blocks) <= 4 and not plan['as is'].fits
@@ -47,7 +46,7 @@ def _fit(make, blocks):
 def test_plan_training_unchanged(name):
     "Training with blocks checkpointed (float32, CPU): the same losses and weights and buffers, bit for bit; nothing left on the model or learner"
     make,_ = cases[name]
-    bl = block_names(make().model)
+    bl = plan_blocks(make().model)
     bl = bl[:1] + bl[len(bl)//2:len(bl)//2+2]  # three blocks, the first among them (whose recompute updates batch norms' statistics)
     (l0,s0,_),(l1,s1,learn) = _fit(make, None),_fit(make, bl)
     assert len(l0) >= 2 and l0 == l1
