@@ -212,11 +212,11 @@ class MemoryPlan:
 @patch
 def __repr__(self:MemoryPlan):
     h = f"Memory plan: {self.model_name} at batch {self.bs} in {_gib(self.budget)} on {self.device}; as it is, its step needs {_gib(self.peak)}"
-    hd = f"{'Option':<34} {'Batch':>11} {'Dtype':>5} {'Checkpointed':>12} {'Peak':>9} {'Fits':>4} {'Recompute':>10} {'Extra':>6}"
+    hd = f"{'Option':<34} {'Batch':>11} {'Dtype':>5} {'Checkpointed':>12} {'Peak':>11} {'Fits':>4} {'Recompute':>10} {'Extra':>6}"
     res = [h, '='*len(hd), hd, '='*len(hd)]
     for o in self.options:
         b = f"{o.n_acc} x {o.micro}" if o.n_acc>1 else str(o.micro)
-        res.append(f"{o.name[:34]:<34} {b:>11} {o.dtype:>5} {len(o.blocks):>12} {human(o.peak, 'B') if math.isfinite(o.peak) else '-':>9} {'yes' if o.fits else 'no':>4} "
+        res.append(f"{o.name[:34]:<34} {b:>11} {o.dtype:>5} {len(o.blocks):>12} {_gib(o.peak) if math.isfinite(o.peak) else '-':>11} {'yes' if o.fits else 'no':>4} "
                    f"{human(o.recompute_macs*o.n_acc, 'MACs') if o.recompute_macs else '0':>10} {o.extra:>6.1%}")
     s = self.suggestion
     res += ['_'*len(hd), f"Suggestion: {s.name} ({s.how})" if s else f"Nothing tried fits in {_gib(self.budget)}"]
