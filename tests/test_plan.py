@@ -13,7 +13,7 @@ def vit(bs=8, size=32):
                    loss_func=CrossEntropyLossFlat())
 
 # the budget: this fraction of the way from the step as it is to the step with every block checkpointed
-cases = {'resnet50': (lambda: tv_learner('resnet50', 4, 64, n_batches=2), 0.25), 'vit_b_16': (vit, 0.25), 'unet': (lambda: unet(bs=2, size=64, n_batches=2), 0.5)}
+cases = {'resnet50': (lambda: tv_learner('resnet50', 4, 64, n_batches=2), 0.25), 'vit_b_16': (vit, 0.25), 'unet': (lambda: unet(bs=4, size=96, n_batches=2), 0.3)}
 
 @pytest.mark.parametrize('name', list(cases))
 def test_plan_peak_is_real(name):
