@@ -273,7 +273,7 @@ def memory_plan(self:Learner,
     st = block_stats(mc, c, cands, ins)
     ms_of = lambda bl: sum(cost.df.time_ms[cost.df.name.map(lambda n: any(n==b or n.startswith(b+'.') for b in bl))]) if cost is not None and bl else math.nan
     def opt(name, micro, n, d, bl=(), changes='', how=''):
-        p,rm = S(micro, d, bl),float(st.macs[st.block.isin(bl)].sum())
+        p,rm = S(micro, d, bl),float(st.macs[st.block.isin(bl)].sum())*micro/bs  # counted at `bs`: MACs scale with the batch
         return PlanOption(name, micro, n, d, tuple(bl), p, p<=B, rm, rm*n/step_macs if step_macs else 0., ms_of(bl), changes, how)
     def acc(d, bl=(), name='gradient accumulation'):
         m = S.largest(d, bl, B, bs)
