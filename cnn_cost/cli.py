@@ -17,6 +17,7 @@ from fastai.vision.all import vision_learner, Learner, ImageDataLoaders, Resize,
 from .data import digits_dls
 from .learner import *
 from .memory import *
+from .plan import *
 from .plots import *
 from .analysis import cost_sweep
 
@@ -64,7 +65,7 @@ def render_sweep(sw, fmt='text'):
 
 # %% ../nbs/09_cli.ipynb #a3c1e0f1
 def memory_report(learn, bs, dtype='fp32', max_batch_gib=None, fmt='text', plot=None):
-    "The predicted memory of a training step at `bs` on a CUDA GPU as `fmt`; with `max_batch_gib`, the largest batch that fits and the breakdown of its peak"
+    "The predicted memory of a training step at `bs` on a CUDA GPU as `fmt`; with `max_batch_gib`, the largest batch that fits and the breakdown of its peak, and if `bs` does not fit, the plan that makes it fit"
     if max_batch_gib is None:
         ms = learn.memory_summary(bs=bs, dtype=dtype, device='cuda')
         if plot: ms.plot(fname=plot)
@@ -75,11 +76,12 @@ def memory_report(learn, bs, dtype='fp32', max_batch_gib=None, fmt='text', plot=
         return df.to_markdown(index=False, disable_numparse=True) if fmt=='markdown' else df.to_html(index=False)
     mb = learn.max_batch(budget=max_batch_gib, dtype=dtype, show_plot=False)
     if plot: mb.plot().figure.savefig(plot, dpi=100)
-    if not mb.bs: return f"No batch fits in {max_batch_gib} GiB: even batch 1 needs more"
+    plan = [] if mb.bs>=bs else ['', str(learn.memory_plan(max_batch_gib, bs=bs, dtype=dtype, device='cuda', show_plot=False))]
+    if not mb.bs: return '\n'.join([f"No batch fits in {max_batch_gib} GiB: even batch 1 needs more"] + plan)
     ms = learn.memory_summary(bs=mb.bs, dtype=dtype, device='cuda')
     at_least = f"at least {mb.bs}, the largest batch size tried" if mb.capped else mb.bs
     return '\n'.join([f"Largest batch that fits in {max_batch_gib} GiB: {at_least} (predicted peak {mb.peak/2**30:.3g} GiB, {dtype}, CUDA target)"]
-                     + ms._totals_lines())
+                     + ms._totals_lines() + plan)
 
 # %% ../nbs/09_cli.ipynb #1423d5ac
 @call_parse
@@ -95,7 +97,7 @@ def main(arch:str='resnet18', # Any torchvision classification model, e.g. resne
          n_repeat:int=None, # Timed rounds, one hooked and one plain forward each (default: rounds until the row times settle)
          n_warmup:int=0, # Plain forward passes before timing
          memory:bool=False, # Predict one training step's GPU memory per layer instead, on fake tensors (any --bs, no GPU needed)
-         max_batch_gib:float=None, # Print the largest batch whose predicted training step fits in this many GiB of GPU memory
+         max_batch_gib:float=None, # Print the largest batch whose predicted training step fits in this many GiB of GPU memory, and if --bs does not fit, the plan that makes it fit
          dtype:str='fp32', # With --memory or --max-batch-gib: fp32, fp16 or bf16 (as `to_fp16()`, `to_bf16()` train)
         ):
     "Measure per-layer params, activations, MACs and time of a CNN on one real batch"

@@ -49,3 +49,10 @@ def test_memory_markdown_readable():
     r = run('--memory', '--bs', '32', '--format', 'markdown')
     assert r.returncode == 0 and r.stderr == '', r.stderr
     assert r.stdout.startswith('| name') and ' MB ' in r.stdout and not re.search(r'\|\s*\d{5,}\s*\|', r.stdout), r.stdout[:1500]
+
+def test_max_batch_plan():
+    "--max-batch-gib with a --bs that does not fit prints the largest batch and the plan that makes --bs fit"
+    r = run('--max-batch-gib', '0.2', '--bs', '128')
+    assert r.returncode == 0, r.stderr
+    assert 'Largest batch that fits in 0.2 GiB' in r.stdout and 'Memory plan: Sequential at batch 128 in 0.2 GiB on cuda' in r.stdout
+    assert 'Suggestion: ' in r.stdout and 'mixed precision' in r.stdout and 'checkpointing' in r.stdout

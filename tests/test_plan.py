@@ -1,0 +1,54 @@
+"The memory plan against real steps: the checkpointed step's peak predicted on fake tensors equals a real CPU step, and training with the plan applied is bit-identical."
+import pytest, torch, torchvision
+from fastai.vision.all import Learner, CrossEntropyLossFlat, set_seed
+from cnn_cost.core import block_names
+from cnn_cost.memory import step_memory, MemorySummary, _batch
+from cnn_cost.plan import *
+from memory_refs import tv_learner, rand_dls, cpu_peak, unet
+
+def vit(bs=8, size=32):
+    "torchvision's vit_b_16 on 32² images (4 tokens and the class token), with dropout, so that the recompute must replay the RNG"
+    set_seed(0)
+    return Learner(rand_dls(bs, (3,size,size), n_batches=2), torchvision.models.vit_b_16(image_size=size, num_classes=10, dropout=0.1, attention_dropout=0.1),
+                   loss_func=CrossEntropyLossFlat())
+
+# the budget: this fraction of the way from the step as it is to the step with every block checkpointed
+cases = {'resnet50': (lambda: tv_learner('resnet50', 4, 64, n_batches=2), 0.25), 'vit_b_16': (vit, 0.25), 'unet': (lambda: unet(bs=4, size=96, n_batches=2), 0.3)}
+
+@pytest.mark.parametrize('name', list(cases))
+def test_plan_peak_is_real(name):
+    "The checkpointing option needs 2-4 blocks, fits, and its predicted peak equals a real CPU step's (`fake=False`) to the byte and MemTracker's over a real fastai batch"
+    make,f = cases[name]
+    learn = make()
+    full = learn.memory_summary(device='cpu').peak
+    with checkpointed(learn.model, plan_blocks(learn.model)): floor = learn.memory_summary(device='cpu').peak
+    plan = learn.memory_plan((full-f*(full-floor))/2**30, device='cpu', show_plot=False)
+    k = plan['checkpointing']
+    assert k.fits and 2 <= len(k.blocks) <= 4 and not plan['as is'].fits
+    assert k.recompute_macs > 0 and 0 < k.extra < 0.5
+    xb,yb = _batch(learn, None, None)
+    with checkpointed(learn.model, k.blocks): mc,c,_ = step_memory(learn.model, xb, yb, learn.loss_func, learn.opt_func, fake=False)
+    real = MemorySummary(mc.blocks, mc.trace, c.units, c.recs).peak
+    learn.checkpoint(plan if plan.suggestion is k else k)
+    with checkpointed(learn.model, k.blocks): ref = cpu_peak(learn)  # a warm-up fit with the callback, then one real batch checkpointed as the callback does
+    print(f"{name}: torch {torch.__version__}, budget {plan.budget:,} B, as is {full:,} B, checkpointing {len(k.blocks)} blocks {k.blocks}: "
+          f"predicted {k.peak:,} B, real step {real:,} B, MemTracker {ref:,} B ({k.peak/ref-1:+.3%}); recompute {k.extra:.1%} of the step's MACs")
+    assert real == k.peak
+    assert abs(k.peak/ref-1) < 0.02
+
+def _fit(make, blocks):
+    learn = make()
+    if blocks: learn.checkpoint(blocks)
+    with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3)
+    return [float(l) for l in learn.recorder.losses],learn.model.state_dict(),learn
+
+@pytest.mark.parametrize('name', list(cases))
+def test_plan_training_unchanged(name):
+    "Training with blocks checkpointed (float32, CPU): the same losses and weights and buffers, bit for bit; nothing left on the model or learner"
+    make,_ = cases[name]
+    bl = plan_blocks(make().model)
+    bl = bl[:1] + bl[len(bl)//2:len(bl)//2+2]  # three blocks, the first among them (whose recompute updates batch norms' statistics)
+    (l0,s0,_),(l1,s1,learn) = _fit(make, None),_fit(make, bl)
+    assert len(l0) >= 2 and l0 == l1
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert '_do_one_batch' not in vars(learn) and not any('forward' in vars(m) for m in learn.model.modules())
