@@ -17,10 +17,9 @@ from fastcore.foundation import L
 from fastcore.xtras import PrettyString
 from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelBatchException, CancelTrainException, CancelEpochException
-import cnn_cost.memory
 from .core import *
 from .memory import *
-from .memory import _batch, _learner_dtype, _search, _guess, _gib
+from .memory import _batch, _batch_size, _learner_dtype, _search, _guess, _gib
 from .summary import human
 
 # %% ../nbs/03b_plan.ipynb #fb42b51e
@@ -44,14 +43,6 @@ def _ckpt_forward(m, f):
     return forward
 
 @contextlib.contextmanager
-def _no_recompute_claims():
-    "The memory model's `_claim` skipped inside backward: the graph a recompute builds is thrown away, and mapping its nodes would keep the recomputed tensors alive"
-    f = cnn_cost.memory._claim
-    cnn_cost.memory._claim = lambda nodes, todo, i: None if torch._C._current_graph_task_id()!=-1 else f(nodes, todo, i)
-    try: yield
-    finally: cnn_cost.memory._claim = f
-
-@contextlib.contextmanager
 def checkpointed(model:nn.Module, names):
     "Inside the block, the submodules of `model` called `names` run under activation checkpointing in training; their `forward` put back on exit"
     mods,names = dict(model.named_modules()),list(dict.fromkeys(names))
@@ -60,7 +51,7 @@ def checkpointed(model:nn.Module, names):
     old = [(mods[n], mods[n].__dict__.get('forward')) for n in names]
     try:
         for m,_ in old: m.forward = _ckpt_forward(m, m.forward)
-        with _no_recompute_claims(): yield model
+        yield model
     finally:
         for m,f in reversed(old):
             if f is None: m.__dict__.pop('forward', None)
@@ -263,7 +254,7 @@ def memory_plan(self:Learner,
     "What makes batch `bs` fit in `budget` GiB: the largest batch with gradient accumulation, mixed precision, activation checkpointing, and their combinations, predicted on fake tensors"
     if not budget>0: raise ValueError(f"budget is in GiB and must be positive, got {budget}")
     B,(xb,yb) = int(budget*2**30),_batch(self, None, None)
-    bs,dt,cuda = ifnone(bs, len(xb[0])),_dnames[amp_dtype(ifnone(dtype, _learner_dtype(self)))],torch.device(device).type=='cuda'
+    bs,dt,cuda = ifnone(bs, _batch_size(xb)),_dnames[amp_dtype(ifnone(dtype, _learner_dtype(self, device)[0]))],torch.device(device).type=='cuda'
     if bs<1: raise ValueError(f"bs must be at least 1, got {bs}")
     cands = plan_blocks(self.model) if blocks is None else list(blocks)
     with checkpointed(self.model, cands): pass  # unknown names fail here

@@ -12,8 +12,12 @@ warnings.filterwarnings('ignore', category=FutureWarning)
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    # `slow` tests (the whole memory corpus, inductor) run when asked for, as nbdev's tst_flags skips `#| slow` cells: `pytest -m slow` or CNN_COST_SLOW=1
+    run_slow = 'slow' in (config.getoption('markexpr') or '') or os.environ.get('CNN_COST_SLOW')=='1'
+    skip_slow = pytest.mark.skip(reason="slow: run with `pytest -m slow` or CNN_COST_SLOW=1")
     for it in items:
         if 'cuda' in it.keywords and not torch.cuda.is_available(): it.add_marker(skip_cuda)
+        if 'slow' in it.keywords and not run_slow: it.add_marker(skip_slow)
 
 def hook_count(model):
     "Number of forward/backward hooks left on any module of `model`"

@@ -105,6 +105,7 @@ def compiled_fit(compile, cb=None):
 def test_profiler_compiled_fit(compile):
     "No recompilation (the same frames and graphs as without the profiler), the same losses, the step split measured, rows of the eager model with blank times"
     _,la,fa,ga = compiled_fit(compile)
+    if not fa.get('total'): pytest.skip(f"torch {torch.__version__}: `{compile}` compiled no frame in a plain fit (torch 2.11's in-place `Module.compile()`)")
     learn,lb,fb,gb = compiled_fit(compile, CostProfiler(skip=2, n_batches=3))
     assert (fb, gb) == (fa, ga) and fa['ok'] == fa['total'] and ga >= 1
     assert torch.equal(la, lb)
