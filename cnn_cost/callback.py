@@ -225,7 +225,8 @@ def _one_batch(self:CostProfiler):
         if self.recs is None: return self._count() if self.train_iter>=self.skip-1 and self.n_batches!=0 else self._orig()  # 0: nothing to count for
         if not self._on: return self._orig()
         need = {p['label'] for p in self.patterns if p['recs'] is None}
-        if (self._label in need or (need and self._tries)) and self._n_rc<8:  # count, untimed, a batch of a labelled pattern not counted, or the next few
+        new = self._label and self._label not in {p['label'] for p in self.patterns}  # a labelled phase met for the first time (a GAN's generator)
+        if (new or self._label in need or (need and self._tries)) and self._n_rc<8:  # count, untimed, a batch of a labelled pattern not counted, or the next few
             self._tries,self._n_rc,self._on = max(self._tries-1, 0),self._n_rc+1,False  # at most 8 counts more: batches that always differ (routing) stay timed
             return self._count()
         cw = CPUWait()  # run-queue wait over the batch, read before and after it, never in a hook
@@ -298,9 +299,9 @@ def _merged(pats, w):
     "Records of several batch patterns `pats` in one: work averaged with weights `w` (profiled batches per pattern), calls the most of any"
     res = deepcopy(next(p['recs'] for p in pats if p['recs'] is not None))
     cp = [(p,x) for p,x in zip(pats, w) if p['recs'] is not None and x]
-    tot = sum(x for _,x in cp) or 1
+    tot = sum(x for _,x in cp)
     for j,r in enumerate(res):
-        for f in _sum_fields: setattr(r, f, sum(getattr(p['recs'][j], f)*x for p,x in cp)/tot)
+        for f in _sum_fields: setattr(r, f, sum(getattr(p['recs'][j], f)*x for p,x in cp)/tot if tot else np.nan)  # no counted batch: unknown, not 0
         r.calls = max(p['key'][1][j] for p in pats)
         ran = [p['recs'][j] for p,_ in cp if p['recs'][j].calls]
         if ran: r.shapes,r.macs_src,r.bwd_src = ran[0].shapes,ran[0].macs_src,ran[0].bwd_src

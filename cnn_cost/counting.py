@@ -327,6 +327,7 @@ def composite(func):
 
 class OpCounter(TorchDispatchMode):
     "Charge every aten op to a unit: forward and recompute ops to `unit()`, backward ops to the unit whose forward or recompute made the running autograd node; `ops`: forward op names run"
+    map_recompute = True  # map a recompute's autograd nodes to its units (which keeps them alive until the pass ends)
     def __init__(self, n, unit, tracker=None):
         super().__init__()
         self.fwd,self.bwd,self.rec,self.outside = [OpTally() for _ in range(n)],[OpTally() for _ in range(n)],[OpTally() for _ in range(n)],OpTally()
@@ -360,7 +361,7 @@ class OpCounter(TorchDispatchMode):
             i = self.unit()
             if i is None: return out
             tally = (self.fwd if ph=='fwd' else self.rec)[i]
-            if torch.is_grad_enabled(): self.pending = [(weakref.ref(t), i) for t in flat_tensors(out)]  # a reentrant recompute's nodes run its backward
+            if torch.is_grad_enabled() and (ph=='fwd' or self.map_recompute): self.pending = [(weakref.ref(t), i) for t in flat_tensors(out)]  # a reentrant recompute's nodes run its backward
         tally.add(func, args, kwargs, out)
         return out
 
@@ -474,6 +475,9 @@ class Counting:
         self.param_units = _assign_params(self.units, self.recs, c.fwd)  # {id(parameter): index of the unit whose row counts it}
         for r,rule,t,bt,rt in zip(self.recs, self.rules, c.fwd, c.bwd, c.rec):
             if rule is None: r.macs,r.elem_ops,r.macs_src,r.complex_macs = t.macs,t.elem_ops,('uncounted' if t.unknown else 'ops'),t.complex
+            # the ops it ran, all counted, did other work than its class's formula: something `runs_stock` cannot see (a forward hook,
+            # an instance `_conv_forward`, a computed `weight`) changed it, and the ops say what ran
+            elif t.n_ops and not t.unknown and t.macs!=r.macs: r.macs,r.elem_ops,r.macs_src,r.complex_macs = t.macs,t.elem_ops,'ops',t.complex
             else: r.macs_src = 'rule'
             r.unknown_ops = sorted(t.unknown)
             _finish_bwd(r, rule, bt, rt)
@@ -486,16 +490,21 @@ class Counting:
         return self.recs
 
 # %% ../nbs/01_counting.ipynb #c0570005
-def _backward(out, model):
-    "Backward of `out` (ones as output gradients) into `model`'s trainable parameters, leaving their `.grad` alone"
+def _backward(out, model, xb=()):
+    "Backward of `out` (ones as output gradients) into `model`'s trainable parameters (and leaf inputs in `xb`), leaving every `.grad` as it was"
     outs = [o for o in flat_tensors(out) if o.requires_grad]
-    ps = [p for p in model.parameters() if p.requires_grad]
-    if outs and ps: torch.autograd.grad(outs, ps, [torch.ones_like(o) for o in outs], allow_unused=True)
+    ls = [p for p in model.parameters() if p.requires_grad] + [t for t in flat_tensors(xb) if t.requires_grad and t.is_leaf]
+    if not (outs and ls): return
+    old = [t.grad for t in ls]
+    # `backward`, not `autograd.grad`: reentrant activation checkpointing runs no backward under `autograd.grad` (torch 2.14 returns None, silently)
+    try: torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    finally:
+        for t,g in zip(ls, old): t.grad = g
 
 def count_pass(model:nn.Module, xb:tuple, units=None, kwargs=None, backward=False, rules=True):
     "`LayerRecord`s of `units` (default: all of `model`'s) from one `model(*xb, **kwargs)`, and its backward if `backward`; `rules=False`: ops only"
     with Counting(model, units, rules) as c:
-        if backward: _backward(model(*xb, **(kwargs or {})), model)
+        if backward: _backward(model(*xb, **(kwargs or {})), model, xb)
         else:
             with torch.no_grad(): model(*xb, **(kwargs or {}))
     return c.records()

@@ -46,6 +46,7 @@ def _unpack(t): return t
 _fake_fixes = {}  # aten op -> its correction (`fake_fix`)
 class MemCounter(OpCounter):
     "`OpCounter` that also records every storage: its bytes, unit, phase and lifetime, and whether autograd saved it for backward"
+    map_recompute = False  # a step frees a recompute's graph once used: holding its nodes would keep what they saved alive
     def __init__(self, n, unit, size=None, device='cpu'):
         super().__init__(n, unit)
         self.size,self.blocks,self.idx,self.refs,self.trace,self.phase = ifnone(size, lambda n: n),[],{},{},[],'pre'
