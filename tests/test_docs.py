@@ -109,6 +109,7 @@ def test_one_heading_per_entry_and_real_signatures(site):
     dups = {}
     for p in pages(out):
         hs = [re.sub(r'<[^>]+>|#', '', h).strip() for h in re.findall(r'<h[2-6][^>]*>(.*?)</h[2-6]>', (out/p).read_text(), re.S)]  # the page title aside
+        hs = [h for h in hs if '(Input shape:' not in h]  # a stored summary's own header (two summaries of one model) is output, not an entry
         if d:=sorted({h for h in hs if hs.count(h)>1}): dups[p] = d
     assert not dups, dups
     text = lambda p: re.sub(r'<[^>]+>', '', (out/p).read_text()).replace('&#39;', "'")
