@@ -239,3 +239,34 @@ def test_quantized_lstm():
     s = model_cost(q, x, n_warmup=0, n_repeat=1)
     assert (s.total_params, s.total_macs) == (hand_p, hand_m) == (2560, 34_560)
     assert not s.uncounted and not s.uncalled
+
+def test_rule_gives_way_to_what_ran():
+    "Work a stock layer does through a forward hook, an instance `_conv_forward` or a computed `weight` is counted from its ops (review of issue 16)"
+    import torch.nn.functional as F
+    c = nn.Conv2d(3,4,3,padding=1)
+    c._conv_forward = lambda x,w,b: F.conv2d(x,w,b,1,1) + F.conv2d(x,w,None,1,1)
+    r = count_pass(nn.Sequential(c), (torch.randn(2,3,8,8),))[0]
+    assert (r.macs, r.macs_src) == (2*2*4*8*8*27, 'ops')   # two convolutions, hand count 27,648
+    l = nn.Linear(16,16); l.register_forward_hook(lambda m,a,o: o @ m.weight)
+    assert count_pass(nn.Sequential(l), (torch.randn(4,16),))[0].macs == 2*4*16*16
+    class WP(nn.Linear):
+        def __init__(s, i, o, r=4): super().__init__(i, o); s.w0,s.w1 = nn.Parameter(torch.randn(o, r)),nn.Parameter(torch.randn(r, i))
+        @property
+        def weight(self): return self.w0 @ self.w1
+        @weight.setter
+        def weight(self, v): pass
+    m = nn.Sequential(WP(16,16)); x = torch.randn(4,16)
+    with FlopCounterMode(display=False) as fc: m(x)
+    assert count_pass(m, (x,))[0].macs == fc.get_total_flops()//2 == 16*4*16 + 4*16*16
+
+def test_count_pass_backward_reentrant_checkpoint():
+    "`count_pass(backward=True)` runs the backward of a reentrant checkpoint (autograd.grad ran none, silently), and leaves `.grad` as it was"
+    from torch.utils.checkpoint import checkpoint
+    class M(nn.Module):
+        def __init__(s): super().__init__(); s.a,s.b = nn.Linear(16,16),nn.Linear(16,8)
+        def forward(s, x): return checkpoint(lambda t: s.b(s.a(t)), x, use_reentrant=True)
+    m,x = M(),torch.randn(4,16, requires_grad=True)
+    recs = {r.name: r for r in count_pass(m, (x,), backward=True)}
+    assert (recs['a'].bwd_macs, recs['a'].recompute_macs) == (3*4*16*16, 4*16*16)   # input and weight gradients, and the recompute
+    assert (recs['b'].bwd_macs, recs['b'].recompute_macs) == (3*4*16*8, 4*16*8)
+    assert x.grad is None and all(p.grad is None for p in m.parameters())
