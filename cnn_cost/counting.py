@@ -10,7 +10,8 @@ __all__ = ['aten', 'layer_rule', 'runs_stock', 'find_rule', 'conv_cost', 'linear
            'sdpa_backward_macs', 'flash_fwd_macs', 'efficient_fwd_macs', 'flash_bwd_macs', 'efficient_bwd_macs',
            'mv_macs', 'dot_macs', 'addmm_act_macs', 'mkldnn_rnn_layer_macs', 'addbmm_macs', 'packed_tensors',
            'quantized_linear_macs', 'quantized_rnn_macs', 'op_name', 'op_kind', 'is_complex', 'op_cost', 'OpTally',
-           'composite', 'OpCounter', 'has_row', 'shape_of', 'Counting', 'count_pass', 'plain_ops', 'path_note']
+           'composite', 'decomposed', 'OpCounter', 'has_row', 'shape_of', 'Counting', 'count_pass', 'OpNames',
+           'plain_ops', 'path_note']
 
 # %% ../nbs/01_counting.ipynb #501dc5bc
 import torch, torch.nn as nn, math, warnings, weakref, collections, numpy as np
@@ -325,6 +326,11 @@ def composite(func):
         except Exception: _cia[func] = False  # a higher-order op
     return _cia[func]
 
+def decomposed(mode, func, args, kwargs):
+    "`func` run as the ops it decomposes into, each seen by `mode`, when it is composite (`composite`) and reads no nested tensor; `NotImplemented` otherwise"
+    if not composite(func) or any(t.is_nested for t in flat_tensors((args, kwargs))): return NotImplemented
+    with mode: return func.decompose(*args, **kwargs)  # into the ops it runs under `no_grad` and in training: counts don't depend on the grad mode
+
 class OpCounter(TorchDispatchMode):
     "Charge every aten op to a unit: forward and recompute ops to `unit()`, backward ops to the unit whose forward or recompute made the running autograd node; `ops`: forward op names run"
     map_recompute = True  # map a recompute's autograd nodes to its units (which keeps them alive until the pass ends)
@@ -348,9 +354,8 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.pending: self._map_nodes()
-        if composite(func) and not any(t.is_nested for t in flat_tensors((args, kwargs))):
-            with self: r = func.decompose(*args, **kwargs)  # into the ops it runs under `no_grad` and in training: counts don't depend on the grad mode
-            if r is not NotImplemented: return r
+        r = decomposed(self, func, args, kwargs)
+        if r is not NotImplemented: return r
         out = func(*args, **kwargs)
         ph = self.tracker.phase()
         if ph=='bwd':
@@ -510,10 +515,20 @@ def count_pass(model:nn.Module, xb:tuple, units=None, kwargs=None, backward=Fals
     return c.records()
 
 # %% ../nbs/01_counting.ipynb #c16a0002
-def plain_ops(model:nn.Module, xb:tuple, kwargs=None):
-    "The aten ops run (a `Counter` of names) and the `OpTally` of one `model(*xb, **kwargs)` without module hooks, under `no_grad`"
-    with OpCounter(1, lambda: 0) as c, torch.no_grad(): model(*xb, **(kwargs or {}))
-    return c.ops, c.fwd[0]
+class OpNames(TorchDispatchMode):
+    "The aten ops a pass runs, named as `OpCounter` names them (composite ops decomposed), in `ops` (a `Counter`), and nothing else: comparing two paths at little cost"
+    def __init__(self): super().__init__(); self.ops = collections.Counter()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        r = decomposed(self, func, args, kwargs)
+        if r is not NotImplemented: return r
+        self.ops[op_name(func)] += 1
+        return func(*args, **kwargs)
+
+def plain_ops(model:nn.Module, xb:tuple, kwargs=None, tally=True):
+    "The aten ops run (a `Counter` of names) and the `OpTally` of one `model(*xb, **kwargs)` without module hooks, under `no_grad`; `tally=False`: names only (`OpNames`), `None` for the tally"
+    with (OpCounter(1, lambda: 0) if tally else OpNames()) as c, torch.no_grad(): model(*xb, **(kwargs or {}))
+    return c.ops, (c.fwd[0] if tally else None)
 
 def path_note(hooked, plain, tally, macs, plain_ms=()):
     "A note when the hooked pass ran other ops (`hooked`, a `Counter`) than the unhooked one (`plain`, with `tally`); `macs`: the rows' total; '' if the same"

@@ -9,7 +9,7 @@ __all__ = ['n_paired', 'n_min_repeat', 'batch_device', 'preserved_state', 'is_co
            'model_cost']
 
 # %% ../nbs/05_learner.ipynb #aac3a92b
-import torch, torch.nn as nn, contextlib, numpy as np
+import torch, torch.nn as nn, contextlib, warnings, numpy as np
 from torch.nn.parameter import is_lazy
 from fastcore.basics import *
 from fastcore.meta import delegates
@@ -108,14 +108,13 @@ def _hooked(fwd, mods, clock):
     return clock.ms(a, b), [t if i in ran else np.nan for i,t in enumerate(ts)]
 
 # %% ../nbs/05_learner.ipynb #e9479730
-n_paired,n_min_repeat = 3,4  # rounds until settled: the first `n_paired` also time a plain pass (for `hook_overhead`); at least `n_min_repeat`
+n_paired,n_min_repeat = 2,4  # rounds until settled: the first `n_paired` also time a plain pass (for `hook_overhead`); at least `n_min_repeat`
 
-def settled(recs, tol=0.025, min_ms=0.05):
-    "Whether the median of `times` of every record of at least `min_ms` ms is known to `tol`: its standard error (from the MAD) relative to it"
-    for r in recs:
-        t = np.asarray(r.times); m = np.median(t)
-        if m >= min_ms and 1.2533*1.4826*np.median(np.abs(t-m))/np.sqrt(len(t)) > tol*m: return False
-    return True
+def settled(recs, tol=0.02, min_ms=0.05):
+    "Whether the medians of `times` of the records of at least `min_ms` ms are known to `tol` of their sum: their standard errors (`median_se`) summed"
+    ts = np.array([r.times for r in recs], dtype=float)  # every record has a time (NaN: its hooks did not fire) in every round
+    with warnings.catch_warnings(): warnings.simplefilter('ignore', RuntimeWarning); m = np.nanmedian(ts, 1); big = m >= min_ms
+    return bool(big.any()) and median_se(ts[big], 1).sum() <= tol*m[big].sum()
 
 def _round(fwd, mods, clock, i, plain, pair=True):
     "One timed round: a hooked pass, and if `pair` a plain one before or after it in turn (appended to `plain`); the hooked ms and row ms"
@@ -138,18 +137,20 @@ def _input_hint(model, xb):
     return ''
 
 def _count(model, xb, units, kw):
-    "The counting pass, with lazy modules initialised by it named in the notes, a clear error for a batch of the wrong size, and the ops of the hooked and plain passes"
+    "The counting pass, with lazy modules initialised by it named in the notes, a clear error for a batch of the wrong size, the ops of the hooked and plain passes, and how many passes it took"
     lazy = [n for n,m in model.named_modules() if any(is_lazy(p) for p in m.parameters(recurse=False))]
     try:
         with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)
-        recs,plain = c.records(),plain_ops(model, xb, kw)  # did the hooks change the path? (`path_note`)
-        with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)  # not the first forward's ops: lazy init, a reset hidden state
-        path = (c.counter.ops, *plain)
+        recs,path = c.records(),(c.counter.ops, *plain_ops(model, xb, kw, tally=False))  # did the hooks change the path? names only: cheap
+        if path[0]!=path[1]:  # they did, or the first forward ran other ops than the next (lazy init, a reset hidden state): both again, with MACs
+            plain = plain_ops(model, xb, kw)
+            with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)
+            path = (c.counter.ops, *plain)
     except Exception as e:
         hint = _input_hint(model, xb)
         if hint: raise ValueError(f"{type(model).__name__} cannot run on the batch {[list(t.shape) for t in flat_tensors(xb)]} ({e}). {hint}") from e
         raise
-    return recs, ([f"Lazy modules initialised by this first forward: {', '.join(lazy)}"] if lazy else []), path
+    return recs, ([f"Lazy modules initialised by this first forward: {', '.join(lazy)}"] if lazy else []), path, 2 if path[2] is None else 4
 
 def model_cost(model:nn.Module, # Any PyTorch model
                *xb, # Its inputs: one batch, on the model's device
@@ -168,7 +169,7 @@ def model_cost(model:nn.Module, # Any PyTorch model
     def fwd(): return model(*xb, **kw)
     with run_eager(comp), torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else []), preserved_state(model), torch.no_grad(), (autocast or contextlib.nullcontext()):
         model.eval()
-        recs,notes,path = _count(model, xb, units, kw)
+        recs,notes,path,n_count = _count(model, xb, units, kw)
         units,recs = costed(units, recs)
         mods = units.itemgot(1)
         for _ in range(n_warmup): fwd()
@@ -181,7 +182,7 @@ def model_cost(model:nn.Module, # Any PyTorch model
             if n_repeat is None and i+1>=n_min_repeat and settled(recs): break
         cw.stop()
     res = CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup,
-                      3+n_warmup+len(hooked)+len(plain), cpu_wait=cw.share)  # 3: counting, and the unhooked and hooked op passes
+                      n_count+n_warmup+len(hooked)+len(plain), cpu_wait=cw.share)  # counting, and the op passes
     res.notes += notes + [o for o in [path_note(*path, res.total_macs, plain)] if o]
     if is_compiled(comp): _time_compiled(res, comp, model, xb, kw, clock, n_warmup, n_repeat, autocast)
     return res

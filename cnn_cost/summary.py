@@ -14,7 +14,7 @@ from fastcore.basics import *
 from fastcore.foundation import L
 from fastcore.xtras import PrettyString
 from .core import *
-from .timing import cpu_wait_max
+from .timing import cpu_wait_max, median_se
 
 # %% ../nbs/03_summary.ipynb #c106abb2
 def human(n, unit=''):
@@ -90,6 +90,7 @@ class CostSummary:
             with warnings.catch_warnings():  # a row never timed (a counting-only summary) is NaN, not a warning
                 warnings.simplefilter('ignore', RuntimeWarning)
                 df[c],df[c+'_min'],df[c+'_max'],df[c+'_mean'],df[c+'_p90'] = [f(ts, 1) for f in (np.nanmedian,np.nanmin,np.nanmax,np.nanmean,_p90)]
+            df[c+'_se'] = median_se(ts, 1)  # how well the median is known: NaN below 2 timed passes
         if any(r.recompute_times for r in recs): df['recompute_ms'] = np.nanmedian(_padded([r.recompute_times or [0.] for r in recs]), 1)  # part of bwd_ms
         for c,s in [('macs','pct_macs'), ('time_ms','pct_time'), ('act_bytes','pct_act'), ('bwd_ms','pct_bwd')]:
             if c in df: df[s] = _pct(df[c].fillna(0)).where(df[c].notna())  # a row not timed has no share either
@@ -207,6 +208,7 @@ def _totals_lines(self:CostSummary):
             res.append(f"The hooked passes took x{self.hook_overhead:.2f} the time of the plain ones (median of back-to-back pairs), so the row "
                        "times carry that much disturbance: other load on the machine (on CPU, more busy threads than cores: see "
                        "`torch.get_num_threads()`) or layers too short to time one by one. Rerun on an idle machine before trusting them.")
+    res += self._precision_lines()
     nt = df.name[df.time_ms.isna()].tolist()
     if self.hooked_ms and nt: res.append(f"Not timed (blank, left out of the sums): {', '.join(nt)}: their hooks never fired in a timed pass")
     res += self._wait_lines()
@@ -219,6 +221,24 @@ def _totals_lines(self:CostSummary):
     return res
 
 # %% ../nbs/03_summary.ipynb #9d325d65
+@patch
+def _precision_lines(self:CostSummary, col='time_ms', min_ms=0.05, tol=0.05):
+    "How well the row medians of `col` are known: their standard errors (`col+'_se'`) summed against their sum, and the rows of at least `min_ms` ms known only to worse than `tol`"
+    df = self.df
+    if col+'_se' not in df or df[col+'_se'].isna().all(): return []  # under 2 timed passes: not known
+    t,se = df[col],df[col+'_se']
+    big = t >= min_ms
+    if not big.any(): return []
+    res = [f"Precision: the row times are known to ±{100*se[big].sum()/t[big].sum():.1f}% on average, weighted by time (the standard error of "
+           f"each row's median, from its spread over the passes: `{col}_se`; rows of {min_ms} ms or more)"]
+    loose = df[big & (se > tol*t)]
+    if len(loose):
+        ls = [f"{r.name or r.type} (±{100*s/v:.0f}%)" for r,s,v in zip(loose.itertuples(), loose[col+'_se'], loose[col])]
+        res.append(f"{len(ls)} row{'s'*(len(ls)>1)} of {min_ms} ms or more known only to worse than "
+                   f"±{100*tol:.0f}%: {', '.join(ls[:6])}{f' and {len(ls)-6} more' if len(ls)>6 else ''}; compare them with care, or time more "
+                   "passes (`n_repeat=`)")
+    return res
+
 @patch
 def _wait_lines(self:CostSummary):
     "What the run-queue wait over the timed passes says about the row times (nothing when no pass was timed)"

@@ -6,10 +6,10 @@ Docs: https://cnn-cost.github.io/cnn_cost/timing.html.md"""
 
 # %% auto #0
 __all__ = ['cpu_wait_max', 'CPUClock', 'CUDAClock', 'clock_for', 'timed', 'run_queue_ns', 'run_queue_wait', 'CPUWait',
-           'wait_share', 'TimeHooks']
+           'wait_share', 'median_se', 'TimeHooks']
 
 # %% ../nbs/02_timing.ipynb #d7a68440
-import time, glob, torch, torch.nn as nn
+import time, glob, warnings, numpy as np, torch, torch.nn as nn
 from fastcore.basics import *
 from .core import *
 
@@ -82,6 +82,18 @@ def wait_share(pairs):
     pairs = list(pairs)
     if not pairs or any(w is None for w,t in pairs) or not sum(t for w,t in pairs): return float('nan')
     return sum(w for w,t in pairs)/sum(t for w,t in pairs)
+
+# %% ../nbs/02_timing.ipynb #a7e1c001
+def median_se(ts, axis=-1):
+    """Standard error of the median of the times `ts` (rounds along `axis`; NaNs, rounds not run, left out), in their unit: NaN below 2 rounds.
+    From the MAD, robust to the odd slow round: 1.4826 x MAD estimates the spread (sigma) and a median's standard error is 1.2533 sigma / sqrt(n)
+    for normal noise (Kendall & Stuart; the same estimate `scipy.stats.median_abs_deviation(scale='normal')` makes)."""
+    ts = np.asarray(ts, dtype=float)
+    n = (~np.isnan(ts)).sum(axis)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # an all-NaN row (never timed): NaN
+        mad = np.nanmedian(np.abs(ts - np.nanmedian(ts, axis, keepdims=True)), axis)
+        return np.where(n>=2, 1.2533*1.4826*mad/np.sqrt(np.maximum(n, 1)), np.nan)
 
 # %% ../nbs/02_timing.ipynb #9c9cba0b
 _gtid = torch._C._current_graph_task_id  # -1 outside autograd's backward: `PhaseTracker.phase` is 'fwd'

@@ -190,11 +190,14 @@ def test_hooks_switch_off_fast_path():
     assert s.total_macs == hand == 4608
     note = [n for n in s.notes if n.startswith('Hooks change what this model runs')]
     assert len(note)==1 and '_transformer_encoder_layer_fwd' in note[0] and f'{hand:,} MACs against {hand:,}' in note[0] and '(`plain_ms`)' in note[0]
+    assert s.n_passes == 4 + 2*2   # the paths differ: after the counting pass and the names-only one, both again (with MACs); 2 hooked, 2 plain
     ops, t = plain_ops(enc, (x,))
     assert dict(ops) == {'_transformer_encoder_layer_fwd': 1} and t.macs == hand
-    assert not any(n.startswith('Hooks change') for n in model_cost(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), x, n_warmup=0, n_repeat=1).notes)
+    same = model_cost(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), x, n_warmup=0, n_repeat=1)
+    assert not any(n.startswith('Hooks change') for n in same.notes) and same.n_passes == 2 + 2   # same path: the names-only pass settles it
     lazy = model_cost(nn.Sequential(nn.LazyLinear(8), nn.ReLU()), x, n_warmup=0, n_repeat=1)   # its initialisation in the first forward is no other path
     assert lazy.total_macs == 2*4*8*8 and not any(n.startswith('Hooks change') for n in lazy.notes)
+    assert lazy.n_passes == 4 + 2   # the first forward's initialisation ops differ from the unhooked second's: both passes again, then the same
 
 def test_nested_padding_mask():
     """With `src_key_padding_mask` the unhooked encoder packs the 6 real tokens into a nested tensor:
