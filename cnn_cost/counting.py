@@ -367,7 +367,7 @@ class OpCounter(TorchDispatchMode):
             if i is None: return out
             tally = (self.fwd if ph=='fwd' else self.rec)[i]
             if torch.is_grad_enabled() and (ph=='fwd' or self.map_recompute): self.pending = [(weakref.ref(t), i) for t in flat_tensors(out)]  # a reentrant recompute's nodes run its backward
-        tally.add(func, args, kwargs, out)
+        with torch._C.DisableTorchFunctionSubclass(): tally.add(func, args, kwargs, out)  # shapes and sizes of a subclass (fastai's `TensorImage`) without its `__torch_function__`: 14% of the pass
         return out
 
 # %% ../nbs/01_counting.ipynb #37477607
@@ -457,7 +457,7 @@ class Counting:
         def f(m, args, kw, out):
             if self.tracker.pop()!='fwd': return  # a recompute in backward is counted from its ops, as backward work
             if self.rules[i] and any(o.is_nested for o in flat_tensors((args, kw, out))): self.rules[i] = None  # rules read dense shapes: ops count it
-            _finish(r, m, self.rules[i], t, args, kw, out)
+            with torch._C.DisableTorchFunctionSubclass(): _finish(r, m, self.rules[i], t, args, kw, out)
         return f
 
     def __enter__(self):

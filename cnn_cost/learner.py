@@ -160,6 +160,7 @@ def model_cost(model:nn.Module, # Any PyTorch model
                model_kwargs:dict=None, # Keyword inputs of the model
                progress:bool=False, # Show a progress bar over the timed rounds
                max_repeat:int=10, # Most rounds when `n_repeat` is `None`
+               precision:float=0.02, # When `n_repeat` is `None`: stop once the row times are known to this, on average weighted by time (`settled`)
               )->CostSummary:
     "Count and time every layer of `model` on the batch `xb`"
     if n_repeat is not None and n_repeat < 1: raise ValueError(f"n_repeat must be at least 1 (or None: until the times settle), got {n_repeat}")
@@ -179,7 +180,7 @@ def model_cost(model:nn.Module, # Any PyTorch model
             h,ts = _round(fwd, mods, clock, i, plain, pair=n_repeat is not None or i<n_paired)
             hooked.append(h)
             for r,t in zip(recs, ts): r.times.append(t)
-            if n_repeat is None and i+1>=n_min_repeat and settled(recs): break
+            if n_repeat is None and i+1>=n_min_repeat and settled(recs, precision): break
         cw.stop()
     res = CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup,
                       n_count+n_warmup+len(hooked)+len(plain), cpu_wait=cw.share)  # counting, and the op passes

@@ -9,7 +9,7 @@ __all__ = ['human', 'spatial_label', 'stage_label', 'CostSummary']
 
 # %% ../nbs/03_summary.ipynb #a5cf66b6
 import json, warnings, numpy as np, pandas as pd
-from dataclasses import asdict
+from dataclasses import fields
 from fastcore.basics import *
 from fastcore.foundation import L
 from fastcore.xtras import PrettyString
@@ -83,7 +83,8 @@ class CostSummary:
         if cx: self.notes.append(f"Complex tensors in {', '.join(cx)}: MACs are real MACs, 4 per complex multiply-accumulate (3 in convolutions, as torch runs them)")
 
     def _frame(self, recs):
-        df = pd.DataFrame([asdict(r) for r in recs]).drop(columns=['times','shapes','bwd_times','recompute_times'])
+        cols = [f.name for f in fields(LayerRecord) if f.name not in ('times','shapes','bwd_times','recompute_times')]
+        df = pd.DataFrame([{c: getattr(r, c) for c in cols} for r in recs], columns=cols)  # not `asdict`: it deep-copies every field
         df.insert(3, 'output_shape', [r.output_shape for r in recs])
         for c,k in [('time_ms','times')] + [('bwd_ms','bwd_times')]*any(r.bwd_times for r in recs):
             ts = _padded([getattr(r,k) for r in recs])
