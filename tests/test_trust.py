@@ -71,6 +71,7 @@ def test_adaptive_rounds_stop_when_settled(monkeypatch):
     assert len(s.hooked_ms) == n_min_repeat and len(s.plain_ms) == n_paired   # identical rounds settle at once
     assert s.n_passes == 2 + n_min_repeat + n_paired   # counting, then the unhooked op pass (`plain_ops`, names only: the path is the same)
     assert s.hook_overhead == s.hooked_ms[0]/s.plain_ms[0] and 'hooks x' in str(s)   # paired over the rounds that ran both
+    assert (s.df.time_ms_se == 0).all() and 'known to ±0.0% on average' in str(s) and 'known only to worse' not in str(s)
 
 class Jitter(nn.Module):
     def __init__(self): super().__init__(); self.i = 0
@@ -79,6 +80,9 @@ class Jitter(nn.Module):
 def test_adaptive_rounds_capped():
     s = model_cost(nn.Sequential(nn.Linear(4,4), Jitter()), torch.randn(2,4), max_repeat=7)
     assert len(s.hooked_ms) == 7 and len(s.plain_ms) == n_paired and s.n_passes == 2 + 7 + n_paired
+    j = s.df.set_index('name').loc['1']   # the jittering row: its median known only roughly, and the totals name it
+    line = next(l for l in str(s).splitlines() if 'known only to worse than ±5%' in l)
+    assert j.time_ms_se > 0.05*j.time_ms and f'1 (±{100*j.time_ms_se/j.time_ms:.0f}%)' in line
     f = model_cost(nn.Sequential(nn.Linear(4,4), Jitter()), torch.randn(2,4), n_repeat=5, n_warmup=0)   # a fixed count, as before
     assert len(f.hooked_ms) == len(f.plain_ms) == 5 and f.n_passes == 2 + 10
     with pytest.raises(ValueError, match='n_repeat must be at least 1'): model_cost(nn.Linear(2,2), torch.randn(1,2), n_repeat=0)
