@@ -214,6 +214,7 @@ def _finish_count(self:CostProfiler, c):
     self.counted_iter = self.train_iter
     self._pattern((self._label, tuple(r.calls for r in self.recs)), self.recs, self.train_iter)
     self.input_shapes,self.device,self.model_name = [t.shape for t in flat_tensors(xb)],dev,type(eager_module(model)).__name__
+    self.amp_note = learner_amp(self.learn, dev)[1]  # `to_fp16()` on a CPU: the batches ran in float32, and the summary says why
     self.skip_ptrs = {_ptr(t) for t in list(model.parameters())+list(model.buffers())}
     self.compiled = is_compiled(model)  # compiled code runs no hook, or compiles ours in: the step split only (`StepHooks`)
     self.hooks = (StepHooks if self.compiled else TrainHooks)(self.units.itemgot(1), [k=='leaf' for n,m,k in self.units], clock_for(dev))
@@ -274,7 +275,8 @@ def _gather(self:CostProfiler):
 # %% ../nbs/06_callback.ipynb #d191531f
 class TrainProfile:
     "What a `CostProfiler` measured in one `fit`, as plain data that outlives the callback: `summary()`, `steps()`, `plot()`"
-    def __init__(self, recs, kinds, tables, model_name='', input_shapes=(), device='cpu', skip=0, counted_iter=None, patterns=None, compiled_frames=None):
+    def __init__(self, recs, kinds, tables, model_name='', input_shapes=(), device='cpu', skip=0, counted_iter=None, patterns=None, compiled_frames=None,
+                 amp_note=''):
         store_attr()
         self.patterns = patterns or [dict(key=('', tuple(r.calls for r in recs)), label='pattern 0', recs=recs, counted_iter=counted_iter)]
 
@@ -288,7 +290,7 @@ def profile(self:CostProfiler):
     if self.recs is None: raise ValueError("Nothing profiled yet: fit for more than `skip` training batches first")
     return TrainProfile(deepcopy(self.recs), [k for n,m,k in self.units], self.rank_tables or [self._table()], self.model_name,
                         self.input_shapes, self.device, self.skip, self.counted_iter, deepcopy(self.patterns),
-                        list(self.hooks.frames) if self.compiled else None)
+                        list(self.hooks.frames) if self.compiled else None, getattr(self, 'amp_note', ''))
 
 @patch
 def steps(self:CostProfiler): return self.profile.steps()
@@ -362,6 +364,7 @@ def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
                  f"Saved for backward: {human(np.median([t['saved_total'][b] for t,b in sel]),'B')} (each storage once); "
                  f"MACs forward {human(res.total_macs)}, backward {human(res.df.bwd_macs.sum())}, counted op by op on training batch {', '.join(map(str, its))}"]
     if self.compiled_frames is not None: res.notes[1:2] = _compiled_notes(self, len(st))
+    if self.amp_note: res.notes.append(self.amp_note)
     rm = res.df.recompute_macs.sum()
     if rm or 'recompute_ms' in res.df:
         res.notes.append(f"Activation checkpointing: the backward recomputed {human(rm)} MACs" + (f" in {res.df.recompute_ms.sum():.2f} ms" if 'recompute_ms' in res.df else '') +

@@ -86,6 +86,8 @@ class CostSummary:
         cols = [f.name for f in fields(LayerRecord) if f.name not in ('times','shapes','bwd_times','recompute_times')]
         df = pd.DataFrame([{c: getattr(r, c) for c in cols} for r in recs], columns=cols)  # not `asdict`: it deep-copies every field
         df.insert(3, 'output_shape', [r.output_shape for r in recs])
+        if not any(r.bwd_src or r.bwd_times for r in recs):  # no backward ran (a forward-only summary): its work and saved bytes are not known, not 0
+            df[['bwd_macs','bwd_elem_ops','recompute_macs','recompute_elem_ops','saved_bytes']] = np.nan
         for c,k in [('time_ms','times')] + [('bwd_ms','bwd_times')]*any(r.bwd_times for r in recs):
             ts = _padded([getattr(r,k) for r in recs])
             with warnings.catch_warnings():  # a row never timed (a counting-only summary) is NaN, not a warning

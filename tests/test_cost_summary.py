@@ -176,3 +176,11 @@ def test_renderings(seed_summary, tmp_path):
     cs.to_csv(tmp_path/'a.csv'); assert (tmp_path/'a.csv').read_text().count('\n') == len(cs.df)+1
     assert cs.to_markdown().count('| Conv2d ') == 20
     assert cs.top(3).time_ms.is_monotonic_decreasing
+
+def test_forward_only_backward_unknown(seed_summary):
+    "`cost_summary` runs no backward: its backward work and saved bytes are unknown (NaN, blank), not 0; a counted backward fills them"
+    cs = seed_summary
+    assert cs.df[['bwd_macs','bwd_elem_ops','recompute_macs','recompute_elem_ops','saved_bytes']].isna().all().all()
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    df = CostSummary(count_pass(m, (torch.randn(2, 4),), backward=True)).df
+    assert df.bwd_macs.tolist()[:2] == [2*4*4, 0]   # the weight gradient only: the input needs none

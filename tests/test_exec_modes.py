@@ -58,6 +58,20 @@ def test_plain():
     assert 'recompute_ms' not in s.df and s.df.recompute_macs.sum()==0
     rows_inside_step(cp)
 
+def test_to_fp16_on_cpu():
+    "`to_fp16()` on a CPU learner: fastai's `MixedPrecision` autocasts on CUDA only, so the batches run in float32, and the summary says so"
+    set_seed(0)
+    m = nn.Sequential(nn.Linear(64,64), nn.ReLU(), nn.Linear(64,8))
+    xs = torch.randn(64,64)
+    f,b = step_macs(m, xs[:16])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch warns that CUDA autocast is off without a GPU
+        s = fit_profiled(learner(m, xs, 16).to_fp16()).summary()
+    check_counts(s, f, b)
+    assert list(s.df.act_bytes[:3]) == [16*64*4, 16*64*4, 16*8*4]   # float32 activations: 4 bytes each (the model's own row: none)
+    assert any('`to_fp16()` has no effect on cpu' in n and 'float32' in n for n in s.notes)
+    assert not any('has no effect' in n for n in fit_profiled(learner(m, xs, 16)).summary().notes)
+
 class Ckpt(nn.Module):
     "The issue's example: `checkpoint(body, stem(x))`"
     def __init__(self, reentrant): super().__init__(); self.stem,self.body,self.reentrant = nn.Linear(64,64),nn.Sequential(nn.Linear(64,64), nn.ReLU()),reentrant
