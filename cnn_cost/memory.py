@@ -184,8 +184,9 @@ def _swapped(model, new, held=None):
         for d,k,v in old: d[k] = new[id(v)]
         for m,a in attrs:  # state such as an RNN's hidden state: kept here for the restore, it must not live longer in the step than in training
             for k,v in a.items():
-                ts = flat_tensors(v)
-                if held and ts and not k.startswith('_') and not any(t.untyped_storage().data_ptr() in own for t in ts): setattr(m, k, map_tensors(held, v))
+                ts = flat_tensors(v)  # not a view of a parameter, nor a tensor with a graph behind it (it would lose the graph)
+                if held and ts and not k.startswith('_') and not any(t.untyped_storage().data_ptr() in own or t.grad_fn is not None for t in ts):
+                    setattr(m, k, map_tensors(held, v))
         yield
     finally:
         for d,k,v in old: d[k] = v
