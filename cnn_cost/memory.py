@@ -118,7 +118,8 @@ class MemCounter(OpCounter):
         if k is None or k is not base.grad_fn:
             note = f"a view ({type(n).__name__}) changed in place: the real step's AsStridedBackward0 allocates a gradient the size of the view's base"
             self.flags.setdefault('AsStridedBackward0', []).append((note, self.size(base.untyped_storage().nbytes()))); return
-        bg,vg = (base.untyped_storage().nbytes()//base.element_size(), base.dtype, base.shape, base.stride(), base.storage_offset()),(t.shape, t.stride(), t.storage_offset())
+        bg = (base.untyped_storage().nbytes()//base.element_size(), base.dtype, base.shape, base.stride(), base.storage_offset())
+        vg = (t.shape, t.stride(), t.storage_offset())
         me,u = weakref.ref(self),self.nodes.get(n)
         def hook(gi, go):
             if go[0] is None: return
@@ -176,7 +177,7 @@ def _claim(nodes, todo, i):
 # %% ../nbs/03a_memory.ipynb #c03c4af8
 @contextlib.contextmanager
 def _swapped(model, new, held=None):
-    "Every parameter and buffer `t` of `model`'s modules replaced by `new[id(t)]` inside the block, each tensor in a plain attribute by `held(t)`; all put back on exit"
+    "Each parameter and buffer `t` of `model`'s modules replaced by `new[id(t)]` in the block, each tensor in a plain attribute by `held(t)`; all put back"
     old = [(d, k, v) for m in model.modules() for d in (m._parameters, m._buffers) for k,v in d.items() if v is not None and id(v) in new]
     attrs = [(m, dict(vars(m))) for m in model.modules()]
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}

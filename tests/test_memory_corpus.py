@@ -39,5 +39,5 @@ def test_fastai_views_changed_in_place():
     m,xb,yb,lf,opt = ALL['fastai_vision_tiny'](); fake,_,_ = step_memory(m, xb, yb, lf, opt)
     m,xb,yb,lf,opt = ALL['fastai_vision_tiny'](); real,_,_ = step_memory(m, xb, yb, lf, opt, fake=False)
     bn = 2*8*10*10*4 + 2*8*8*8*4  # the two batch norms' outputs, which the ReLUs change in place
-    assert [by_op(real).get(f'aten.{o}.default') for o in ('new_zeros', 'new_empty_strided')] == [bn, bn]  # the reference has the work to predict
+    assert [by_op(real).get(f'aten.{o}.default') for o in ('new_zeros', 'new_empty_strided')] == [bn, bn]  # the reference does the work to predict
     assert by_op(fake) == by_op(real) and fake.flags == {}
