@@ -107,7 +107,19 @@ def _kind(make_learner):
         return learn.model, tuple(b[:n]), tuple(b[n:]), _learner_loss(learn), learn.opt_func  # the loss as fastai's callbacks feed it
     return make
 
-KINDS = {'fastai_tabular': _kind(lambda k: k.tabular()), 'fastai_text_classifier': _kind(lambda k: k.text_classifier()),
+def _vision_tiny():
+    "A fastai vision model in small: a `TensorImage` batch, batch norms, in-place ReLUs on fastai's aliases, fastai's Adam"
+    from fastai.torch_core import TensorImage, TensorCategory
+    from fastai.layers import AdaptiveConcatPool2d
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.optimizer import Adam
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                      AdaptiveConcatPool2d(), nn.Flatten(), nn.Linear(16, 3))
+    return m, TensorImage(torch.randn(2, 3, 12, 12)), TensorCategory(torch.tensor([0, 2])), CrossEntropyLossFlat(), Adam
+
+KINDS = {'fastai_vision_tiny': _vision_tiny, 'fastai_tabular': _kind(lambda k: k.tabular()),
+         'fastai_text_classifier': _kind(lambda k: k.text_classifier()),
          'fastai_language_model': _kind(lambda k: k.language_model()), 'fastai_unet': _kind(lambda k: k.unet()),
          'fastai_collab': _kind(lambda k: k.collab()), 'fastai_collab_nn': _kind(lambda k: k.collab(use_nn=True)),
          'fastai_vision_timm_resnet18': _kind(lambda k: k.timm_vision('resnet18', 32))}
@@ -125,7 +137,8 @@ def cases():
 
 # the CI-sized subset (tests/test_memory_corpus.py): each family once, every fix exercised, small inputs
 CI = ['lstm', 'lstm_issue17', 'lstm_2layer_bidir_dropout', 'lstm_proj', 'gru_2layer_bidir', 'rnn_relu_2layer_bidir', 'lstm_cell', 'mha_masked', 'sdpa_causal',
-      'transformer_encoder_layer', 'fastai_tabular', 'fastai_collab_nn', 'tv_resnet18', 'tv_mobilenet_v3_small', 'tv_squeezenet1_1', 'timm_convnext_atto']
+      'transformer_encoder_layer', 'fastai_vision_tiny', 'fastai_language_model', 'fastai_tabular', 'fastai_collab_nn', 'tv_resnet18', 'tv_mobilenet_v3_small',
+      'tv_squeezenet1_1', 'timm_convnext_atto']
 # cases no fake step can predict: an op needs the data's values; the prediction stops with a clear error naming the op
 UNPREDICTABLE = {'lstm_packed': '_pack_padded_sequence', 'gru_packed': '_pack_padded_sequence', 'fastai_text_classifier': '_local_scalar_dense'}
 

@@ -10,8 +10,8 @@ __all__ = ['aten', 'layer_rule', 'runs_stock', 'find_rule', 'conv_cost', 'linear
            'sdpa_backward_macs', 'flash_fwd_macs', 'efficient_fwd_macs', 'flash_bwd_macs', 'efficient_bwd_macs',
            'mv_macs', 'dot_macs', 'addmm_act_macs', 'mkldnn_rnn_layer_macs', 'addbmm_macs', 'packed_tensors',
            'quantized_linear_macs', 'quantized_rnn_macs', 'op_name', 'op_kind', 'is_complex', 'op_cost', 'OpTally',
-           'composite', 'decomposed', 'OpCounter', 'has_row', 'shape_of', 'Counting', 'count_pass', 'OpNames',
-           'plain_ops', 'path_note']
+           'composite', 'decomposed', 'nodes_ready', 'OpCounter', 'has_row', 'shape_of', 'Counting', 'count_pass',
+           'OpNames', 'plain_ops', 'path_note']
 
 # %% ../nbs/01_counting.ipynb #501dc5bc
 import torch, torch.nn as nn, math, warnings, weakref, collections, numpy as np
@@ -331,6 +331,10 @@ def decomposed(mode, func, args, kwargs):
     if not composite(func) or any(t.is_nested for t in flat_tensors((args, kwargs))): return NotImplemented
     with mode: return func.decompose(*args, **kwargs)  # into the ops it runs under `no_grad` and in training: counts don't depend on the grad mode
 
+def nodes_ready(func):
+    "Whether autograd is done with the op before `func`: not so for a view op or a device query, which autograd runs inside an in-place op on a fake view to rebuild its node (view replay)"
+    return not (getattr(func, 'is_view', False) or getattr(func, 'namespace', '')=='prim')
+
 class OpCounter(TorchDispatchMode):
     "Charge every aten op to a unit: forward and recompute ops to `unit()`, backward ops to the unit whose forward or recompute made the running autograd node; `ops`: forward op names run"
     map_recompute = True  # map a recompute's autograd nodes to its units (which keeps them alive until the pass ends)
@@ -353,7 +357,7 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.pending: self._map_nodes()
+        if self.pending and nodes_ready(func): self._map_nodes()
         r = decomposed(self, func, args, kwargs)
         if r is not NotImplemented: return r
         out = func(*args, **kwargs)
@@ -366,7 +370,7 @@ class OpCounter(TorchDispatchMode):
             i = self.unit()
             if i is None: return out
             tally = (self.fwd if ph=='fwd' else self.rec)[i]
-            if torch.is_grad_enabled() and (ph=='fwd' or self.map_recompute): self.pending = [(weakref.ref(t), i) for t in flat_tensors(out)]  # a reentrant recompute's nodes run its backward
+            if torch.is_grad_enabled() and (ph=='fwd' or self.map_recompute): self.pending += [(weakref.ref(t), i) for t in flat_tensors(out)]  # a reentrant recompute's nodes run its backward
         with torch._C.DisableTorchFunctionSubclass(): tally.add(func, args, kwargs, out)  # shapes and sizes of a subclass (fastai's `TensorImage`) without its `__torch_function__`: 14% of the pass
         return out
 

@@ -19,6 +19,8 @@ from fastcore.xtras import PrettyString
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import TensorBase
+from torch.utils._python_dispatch import _disable_current_modes
+from types import FunctionType
 from .core import *
 from .counting import *
 from .summary import human
@@ -51,6 +53,7 @@ class MemCounter(OpCounter):
         super().__init__(n, unit)
         self.size,self.blocks,self.idx,self.refs,self.trace,self.phase = ifnone(size, lambda n: n),[],{},{},[],'pre'
         self.cuda,self.flags = torch.device(device).type=='cuda',{}  # `flags`: op name -> [(note, bytes the prediction may lack)], from `fake_fix`
+        self.views,self.hooked = [],set()  # fake views changed in place, whose rebuilt node is hooked once autograd is done with the op
 
     def cur_unit(self):
         "The unit running now (`OpCounter.unit_now`: the phase from its `PhaseTracker`, a recompute charged to its units); -1 for none"
@@ -79,8 +82,12 @@ class MemCounter(OpCounter):
         b.e1 = len(self.trace); self.trace.append((self.phase, self.cur_unit()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if (self.pending or self.views) and nodes_ready(func): self._map_nodes()
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if self.phase=='pre': return out
+        if torch.is_grad_enabled() and hasattr(func, '_schema'):
+            self.views += [weakref.ref(t) for a,t in zip(func._schema.arguments, args) if a.alias_info is not None and a.alias_info.is_write
+                           and isinstance(t, FakeTensor) and t.requires_grad and t._is_view()]
         for t in flat_tensors((args, kwargs)):
             if id(t.untyped_storage()) not in self.idx: self.add(t, -1, MemKind.other)  # a tensor the model holds outside its parameters
         outs = out if isinstance(out, (tuple,list)) else [out]
@@ -95,6 +102,34 @@ class MemCounter(OpCounter):
                 if len(self.blocks)>n: b.op = str(func)
         return out
 
+    def _map_nodes(self):
+        super()._map_nodes()
+        while self.views:
+            t = self.views.pop()()
+            if t is not None: self._as_strided(t)
+
+    def _as_strided(self, t):
+        "Fake view `t` was changed in place: give its rebuilt node the allocations of the real step's, an `AsStridedBackward0`"
+        n,base = t.grad_fn,t._base
+        if n is None or n in self.hooked: return
+        self.hooked.add(n)
+        k = n  # the replay: one alias per view between `t` and its base (fastai's `as_subclass` of an alias), which allocate nothing
+        while k is not None and k is not base.grad_fn and type(k).__name__=='AliasBackward0': k = k.next_functions[0][0]
+        if k is None or k is not base.grad_fn:
+            note = f"a view ({type(n).__name__}) changed in place: the real step's AsStridedBackward0 allocates a gradient the size of the view's base"
+            self.flags.setdefault('AsStridedBackward0', []).append((note, self.size(base.untyped_storage().nbytes()))); return
+        bg = (base.untyped_storage().nbytes()//base.element_size(), base.dtype, base.shape, base.stride(), base.storage_offset())
+        vg = (t.shape, t.stride(), t.storage_offset())
+        me,u = weakref.ref(self),self.nodes.get(n)
+        def hook(gi, go):
+            if go[0] is None: return
+            with _disable_current_modes(), go[0].fake_mode:  # a base of the same geometry, not counted: the real node keeps the geometry only
+                b = torch.empty(bg[0], dtype=bg[1]).as_strided(*bg[2:]).requires_grad_()
+                with torch.enable_grad(): v = b.as_strided(*vg)
+            if me() is not None and u is not None: me().nodes[v.grad_fn] = u
+            return torch.autograd.grad(v, b, go[0])  # torch's own `as_strided_backward`, as the real node runs it
+        n.register_hook(hook)
+
     def fix(self, func, args, outs):
         "The corrections of `fake_fix` for the fake outputs `outs` of `func`, by output index; what cannot be corrected goes to `flags`"
         f = _fake_fixes.get(getattr(func, '_overloadpacket', func))
@@ -106,7 +141,7 @@ class MemCounter(OpCounter):
     def __exit__(self, *exc):
         "Stop following frees: the blocks still alive now stay alive (`e1` None)"
         try: return super().__exit__(*exc)
-        finally: self.refs.clear()
+        finally: self.refs.clear(); self.views,self.hooked = [],set()
 
     def pack(self, t):
         "Saved-tensor hook: mark `t`'s storage saved for backward by the running unit (the first unit to save it keeps it)"
@@ -141,12 +176,18 @@ def _claim(nodes, todo, i):
 
 # %% ../nbs/03a_memory.ipynb #c03c4af8
 @contextlib.contextmanager
-def _swapped(model, new):
-    "Every parameter and buffer `t` of `model`'s modules replaced by `new[id(t)]` inside the block, and put back on exit"
+def _swapped(model, new, held=None):
+    "Each parameter and buffer `t` of `model`'s modules replaced by `new[id(t)]` in the block, each tensor in a plain attribute by `held(t)`; all put back"
     old = [(d, k, v) for m in model.modules() for d in (m._parameters, m._buffers) for k,v in d.items() if v is not None and id(v) in new]
     attrs = [(m, dict(vars(m))) for m in model.modules()]
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     try:
         for d,k,v in old: d[k] = new[id(v)]
+        for m,a in attrs:  # state such as an RNN's hidden state: kept here for the restore, it must not live longer in the step than in training
+            for k,v in a.items():
+                ts = flat_tensors(v)  # not a view of a parameter, nor a tensor with a graph behind it (it would lose the graph)
+                if held and ts and not k.startswith('_') and not any(t.untyped_storage().data_ptr() in own or t.grad_fn is not None for t in ts):
+                    setattr(m, k, map_tensors(held, v))
         yield
     finally:
         for d,k,v in old: d[k] = v
@@ -154,14 +195,56 @@ def _swapped(model, new):
             for k,v in a.items():
                 if not k.startswith('_') and vars(m).get(k) is not v: setattr(m, k, v)
 
+with FakeTensorMode(): _fake_state = frozenset(vars(torch.empty(0))) | {'_is_param'}  # what a `FakeTensor` keeps in its `__dict__`
+def _in_kernel(): return torch._C._meta_in_tls_dispatch_include()  # inside a fake kernel (`in_kernel_invocation_manager`)
+
+def _set_meta(self, x, as_copy=False):
+    "fastai's `set_meta` for a fake tensor: the metadata of `x`, the fake tensor's own state kept"
+    if not hasattr(x, '__dict__'): return
+    self.__dict__ = {**{k:v for k,v in vars(x).items() if k not in _fake_state}, **{k:v for k,v in vars(self).items() if k in _fake_state}}
+
+def _plain_in_kernel(f, g):
+    "Method `f` (fastai's), but torch's `g` inside a fake kernel, where the real step runs C++ on plain tensors"
+    @functools.wraps(f)
+    def _f(self, *args, **kwargs): return (g if _in_kernel() else f)(self, *args, **kwargs)
+    return _f
+
+class _TensorTF(torch.Tensor):
+    "torch's `Tensor.__torch_function__` (the one that keeps a subclass), which fastai's calls through `super()`, before `FakeTensor`'s (disabled)"
+    __torch_function__ = torch.Tensor.__dict__['__torch_function__']
+
+@functools.cache
+def _fake_type(typ):
+    "A class both fake and fastai's `typ` (`TensorImage`...): fastai's methods and `__torch_function__` act on it, outside fake kernels"
+    if typ is torch.Tensor: return FakeTensor
+    if issubclass(typ, FakeTensor): return typ
+    tf = typ.__torch_function__.__func__
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if not _in_kernel(): return tf(cls, func, types, args, kwargs)
+        with torch._C.DisableTorchFunctionSubclass(): return func(*args, **(kwargs or {}))
+    ks = {k for c in typ.__mro__[:typ.__mro__.index(TensorBase)+1] for k,v in vars(c).items()
+          if isinstance(v, FunctionType) and not k.startswith('__') and hasattr(torch.Tensor, k)}  # fastai's overrides: `clone`, `new_empty`...
+    ps = tuple(_fake_type(b) for b in typ.__bases__ if issubclass(b, TensorBase))  # fastai's hierarchy kept: a `FakeLMTensorText` is a `FakeTensorBase`
+    return type(f'Fake{typ.__name__}', (typ, *ps, _TensorTF, FakeTensor), {**{k: _plain_in_kernel(getattr(typ, k), getattr(torch.Tensor, k)) for k in ks},
+                'set_meta': _set_meta, '__torch_function__': classmethod(__torch_function__), '__module__': __name__})
+
+def _fake_as(t, typ, meta=None):
+    "`t.as_subclass(typ)` for a fake `t`, as the real one does it: an alias of `t` (dispatch modes stashed) in a new object of type `typ`, with `meta`'s metadata"
+    with _disable_current_modes(), torch._C.DisableTorchFunctionSubclass(): r = torch.ops.aten.alias.default(t)
+    r.__class__ = _fake_type(typ)
+    if meta is not None: _set_meta(r, meta)
+    return r
+
 @contextlib.contextmanager
-def _fake_tensorbase():
-    "fastai's losses wrap tensors in `TensorBase`, which cannot re-type a `FakeTensor`: let fake tensors through as they are"
-    new = TensorBase.__new__
-    def _new(cls, x, **kwargs): return x if isinstance(x, FakeTensor) else new(cls, x, **kwargs)
-    TensorBase.__new__ = _new
+def _fake_subclasses():
+    "fastai's tensor types on fake tensors: `as_subclass` (which every op on a `TensorBase` runs on its output) makes an alias of a fake fastai class"
+    old = torch.Tensor.as_subclass
+    def as_subclass(self, typ):
+        if isinstance(self, FakeTensor) and (typ is torch.Tensor or issubclass(typ, TensorBase)): return _fake_as(self, typ, self)
+        return old(self, typ)
+    torch.Tensor.as_subclass = as_subclass
     try: yield
-    finally: TensorBase.__new__ = new
+    finally: torch.Tensor.as_subclass = old
 
 # %% ../nbs/03a_memory.ipynb #a9b6cc36
 _dtypes = {'fp32':torch.float32, 'float32':torch.float32, 'fp16':torch.float16, 'float16':torch.float16, 'half':torch.float16,
@@ -188,8 +271,15 @@ def _new_batch(b, bs, fm):
         if fm is None:
             if bs is not None and t.dim() and bs!=len(t): raise ValueError("A real step (`fake=False`) runs on the batch as it is: leave `bs` out")
             return t.detach().clone()
-        with fm: return torch.empty((ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else (), dtype=t.dtype, device='cpu')
+        with fm: res = torch.empty((ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else (), dtype=t.dtype, device='cpu')
+        return _fake_as(res, type(t), t) if isinstance(t, TensorBase) else res  # fastai's types (`TensorImage`...) kept, as the real step keeps them
     return map_tensors(_new, b)
+
+def _held(t, fm):
+    "A stand-in for tensor `t` that a module holds in a plain attribute (AWD-LSTM's hidden state): fake with `fm`, else a real copy, of `t`'s type"
+    if fm is None: return t.detach().clone().requires_grad_(t.requires_grad)
+    with fm: x = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device='cpu')
+    return (_fake_as(x, type(t), t) if isinstance(t, TensorBase) else x).requires_grad_(t.requires_grad)
 
 def _batch_size(xb):
     "Rows of the first tensor of batch `xb` that has a dimension"
@@ -281,7 +371,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
     xs,ys = [_new_batch(t, bs, fm) for t in xb],[_new_batch(t, bs, fm) for t in yb]
     gs,modes = (None if opt_func is None else _groups(model, splitter, ts)),[(m, m.training) for m in model.modules()]
     try:
-        with _swapped(model, ts), (fm or contextlib.nullcontext()), _fake_tensorbase():
+        with _swapped(model, ts, functools.partial(_held, fm=fm)), (fm or contextlib.nullcontext()), _fake_subclasses():
             model.train()
             opt = None if opt_func is None else opt_func(gs, lr=lr)
             if opt is not None:
