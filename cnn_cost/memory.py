@@ -52,7 +52,7 @@ class MemCounter(OpCounter):
     def __init__(self, n, unit, size=None, device='cpu'):
         super().__init__(n, unit)
         self.size,self.blocks,self.idx,self.refs,self.trace,self.phase = ifnone(size, lambda n: n),[],{},{},[],'pre'
-        self.cuda,self.flags = torch.device(device).type=='cuda',{}  # `flags`: op name -> [(note, bytes the prediction may lack)], from `fake_fix`
+        self.cuda,self.flags = torch.device(device).type=='cuda',{}  # `flags`: op name -> [(note, bytes the prediction may be off by)]
         self.views,self.hooked = [],set()  # fake views changed in place, whose rebuilt node is hooked once autograd is done with the op
 
     def cur_unit(self):
@@ -88,7 +88,8 @@ class MemCounter(OpCounter):
         if torch.is_grad_enabled() and hasattr(func, '_schema'):
             self.views += [weakref.ref(t) for a,t in zip(func._schema.arguments, args) if a.alias_info is not None and a.alias_info.is_write
                            and isinstance(t, FakeTensor) and t.requires_grad and t._is_view()]
-        for t in flat_tensors((args, kwargs)):
+        lift = func is aten.lift_fresh.default and isinstance(out, FakeTensor) and not isinstance(args[0], FakeTensor)
+        for t in flat_tensors((out,) if lift else (args, kwargs)):  # `lift`: a real `lift_fresh` returns the constant, made by the model's code
             if id(t.untyped_storage()) not in self.idx: self.add(t, -1, MemKind.other)  # a tensor the model holds outside its parameters
         outs = out if isinstance(out, (tuple,list)) else [out]
         i,fix = self.cur_unit(),self.fix(func, args, outs)
@@ -113,7 +114,8 @@ class MemCounter(OpCounter):
         n,base = t.grad_fn,t._base
         if n is None or n in self.hooked: return
         self.hooked.add(n)
-        k = n  # the replay: one alias per view between `t` and its base (fastai's `as_subclass` of an alias), which allocate nothing
+        k = n  # the replay: one view op (`view`) then aliases (fastai's `as_subclass` of an alias) between `t` and its base
+        if type(k).__name__=='ViewBackward0': k = k.next_functions[0][0]
         while k is not None and k is not base.grad_fn and type(k).__name__=='AliasBackward0': k = k.next_functions[0][0]
         if k is None or k is not base.grad_fn:
             note = f"a view ({type(n).__name__}) changed in place: the real step's AsStridedBackward0 allocates a gradient the size of the view's base"
@@ -123,6 +125,9 @@ class MemCounter(OpCounter):
         me,u = weakref.ref(self),self.nodes.get(n)
         def hook(gi, go):
             if go[0] is None: return
+            if me() is not None and gi[0] is not None and gi[0].untyped_storage()._cdata!=go[0].untyped_storage()._cdata:  # the replayed `view`'s reshape copied
+                note = "a view changed in place: the fake step's replayed view copies its gradient, which the real step's AsStridedBackward0 does not (the peak may be high)"
+                me().flags.setdefault('ViewBackward0', []).append((note, me().size(gi[0].untyped_storage().nbytes())))
             with _disable_current_modes(), go[0].fake_mode:  # a base of the same geometry, not counted: the real node keeps the geometry only
                 b = torch.empty(bg[0], dtype=bg[1]).as_strided(*bg[2:]).requires_grad_()
                 with torch.enable_grad(): v = b.as_strided(*vg)
@@ -437,6 +442,11 @@ def _mse_backward(args, outs, cuda):
     "The real kernel's gradient is contiguous (`zeros_like(input, LEGACY_CONTIGUOUS_MEMORY_FORMAT)`); the meta kernel copies a transposed input's strides"
     return {} if outs[0].is_contiguous() else {0: torch.empty(outs[0].shape, dtype=outs[0].dtype)}
 
+@fake_fix(aten.native_layer_norm_backward)
+def _ln_backward(args, outs, cuda):
+    "The real kernels' input gradient is contiguous (`empty_like(X.expect_contiguous(), LEGACY_CONTIGUOUS_MEMORY_FORMAT)`); the decomposition copies the output gradient's strides"
+    return {} if outs[0] is None or outs[0].is_contiguous() else {0: torch.empty(outs[0].shape, dtype=outs[0].dtype)}
+
 # %% ../nbs/03a_memory.ipynb #4b9ef811
 @fake_fix(aten.mkldnn_rnn_layer)
 def _mkldnn_rnn_workspace(args, outs, cuda):
@@ -522,7 +532,7 @@ def _totals_lines(self:MemorySummary):
             f" (event {self.peak_event} of {len(self.timeline)})",
             f"At the peak: {at}", f"Held outside the layers at the peak (batch, loss, optimizer): {out or 'nothing'}",
             f"Saved for backward in all: {h(self.saved_total)} (each storage once)"] + self.notes + \
-           [f"Not predicted: {op} ({len(v)} call{'s'*(len(v)>1)}): {v[0][0]}; the peak may be low by up to {h(sum(n for _,n in v))}" for op,v in self.flags.items()]
+           [f"Not predicted: {op} ({len(v)} call{'s'*(len(v)>1)}): {v[0][0]}; the peak may be off by up to {h(sum(n for _,n in v))}" for op,v in self.flags.items()]
 
 @patch
 def __repr__(self:MemorySummary):
