@@ -41,3 +41,22 @@ def test_fastai_views_changed_in_place():
     bn = 2*8*10*10*4 + 2*8*8*8*4  # the two batch norms' outputs, which the ReLUs change in place
     assert [by_op(real).get(f'aten.{o}.default') for o in ('new_zeros', 'new_empty_strided')] == [bn, bn]  # the reference does the work to predict
     assert by_op(fake) == by_op(real) and fake.flags == {}
+
+@pytest.mark.parametrize('v2', [False, True])
+def test_swin_tiny(v2):
+    """torchvision's Swin (V1, V2) in small (16 px, 2 x 2 windows, 2 stages): equal to the byte op by op. Its last layer norm gets a permuted gradient
+    (`native_layer_norm_backward`'s meta kernel copies its strides, the real kernels return a contiguous one: a `clone` in the fake step only); its
+    shifted windows assign Python numbers into a mask (`lift_fresh` constants); V2's position-bias MLP runs an in-place ReLU on a `Linear`'s `view`"""
+    from torchvision.models.swin_transformer import SwinTransformer, SwinTransformerBlockV2, PatchMergingV2
+    from cnn_cost.memory import step_memory, MemKind
+    from fastai.optimizer import Adam
+    def by_op(mc): return {o: sum(b.nbytes for b in mc.blocks if b.op==o) for o in {b.op for b in mc.blocks}}
+    def kinds(mc): return {k.value: sum(b.nbytes for b in mc.blocks if b.kind==k) for k in MemKind}
+    def make():
+        torch.manual_seed(0)
+        kw = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if v2 else {}
+        return SwinTransformer([4, 4], 16, [2, 2], [2, 2], [2, 2], num_classes=10, **kw), torch.randn(2, 3, 16, 16), torch.tensor([1, 7]), torch.nn.CrossEntropyLoss()
+    fk,_,_ = step_memory(*make(), Adam); real,_,_ = step_memory(*make(), Adam, fake=False)
+    assert 'aten.lift_fresh.default' not in by_op(fk) and by_op(real)['aten.clone.default'] > 0   # the reference does the work to predict
+    if v2: assert by_op(real)['aten.new_zeros.default'] >= 4*(3*3*512)*4   # 4 blocks' real `AsStridedBackward0`: a gradient the size of the MLP's 9 x 512 `addmm`
+    assert by_op(fk) == by_op(real) and kinds(fk) == kinds(real) and fk.flags == {}
