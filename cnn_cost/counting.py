@@ -318,17 +318,23 @@ class OpTally:
             self.in_bytes += act_size(ins)[1]
 
 # %% ../nbs/01_counting.ipynb #3f514851
-_cia = {}
-def composite(func):
-    "Whether aten `func` has a CompositeImplicitAutograd kernel: one that decomposes above autograd, so that only inference mode lets it reach a dispatch mode whole"
-    if func not in _cia:
-        try: _cia[func] = torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), 'CompositeImplicitAutograd')
-        except Exception: _cia[func] = False  # a higher-order op
-    return _cia[func]
+_cia,_backend = {},{'cpu':'CPU', 'cuda':'CUDA', 'mps':'MPS', 'xpu':'XPU', 'meta':'Meta'}
+def composite(func, device=None):
+    """Whether aten `func` decomposes above autograd: a CompositeImplicitAutograd kernel, so that only inference mode lets it reach a dispatch mode whole;
+    with a `device` type, also no kernel of that device's own: one that has (`silu_backward`, `mish_backward` on the CPU) runs whole there"""
+    k = (func, device)
+    if k not in _cia:
+        try:
+            has = lambda key: torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)
+            _cia[k] = has('CompositeImplicitAutograd') and not (device in _backend and has(_backend[device]))
+        except Exception: _cia[k] = False  # a higher-order op
+    return _cia[k]
 
 def decomposed(mode, func, args, kwargs):
-    "`func` run as the ops it decomposes into, each seen by `mode`, when it is composite (`composite`) and reads no nested tensor; `NotImplemented` otherwise"
-    if not composite(func) or any(t.is_nested for t in flat_tensors((args, kwargs))): return NotImplemented
+    "`func` run as the ops it decomposes into, each seen by `mode`, when it is composite on its tensors' device (`composite`) and reads no nested tensor; `NotImplemented` otherwise"
+    if not composite(func): return NotImplemented  # most ops: one cached lookup
+    ts = flat_tensors((args, kwargs))
+    if not composite(func, ts[0].device.type if ts else 'cpu') or any(t.is_nested for t in ts): return NotImplemented
     with mode: return func.decompose(*args, **kwargs)  # into the ops it runs under `no_grad` and in training: counts don't depend on the grad mode
 
 def nodes_ready(func):

@@ -54,6 +54,7 @@ class MemCounter(OpCounter):
         self.size,self.blocks,self.idx,self.refs,self.trace,self.phase = ifnone(size, lambda n: n),[],{},{},[],'pre'
         self.cuda,self.flags = torch.device(device).type=='cuda',{}  # `flags`: op name -> [(note, bytes the prediction may be off by)]
         self.views,self.hooked = [],set()  # fake views changed in place, whose rebuilt node is hooked once autograd is done with the op
+        self.depth = 0  # `with` levels: a composite op's decomposition (`decomposed`) enters the mode again inside the step
 
     def cur_unit(self):
         "The unit running now (`OpCounter.unit_now`: the phase from its `PhaseTracker`, a recompute charged to its units); -1 for none"
@@ -143,10 +144,13 @@ class MemCounter(OpCounter):
         if isinstance(res, tuple): self.flags.setdefault(str(getattr(func, '_overloadpacket', func)), []).append(res); return {}
         return res
 
+    def __enter__(self): self.depth += 1; return super().__enter__()
     def __exit__(self, *exc):
-        "Stop following frees: the blocks still alive now stay alive (`e1` None)"
+        "Stop following frees on the outermost exit: the blocks still alive now stay alive (`e1` None)"
+        self.depth -= 1
         try: return super().__exit__(*exc)
-        finally: self.refs.clear(); self.views,self.hooked = [],set()
+        finally:
+            if not self.depth: self.refs.clear(); self.views,self.hooked = [],set()  # not on an inner exit: every block so far would never be freed, and new storages at their addresses taken for them
 
     def pack(self, t):
         "Saved-tensor hook: mark `t`'s storage saved for backward by the running unit (the first unit to save it keeps it)"

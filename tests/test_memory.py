@@ -3,6 +3,7 @@ import resource, pytest, torch, torch.nn as nn
 from functools import partial
 from fastai.vision.all import vision_learner, resnet18, Adam, SGD, OptimWrapper, CrossEntropyLossFlat
 from torch._subclasses.fake_tensor import FakeTensor
+from torchvision.ops import StochasticDepth, SqueezeExcitation
 from cnn_cost.learner import *
 from cnn_cost.memory import *
 from cnn_cost.data import digits_dls
@@ -201,3 +202,56 @@ def test_language_model():
     ref = cpu_peak(learn)
     print(f"language model: torch {torch.__version__} predicted {ms.peak:,} B, MemTracker {ref:,} B ({ms.peak-ref:+,} B)")
     assert abs(ms.peak/ref-1) < 0.001
+
+class _Res(nn.Module):
+    "A residual branch through stochastic depth, as EfficientNet's `MBConv` adds it"
+    def __init__(self, f, p): super().__init__(); self.f,self.sd = f,StochasticDepth(p, 'row')
+    def forward(self, x): return x + self.sd(self.f(x))
+
+def _effnet_parts():
+    """What EfficientNet and MaxViT run that the corpus's other models do not: SiLU in place (`silu_backward` has a CPU kernel and a composite one),
+    squeeze-excitation, stochastic depth (random, training), and a dropout in place on the flattened features (a view changed in place)"""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(inplace=True),
+                      _Res(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), SqueezeExcitation(8, 2, activation=nn.SiLU)), 0.2),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2, inplace=True), nn.Linear(8, 10))
+    return m, torch.randn(2, 3, 16, 16), torch.tensor([1, 7]), nn.CrossEntropyLoss()
+
+def test_efficientnet_parts_equal_real():
+    """Issue 17: the fake step equals real CPU steps to the byte, every kind and every op's bytes, nothing flagged (torch 2.14.1: saved 65,980 B, peak
+    152,980 B; before, the prediction ran `silu_backward` decomposed, lost every free after it and the dropout's backward: peak 218,404 B)"""
+    r = corpus_check('effnet_parts', _effnet_parts)
+    assert r['pred_saved'] == r['real_saved'] and r['pred_peak'] == r['real_peak'], r
+    assert r['kinds_equal'] and r['ops_diff'] == {} and r['flags'] == [], r
+
+def test_steps_repeat():
+    "Two steps on the same model give the same storages (op, bytes, lifetime), fake as real: no storage taken for another at a reused address"
+    m,xb,yb,lf = _effnet_parts()
+    blocks = lambda fake: [(b.op, b.nbytes, b.e0, b.e1) for b in step_memory(m, xb, yb, lf, Adam, fake=fake)[0].blocks]
+    fk,real = blocks(True),blocks(False)
+    assert fk == blocks(True) and real == blocks(False) and fk == real
+
+def test_fastai_subclass_batch():
+    """A fastai batch (`TensorImage`, `TensorCategory`) makes every op's output an alias view (`as_subclass`): an in-place ReLU on one runs `CopySlices`
+    and `AsStridedBackward0` in the real backward. The fake step makes the same aliases: the same storages, op by op"""
+    from fastai.torch_core import TensorImage, TensorCategory
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    xb,yb = TensorImage(torch.randn(2, 3, 16, 16)),TensorCategory(torch.tensor([1, 7]))
+    blocks = lambda fake: [(b.op, b.nbytes, b.e0, b.e1) for b in step_memory(m, xb, yb, CrossEntropyLossFlat(), Adam, fake=fake)[0].blocks]
+    fk,real = blocks(True),blocks(False)
+    assert [o for o,*_ in real].count('aten.new_empty_strided.default') == 1  # the ReLU's CopySlices: the reference does run it
+    assert fk == real
+
+class _Stateful(nn.Module):
+    "Holds a tensor in a plain attribute and replaces it in the forward, as an RNN keeps its hidden state between batches (fastai's `AWD_LSTM`)"
+    def __init__(self): super().__init__(); self.lin,self.h = nn.Linear(8, 8),torch.zeros(4, 8)
+    def forward(self, x): o = self.lin(x + self.h); self.h = o.detach(); return o
+
+def test_state_replaced_in_forward():
+    "The old state is freed in the forward, as in the real step (before, the prediction held it to the step's end: +128 B at this peak); the model gets it back"
+    r = corpus_check('state', lambda: (_Stateful(), torch.randn(4, 8), torch.randn(4, 8), nn.MSELoss()))
+    assert r['pred_saved'] == r['real_saved'] and r['pred_peak'] == r['real_peak'] and r['kinds_equal'] and not r['ops_diff'], r
+    m = _Stateful(); h = m.h
+    predict_memory(m, torch.randn(4, 8), torch.randn(4, 8), nn.MSELoss())
+    assert not isinstance(m.h, FakeTensor) and m.h.equal(h)
