@@ -108,7 +108,7 @@ def _hooked(fwd, mods, clock):
     return clock.ms(a, b), [t if i in ran else np.nan for i,t in enumerate(ts)]
 
 # %% ../nbs/05_learner.ipynb #e9479730
-n_paired,n_min_repeat = 2,4  # rounds until settled: the first `n_paired` also time a plain pass (for `hook_overhead`); at least `n_min_repeat`
+n_paired,n_min_repeat = 1,4  # rounds until settled: the first `n_paired` also time a plain pass (for `hook_overhead`: a whole pass varies ~1% on a quiet CPU); at least `n_min_repeat`
 
 def settled(recs, tol=0.02, min_ms=0.05):
     "Whether the medians of `times` of the records of at least `min_ms` ms are known to `tol` of their sum: their standard errors (`median_se`) summed"
