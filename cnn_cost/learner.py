@@ -144,13 +144,18 @@ def _count(model, xb, units, kw):
         recs,path = c.records(),(c.counter.ops, *plain_ops(model, xb, kw, tally=False))  # did the hooks change the path? names only: cheap
         if path[0]!=path[1]:  # they did, or the first forward ran other ops than the next (lazy init, a reset hidden state): both again, with MACs
             plain = plain_ops(model, xb, kw)
-            with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)
-            path = (c.counter.ops, *plain)
+            if plain_ops(model, xb, kw, tally=False)[0]!=plain[0]: path = None  # unhooked, it changes from call to call: its state, not the hooks
+            else:
+                with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)
+                path = (c.counter.ops, *plain)
     except Exception as e:
         hint = _input_hint(model, xb)
         if hint: raise ValueError(f"{type(model).__name__} cannot run on the batch {[list(t.shape) for t in flat_tensors(xb)]} ({e}). {hint}") from e
         raise
-    return recs, ([f"Lazy modules initialised by this first forward: {', '.join(lazy)}"] if lazy else []), path, 2 if path[2] is None else 4
+    notes = [f"Lazy modules initialised by this first forward: {', '.join(lazy)}"] if lazy else []
+    if path is None: notes.append("The model runs other aten ops from one call to the next, without hooks as with them (a forward that depends on its own "
+                                  "state): the rows count the first call, and each timed pass ran whichever path its call took")
+    return recs, notes, path, 4 if path is None else 2 if path[2] is None else 5
 
 def model_cost(model:nn.Module, # Any PyTorch model
                *xb, # Its inputs: one batch, on the model's device
@@ -163,7 +168,10 @@ def model_cost(model:nn.Module, # Any PyTorch model
                precision:float=0.02, # When `n_repeat` is `None`: stop once the row times are known to this, on average weighted by time (`settled`)
               )->CostSummary:
     "Count and time every layer of `model` on the batch `xb`"
-    if n_repeat is not None and n_repeat < 1: raise ValueError(f"n_repeat must be at least 1 (or None: until the times settle), got {n_repeat}")
+    if n_repeat is not None and not (isinstance(n_repeat, (int, np.integer)) and n_repeat >= 1): raise ValueError(f"n_repeat must be an int of at least 1 (or None: until the times settle), got {n_repeat!r}")
+    if not (isinstance(max_repeat, (int, np.integer)) and max_repeat >= n_min_repeat): raise ValueError(f"max_repeat must be an int of at least {n_min_repeat} (`n_min_repeat`), got {max_repeat!r}")
+    if not (isinstance(n_warmup, (int, np.integer)) and n_warmup >= 0): raise ValueError(f"n_warmup must be an int of at least 0, got {n_warmup!r}")
+    if not precision > 0: raise ValueError(f"precision is a relative standard error and must be positive (0.02: ±2%), got {precision!r}")
     dev,kw = batch_device(model, xb),model_kwargs or {}
     comp,model = model,eager_module(model)  # a compiled model: rows and hooked passes of the eager module it wraps
     units,clock,cw = cost_units(model),clock_for(dev),CPUWait()
@@ -184,7 +192,7 @@ def model_cost(model:nn.Module, # Any PyTorch model
         cw.stop()
     res = CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup,
                       n_count+n_warmup+len(hooked)+len(plain), cpu_wait=cw.share)  # counting, and the op passes
-    res.notes += notes + [o for o in [path_note(*path, res.total_macs, plain)] if o]
+    res.notes += notes + [o for o in [path is not None and path_note(*path, res.total_macs, plain)] if o]
     if is_compiled(comp): _time_compiled(res, comp, model, xb, kw, clock, n_warmup, n_repeat, autocast)
     return res
 

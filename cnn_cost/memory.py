@@ -274,13 +274,27 @@ def _shadow(t, fm, channels_last=False):
         with fm: x = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device='cpu').clone(memory_format=mf)
     return nn.Parameter(x, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else x
 
+def _dense(t):
+    "Whether `t` is non-overlapping and dense (its elements fill its span of storage), which `clone` asks before it keeps strides"
+    n = 1
+    for d in sorted((d for d in range(t.dim()) if t.shape[d]!=1), key=t.stride):
+        if t.stride(d)!=n: return False
+        n *= t.shape[d]
+    return True
+
+def _laid_out(t, shape):
+    "An empty tensor of `shape` in `t`'s layout, as the real step's `clone` keeps it: its dims in `t`'s order in memory when `t` is dense (channels_last, a transposed batch), else contiguous"
+    if t.dim()<2 or t.is_contiguous() or not _dense(t): return torch.empty(shape, dtype=t.dtype, device='cpu')
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))  # outermost dim first
+    return torch.empty([shape[d] for d in order], dtype=t.dtype, device='cpu').permute(*[order.index(d) for d in range(t.dim())])
+
 def _new_batch(b, bs, fm):
     "A batch like `b` (a tensor, or a nested tuple, list or dict of them), fake with `fm`, each tensor with `bs` rows if given"
     def _new(t):
         if fm is None:
             if bs is not None and t.dim() and bs!=len(t): raise ValueError("A real step (`fake=False`) runs on the batch as it is: leave `bs` out")
             return t.detach().clone()
-        with fm: res = torch.empty((ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else (), dtype=t.dtype, device='cpu')
+        with fm: res = _laid_out(t, (ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else ())
         return _fake_as(res, type(t), t) if isinstance(t, TensorBase) else res  # fastai's types (`TensorImage`...) kept, as the real step keeps them
     return map_tensors(_new, b)
 
@@ -374,6 +388,9 @@ def step_memory(model:nn.Module, # Any PyTorch model
     if bs is not None and bs<1: raise ValueError(f"bs must be at least 1, got {bs}")
     if cuda and not fake: raise ValueError("A real step runs on this machine's CPU: a CUDA target is predicted with `fake=True`")
     if isinstance(opt_func, OptimWrapper): raise ValueError("`opt_func` is a built `OptimWrapper`: pass the function that builds it, e.g. `partial(OptimWrapper, opt=torch.optim.AdamW)`")
+    lazy = [n for n,m in model.named_modules() if any(isinstance(p, nn.parameter.UninitializedParameter) for p in m.parameters(recurse=False))]
+    if lazy: raise ValueError(f"Lazy modules not initialised yet ({', '.join(lazy)}): their weights have no shape to predict. Run one forward first, "
+                              "e.g. `learn.cost_summary()` or `learn.model(*xb)`, then predict the step")
     fm = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     ts = {id(t): _shadow(t, fm, channels_last) for t in [*model.parameters(), *model.buffers()]}
     ps,bufs = [ts[id(p)] for p in model.parameters()],[ts[id(b)] for b in model.buffers()]
@@ -450,6 +467,12 @@ def _mse_backward(args, outs, cuda):
 def _ln_backward(args, outs, cuda):
     "The real kernels' input gradient is contiguous (`empty_like(X.expect_contiguous(), LEGACY_CONTIGUOUS_MEMORY_FORMAT)`); the decomposition copies the output gradient's strides"
     return {} if outs[0] is None or outs[0].is_contiguous() else {0: torch.empty(outs[0].shape, dtype=outs[0].dtype)}
+
+@fake_fix(aten.col2im)
+def _col2im(args, outs, cuda):
+    """The real CPU kernel (`F.fold`, and `F.unfold`'s backward) returns its output in a storage of max(columns, output) elements: it works in a buffer
+    the size of its input columns (measured on torch 2.11, 2.14 and 2.15: 9x the output for a 3x3 kernel at stride 1); the meta kernel's holds the output only"""
+    return {} if cuda else {0: max(args[0].numel(), outs[0].numel())*outs[0].element_size()}
 
 # %% ../nbs/03a_memory.ipynb #4b9ef811
 @fake_fix(aten.mkldnn_rnn_layer)

@@ -203,11 +203,12 @@ class MemoryPlan:
 @patch
 def __repr__(self:MemoryPlan):
     h = f"Memory plan: {self.model_name} at batch {self.bs} in {_gib(self.budget)} on {self.device}; as it is, its step needs {_gib(self.peak)}"
-    hd = f"{'Option':<34} {'Batch':>11} {'Dtype':>5} {'Checkpointed':>12} {'Peak':>11} {'Fits':>4} {'Recompute':>10} {'Extra':>6}"
+    w = max([len('Option')]+[len(o.name) for o in self.options])  # names print whole
+    hd = f"{'Option':<{w}} {'Batch':>11} {'Dtype':>5} {'Checkpointed':>12} {'Peak':>11} {'Fits':>4} {'Recompute':>10} {'Extra':>6}"
     res = [h, '='*len(hd), hd, '='*len(hd)]
     for o in self.options:
         b = f"{o.n_acc} x {o.micro}" if o.n_acc>1 else str(o.micro)
-        res.append(f"{o.name[:34]:<34} {b:>11} {o.dtype:>5} {len(o.blocks):>12} {_gib(o.peak) if math.isfinite(o.peak) else '-':>11} {'yes' if o.fits else 'no':>4} "
+        res.append(f"{o.name:<{w}} {b:>11} {o.dtype:>5} {len(o.blocks):>12} {_gib(o.peak) if math.isfinite(o.peak) else '-':>11} {'yes' if o.fits else 'no':>4} "
                    f"{human(o.recompute_macs*o.n_acc, 'MACs') if o.recompute_macs else '0':>10} {o.extra:>6.1%}")
     s = self.suggestion
     res += ['_'*len(hd), f"Suggestion: {s.name} ({s.how})" if s else f"Nothing tried fits in {_gib(self.budget)}"]
@@ -269,7 +270,7 @@ def memory_plan(self:Learner,
     def acc(d, bl=(), name='gradient accumulation'):
         m = S.largest(d, bl, B, bs)
         if not m: return None
-        n = -(-bs//m); mi = -(-bs//n)
+        mi = max(d for d in range(1, m+1) if bs%d==0); n = bs//mi  # micro-batches that add up to `bs` exactly: fastai's `GradientAccumulation` counts samples, and steps at `bs` or more
         ch = f"BatchNorm normalises over micro-batches of {mi}, not {bs}" if _has_bn(self.model) else f"the gradient summed over {n} micro-batches"
         return opt(name, mi, n, d, bl, ch, f"DataLoaders with bs={mi} and `cbs=GradientAccumulation(n_acc={bs})`")
     def ckpt(d, name='checkpointing'):

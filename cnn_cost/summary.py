@@ -232,8 +232,10 @@ def _precision_lines(self:CostSummary, col='time_ms', min_ms=0.05, tol=0.05):
     t,se = df[col],df[col+'_se']
     big = t >= min_ms
     if not big.any(): return []
+    if self.cpu_wait is not None and self.cpu_wait > cpu_wait_max:  # times quantised to the scheduler's slices can agree closely and still be wrong
+        return [f"Precision: not stated, the passes were disturbed (below): their spread says nothing of how far they are from a quiet run"]
     res = [f"Precision: the row times are known to ±{100*se[big].sum()/t[big].sum():.1f}% on average, weighted by time (the standard error of "
-           f"each row's median, from its spread over the passes: `{col}_se`; rows of {min_ms} ms or more)"]
+           f"each row's median, from its spread over the passes of this run, not the machine's drift between runs: `{col}_se`; rows of {min_ms} ms or more)"]
     loose = df[big & (se > tol*t)]
     if len(loose):
         ls = [f"{r.name or r.type} (±{100*s/v:.0f}%)" for r,s,v in zip(loose.itertuples(), loose[col+'_se'], loose[col])]

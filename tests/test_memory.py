@@ -255,3 +255,31 @@ def test_state_replaced_in_forward():
     m = _Stateful(); h = m.h
     predict_memory(m, torch.randn(4, 8), torch.randn(4, 8), nn.MSELoss())
     assert not isinstance(m.h, FakeTensor) and m.h.equal(h)
+
+class _Unfold(nn.Module):
+    "`F.unfold`, whose backward is `col2im`: the real CPU kernel returns its output in a storage the size of its input columns (9x for a 3x3 kernel)"
+    def __init__(self): super().__init__(); self.c,self.l = nn.Conv2d(3, 8, 3, padding=1),nn.Linear(8*9, 10)
+    def forward(self, x): return self.l(torch.nn.functional.unfold(self.c(x), 3, padding=1).view(x.shape[0], 8*9, -1).mean(-1))
+
+class _Flat(nn.Module):
+    "Reads its batch flattened: a channels_last or transposed batch keeps its layout in the real step, so the reshape copies and saves the copy"
+    def __init__(self): super().__init__(); self.w,self.l = nn.Parameter(torch.randn(3*16*16)),nn.Linear(3*16*16, 10)
+    def forward(self, x): return self.l(x.reshape(x.shape[0], -1)*self.w)
+
+@pytest.mark.parametrize('make', [lambda: (_Unfold(), torch.randn(4, 3, 16, 16)),
+                                  lambda: (_Flat(), torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)),
+                                  lambda: (_Flat(), torch.randn(8, 16, 16, 3).permute(0, 3, 1, 2))], ids=['col2im', 'channels_last_batch', 'permuted_batch'])
+def test_fake_equals_real_layouts(make):
+    "Review findings: `col2im`'s real storage (a `fake_fix`) and a batch's memory layout (kept, as the real step's `clone` keeps it): equal to the byte"
+    r = corpus_check('layout', lambda: (*make(), torch.tensor([1, 7, 2, 3, 4, 5, 6, 8][:len(make()[1])]), nn.CrossEntropyLoss()))
+    assert r['pred_saved'] == r['real_saved'] and r['pred_peak'] == r['real_peak'], r
+    assert r['kinds_equal'] and r['ops_diff'] == {} and r['flags'] == [], r
+
+def test_lazy_modules_clear_error():
+    "Uninitialised lazy modules: a clear error that says what to do, the model untouched; after one forward the prediction runs"
+    m = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+    x,y = torch.randn(4, 5),torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r'Lazy modules not initialised yet \(0\).*Run one forward first'): predict_memory(m, x, y, nn.CrossEntropyLoss())
+    assert isinstance(m[0].weight, nn.parameter.UninitializedParameter) and not m[0]._forward_hooks
+    m(x)
+    assert predict_memory(m, x, y, nn.CrossEntropyLoss()).peak > 0

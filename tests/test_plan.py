@@ -52,3 +52,16 @@ def test_plan_training_unchanged(name):
     assert len(l0) >= 2 and l0 == l1
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
     assert '_do_one_batch' not in vars(learn) and not any('forward' in vars(m) for m in learn.model.modules())
+
+@pytest.mark.parametrize('bs', [31, 50])
+def test_accumulation_keeps_the_batch(bs):
+    """Review finding: every option trains batches of exactly `bs` samples (fastai's `GradientAccumulation(n_acc=bs)` steps once it has counted `bs`
+    or more, so 6 x 6 for 32 would step at 36; a prime 31 accumulates 31 x 1 rather than 5 x 7); the names print whole"""
+    set_seed(0)
+    learn = Learner(rand_dls(bs, (3, 16, 16)), torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1),
+                    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)), loss_func=CrossEntropyLossFlat())
+    full = learn.memory_summary(bs=bs, device='cuda').peak
+    plan = learn.memory_plan(0.3*full/2**30, bs=bs, device='cuda')
+    acc = [o for o in plan.options if o.n_acc > 1]
+    assert acc and all(o.micro*o.n_acc == bs for o in plan.options), [(o.name, o.n_acc, o.micro) for o in plan.options]
+    assert all(o.name in str(plan) for o in plan.options)

@@ -67,6 +67,7 @@ class FakeClock(CPUClock):
 
 def test_adaptive_rounds_stop_when_settled(monkeypatch):
     monkeypatch.setattr(cnn_cost.learner, 'clock_for', lambda dev: FakeClock())
+    monkeypatch.setattr(cnn_cost.timing, 'run_queue_ns', lambda: None)  # the fake clock's rounds are quiet whatever the machine does
     s = model_cost(_cnn(), X)
     assert len(s.hooked_ms) == n_min_repeat and len(s.plain_ms) == n_paired   # identical rounds settle at once
     assert s.n_passes == 2 + n_min_repeat + n_paired   # counting, then the unhooked op pass (`plain_ops`, names only: the path is the same)
@@ -77,7 +78,8 @@ class Jitter(nn.Module):
     def __init__(self): super().__init__(); self.i = 0
     def forward(self, x): self.i += 1; time.sleep((0.002, 0.03, 0.06)[self.i%3]); return x   # 2, 30, 60 ms in turn (and more under load): never within 2.5%
 
-def test_adaptive_rounds_capped():
+def test_adaptive_rounds_capped(monkeypatch):
+    monkeypatch.setattr(cnn_cost.timing, 'run_queue_ns', lambda: None)  # the precision lines are stated only for undisturbed passes: not at the mercy of the machine here
     s = model_cost(nn.Sequential(nn.Linear(4,4), Jitter()), torch.randn(2,4), max_repeat=7)
     assert len(s.hooked_ms) == 7 and len(s.plain_ms) == n_paired and s.n_passes == 2 + 7 + n_paired
     j = s.df.set_index('name').loc['1']   # the jittering row: its median known only roughly, and the totals name it
@@ -85,7 +87,12 @@ def test_adaptive_rounds_capped():
     assert j.time_ms_se > 0.05*j.time_ms and f'1 (±{100*j.time_ms_se/j.time_ms:.0f}%)' in line
     f = model_cost(nn.Sequential(nn.Linear(4,4), Jitter()), torch.randn(2,4), n_repeat=5, n_warmup=0)   # a fixed count, as before
     assert len(f.hooked_ms) == len(f.plain_ms) == 5 and f.n_passes == 2 + 10
-    with pytest.raises(ValueError, match='n_repeat must be at least 1'): model_cost(nn.Linear(2,2), torch.randn(1,2), n_repeat=0)
+    m = nn.Sequential(nn.Linear(2,2), nn.BatchNorm1d(2)).train(); w = m[0].weight.clone()
+    for kw,msg in [(dict(n_repeat=0), 'n_repeat must be an int of at least 1'), (dict(n_repeat=1.5), 'n_repeat must be an int'),
+                   (dict(max_repeat=0), 'max_repeat must be an int of at least 4'), (dict(n_warmup=-1), 'n_warmup must be an int of at least 0'),
+                   (dict(precision=-1), 'precision is a relative standard error')]:
+        with pytest.raises(ValueError, match=msg): model_cost(m, torch.randn(3,2), **kw)
+        assert m.training and not any(x._forward_hooks or x._forward_pre_hooks for x in m.modules()) and torch.equal(m[0].weight, w)
 
 def test_long_shapes_print_whole():
     "A video-sized output shape prints whole; the shape column widens to it, the rest keeps fastai's widths"

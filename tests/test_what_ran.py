@@ -190,14 +190,28 @@ def test_hooks_switch_off_fast_path():
     assert s.total_macs == hand == 4608
     note = [n for n in s.notes if n.startswith('Hooks change what this model runs')]
     assert len(note)==1 and '_transformer_encoder_layer_fwd' in note[0] and f'{hand:,} MACs against {hand:,}' in note[0] and '(`plain_ms`)' in note[0]
-    assert s.n_passes == 4 + 2*2   # the paths differ: after the counting pass and the names-only one, both again (with MACs); 2 hooked, 2 plain
+    assert s.n_passes == 5 + 2*2   # the paths differ: after the counting pass and the names-only one, two unhooked (the same: no state) and the counting again; 2 hooked, 2 plain
     ops, t = plain_ops(enc, (x,))
     assert dict(ops) == {'_transformer_encoder_layer_fwd': 1} and t.macs == hand
     same = model_cost(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), x, n_warmup=0, n_repeat=1)
     assert not any(n.startswith('Hooks change') for n in same.notes) and same.n_passes == 2 + 2   # same path: the names-only pass settles it
     lazy = model_cost(nn.Sequential(nn.LazyLinear(8), nn.ReLU()), x, n_warmup=0, n_repeat=1)   # its initialisation in the first forward is no other path
     assert lazy.total_macs == 2*4*8*8 and not any(n.startswith('Hooks change') for n in lazy.notes)
-    assert lazy.n_passes == 4 + 2   # the first forward's initialisation ops differ from the unhooked second's: both passes again, then the same
+    assert lazy.n_passes == 5 + 2   # the first forward's initialisation ops differ from the unhooked second's: both passes again, then the same
+
+class _Alternating(nn.Module):
+    "Adds a second layer on every other call: a forward that depends on its own state (review finding)"
+    def __init__(self): super().__init__(); self.l1,self.l2,self.n = nn.Linear(16, 16),nn.Linear(16, 16),0
+    def forward(self, x):
+        self.n += 1; x = self.l1(x)
+        return self.l2(x) if self.n%2==0 else x
+
+def test_stateful_forward_is_not_blamed_on_hooks():
+    "Its ops change from call to call without hooks too: the notes say so (not 'hooks change what this model runs'), the rows count the first call, the state is restored"
+    m = _Alternating()
+    s = model_cost(m, torch.randn(4, 16), n_repeat=2)
+    assert not any(n.startswith('Hooks change') for n in s.notes) and any('from one call to the next' in n for n in s.notes)
+    assert s.total_macs == 4*16*16 and m.n == 0 and s.n_passes == 4 + 2*2
 
 def test_nested_padding_mask():
     """With `src_key_padding_mask` the unhooked encoder packs the 6 real tokens into a nested tensor:
