@@ -58,5 +58,5 @@ def test_swin_tiny(v2):
         return SwinTransformer([4, 4], 16, [2, 2], [2, 2], [2, 2], num_classes=10, **kw), torch.randn(2, 3, 16, 16), torch.tensor([1, 7]), torch.nn.CrossEntropyLoss()
     fk,_,_ = step_memory(*make(), Adam); real,_,_ = step_memory(*make(), Adam, fake=False)
     assert 'aten.lift_fresh.default' not in by_op(fk) and by_op(real)['aten.clone.default'] > 0   # the reference does the work to predict
-    if v2: assert by_op(real)['aten.new_zeros.default'] >= 4*(3*3*512)*4   # 4 blocks' real `AsStridedBackward0`: a gradient the size of the MLP's 9 x 512 `addmm`
+    if v2 and tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])) < (2, 15): assert by_op(real)['aten.new_zeros.default'] >= 4*(3*3*512)*4   # 4 blocks' real `AsStridedBackward0`: a gradient the size of the MLP's 9 x 512 `addmm` (torch 2.15 rebuilds that view without one)
     assert by_op(fk) == by_op(real) and kinds(fk) == kinds(real) and fk.flags == {}
