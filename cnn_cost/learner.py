@@ -113,8 +113,8 @@ n_paired,n_min_repeat = 1,4  # rounds until settled: the first `n_paired` also t
 def settled(recs, tol=0.02, min_ms=0.05):
     "Whether the medians of `times` of the records of at least `min_ms` ms are known to `tol` of their sum: their standard errors (`median_se`) summed"
     ts = np.array([r.times for r in recs], dtype=float)  # every record has a time (NaN: its hooks did not fire) in every round
-    with warnings.catch_warnings(): warnings.simplefilter('ignore', RuntimeWarning); m = np.nanmedian(ts, 1); big = m >= min_ms
-    return bool(big.any()) and median_se(ts[big], 1).sum() <= tol*m[big].sum()
+    with warnings.catch_warnings(): warnings.simplefilter('ignore', RuntimeWarning); m = np.nanmedian(ts, 1)
+    return bool(weighted_se(m, median_se(ts, 1), min_ms) <= tol)  # NaN (no row long enough): not settled
 
 def _round(fwd, mods, clock, i, plain, pair=True):
     "One timed round: a hooked pass, and if `pair` a plain one before or after it in turn (appended to `plain`); the hooked ms and row ms"
@@ -138,7 +138,7 @@ def _input_hint(model, xb):
 
 def _count(model, xb, units, kw):
     "The counting pass, with lazy modules initialised by it named in the notes, a clear error for a batch of the wrong size, the ops of the hooked and plain passes, and how many passes it took"
-    lazy = [n for n,m in model.named_modules() if any(is_lazy(p) for p in m.parameters(recurse=False))]
+    lazy = lazy_modules(model)
     try:
         with Counting(model, units) as c, torch.no_grad(): model(*xb, **kw)
         recs,path = c.records(),(c.counter.ops, *plain_ops(model, xb, kw, tally=False))  # did the hooks change the path? names only: cheap

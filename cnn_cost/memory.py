@@ -388,7 +388,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
     if bs is not None and bs<1: raise ValueError(f"bs must be at least 1, got {bs}")
     if cuda and not fake: raise ValueError("A real step runs on this machine's CPU: a CUDA target is predicted with `fake=True`")
     if isinstance(opt_func, OptimWrapper): raise ValueError("`opt_func` is a built `OptimWrapper`: pass the function that builds it, e.g. `partial(OptimWrapper, opt=torch.optim.AdamW)`")
-    lazy = [n for n,m in model.named_modules() if any(isinstance(p, nn.parameter.UninitializedParameter) for p in m.parameters(recurse=False))]
+    lazy = lazy_modules(model)
     if lazy: raise ValueError(f"Lazy modules not initialised yet ({', '.join(lazy)}): their weights have no shape to predict. Run one forward first, "
                               "e.g. `learn.cost_summary()` or `learn.model(*xb)`, then predict the step")
     fm = FakeTensorMode(allow_non_fake_inputs=True) if fake else None

@@ -14,7 +14,7 @@ from fastcore.basics import *
 from fastcore.foundation import L
 from fastcore.xtras import PrettyString
 from .core import *
-from .timing import cpu_wait_max, median_se
+from .timing import cpu_wait_max, median_se, weighted_se
 
 # %% ../nbs/03_summary.ipynb #c106abb2
 def human(n, unit=''):
@@ -234,7 +234,7 @@ def _precision_lines(self:CostSummary, col='time_ms', min_ms=0.05, tol=0.05):
     if not big.any(): return []
     if self.cpu_wait is not None and self.cpu_wait > cpu_wait_max:  # times quantised to the scheduler's slices can agree closely and still be wrong
         return [f"Precision: not stated, the passes were disturbed (below): their spread says nothing of how far they are from a quiet run"]
-    res = [f"Precision: the row times are known to ±{100*se[big].sum()/t[big].sum():.1f}% on average, weighted by time (the standard error of "
+    res = [f"Precision: the row times are known to ±{100*weighted_se(t, se, min_ms):.1f}% on average, weighted by time (the standard error of "
            f"each row's median, from its spread over the passes of this run, not the machine's drift between runs: `{col}_se`; rows of {min_ms} ms or more)"]
     loose = df[big & (se > tol*t)]
     if len(loose):

@@ -6,7 +6,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/timing.html.md"""
 
 # %% auto #0
 __all__ = ['cpu_wait_max', 'CPUClock', 'CUDAClock', 'clock_for', 'timed', 'run_queue_ns', 'run_queue_wait', 'CPUWait',
-           'wait_share', 'median_se', 'TimeHooks']
+           'wait_share', 'median_se', 'weighted_se', 'TimeHooks']
 
 # %% ../nbs/02_timing.ipynb #d7a68440
 import time, glob, warnings, numpy as np, torch, torch.nn as nn
@@ -94,6 +94,13 @@ def median_se(ts, axis=-1):
         warnings.simplefilter('ignore', RuntimeWarning)  # an all-NaN row (never timed): NaN
         mad = np.nanmedian(np.abs(ts - np.nanmedian(ts, axis, keepdims=True)), axis)
         return np.where(n>=2, 1.2533*1.4826*mad/np.sqrt(np.maximum(n, 1)), np.nan)
+
+# %% ../nbs/02_timing.ipynb #a7e1c003
+def weighted_se(med, se, min_ms=0.05):
+    "How well row medians `med` (ms) are known on average, weighted by time: their standard errors `se` summed over their sum, rows of `min_ms` or more; NaN if none"
+    med,se = np.asarray(med, dtype=float),np.asarray(se, dtype=float)
+    big = med >= min_ms
+    return se[big].sum()/med[big].sum() if big.any() else float('nan')
 
 # %% ../nbs/02_timing.ipynb #9c9cba0b
 _gtid = torch._C._current_graph_task_id  # -1 outside autograd's backward: `PhaseTracker.phase` is 'fwd'
