@@ -340,6 +340,7 @@ def _resolve(mc, units, pu, ps, opt, cuda):
         if cuda and _host_step(opt, k, v): b.nbytes = 0
     for b in mc.blocks:
         if b.param is not None: b.unit = pu.get(b.param, -1)
+        if b.kind==MemKind.other and b.saved: b.kind,b.unit = MemKind.saved,b.saver  # state the model held (last step's hidden state): the graph holds it now
         if b.kind is not None: continue
         if b.saved: b.kind,b.unit = MemKind.saved,b.saver
         else: b.kind = MemKind.output if b.out else MemKind.temp
@@ -351,22 +352,25 @@ def _to_float(o):
     return type(o)(_to_float(x) for x in o) if isinstance(o, (list,tuple)) else o
 
 def _train_step(model, xs, ys, loss_func, opt, mc, dt):
-    "One training step as fastai's `Learner` runs it, phase by phase; `MixedPrecision`'s autocast and loss scaling if `dt`"
+    "One training step as fastai's `Learner` runs it, phase by phase, recorded by `mc` (a `MemCounter`; None: not recorded); `MixedPrecision`'s autocast and loss scaling if `dt`"
     scale = torch.full((), 2.**16) if dt==torch.float16 else None  # `GradScaler`'s scale: bf16 needs none
-    if scale is not None: mc.add(scale, kind=MemKind.other)
-    mc.phase = 'fwd'
-    with torch.autograd.graph.saved_tensors_hooks(mc.pack, _unpack), (torch.autocast('cpu', dtype=dt) if dt else contextlib.nullcontext()):
+    if scale is not None and mc: mc.add(scale, kind=MemKind.other)
+    def phase(p):
+        if mc: mc.phase = p
+    phase('fwd')
+    with (torch.autograd.graph.saved_tensors_hooks(mc.pack, _unpack) if mc else contextlib.nullcontext()), \
+         (torch.autocast('cpu', dtype=dt) if dt else contextlib.nullcontext()):
         pred = model(*xs)
         if dt: pred = _to_float(pred)
         loss = loss_func(pred, *ys)
         res = [pred, loss, loss.clone()]  # `learn.pred`, `learn.loss_grad`, `learn.loss` live until the next batch
-    mc.phase = 'bwd'
+    phase('bwd')
     (loss*scale if scale is not None else loss).backward()
-    mc.phase = 'opt'
+    phase('opt')
     if opt is not None:
         if scale is not None: torch._foreach_mul_([p.grad for p in opt.all_params(with_grad=True).itemgot(0)], 1/scale)
         opt.step(); opt.zero_grad()
-    mc.phase = 'end'
+    phase('end')
     return res
 
 # %% ../nbs/03a_memory.ipynb #57d3f682
@@ -400,13 +404,16 @@ def step_memory(model:nn.Module, # Any PyTorch model
         with _swapped(model, ts, functools.partial(_held, fm=fm)), (fm or contextlib.nullcontext()), _fake_subclasses():
             model.train()
             opt = None if opt_func is None else opt_func(gs, lr=lr)
-            if opt is not None:
-                if cuda and isinstance(opt, OptimWrapper):  # torch optimizers default to their foreach kernels on CUDA
-                    for g in opt.opt.param_groups:
-                        if 'foreach' in g and g['foreach'] is None and not g.get('fused'): g['foreach'] = True
-                for p in ps:  # one step on zero gradients: the optimizer state and gradients every step after the first finds
-                    if p.requires_grad: p.grad = torch.zeros_like(p)
-                opt.step(); opt.zero_grad()
+            if opt is not None and cuda and isinstance(opt, OptimWrapper):  # torch optimizers default to their foreach kernels on CUDA
+                for g in opt.opt.param_groups:
+                    if 'foreach' in g and g['foreach'] is None and not g.get('fused'): g['foreach'] = True
+            # a first step, not recorded: every later step starts with what it leaves. Gradients as the first backward made them (it hands a
+            # parameter the incoming gradient when it can: slices of one storage for parameters joined by a `cat`, kept by fastai's `zero_grad`),
+            # the optimizer's state, and buffers a forward replaces (ConViT's `rel_indices`, made for the input's size)
+            _train_step(model, xs, ys, loss_func, opt, None, dt)
+            if opt is None:
+                for p in ps: p.grad = None  # no optimizer: nothing resets the gradients, the step starts without them
+            bufs = list(model.buffers())
             c = MemCounting(model, size=cuda_block if cuda else None, device=device)
             with c:
                 mc = c.counter

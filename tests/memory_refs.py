@@ -49,20 +49,10 @@ def cpu_peak(learn):
     return mt.get_tracker_snapshot('peak')[torch.device('cpu')]['Total']
 
 def real_saved(learn):
-    "Bytes autograd saves in a real forward and loss of `learn` on one batch, each storage once; parameters, buffers and the batch left out"
-    xb = learn.dls.train.one_batch()
+    "`hooked_saved` of `learn`'s model on one training batch"
+    b = learn.dls.train.one_batch()
     n = getattr(learn.dls.train, 'n_inp', 1)
-    skip = {t.untyped_storage().data_ptr() for t in [*learn.model.parameters(), *learn.model.buffers(), *xb]}
-    seen = {}
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip: seen[st.data_ptr()] = st.nbytes()
-        return t.detach()
-    learn.model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = learn.loss_func(learn.model(*xb[:n]), *xb[n:])
-    del loss
-    return sum(seen.values())
+    return hooked_saved(learn.model, b[:n], b[n:], learn.loss_func)
 
 def cuda_peak(learn):
     "`torch.cuda.max_memory_allocated` over a real training epoch of `learn` on the GPU, after a warm-up epoch"
@@ -95,18 +85,20 @@ def trial_max_batch(make, start=8, max_bs=2**14):
     return lo
 
 def hooked_saved(model, xb, yb, loss_func):
-    "Bytes autograd saves in a real forward and loss of `model` on `(xb, yb)`, each storage once; parameters, buffers and the batch left out"
+    """Bytes autograd saves in a real forward and loss of `model` on `(xb, yb)`, each storage once; parameters, buffers and the batch left out.
+    After a first forward and backward, as `step_peak` measures a steady-state step: state a forward keeps (an RNN's hidden state) is the last step's"""
     from cnn_cost.core import flat_tensors
+    model.train(); loss_func(model(*xb), *yb).backward()
+    for p in model.parameters(): p.grad = None
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *flat_tensors((xb, yb))]}
     seen = {}
-    def pack(t):
+    def pack(t):  # each storage held until the end: a freed one's address could be another's later
         st = t.untyped_storage()
-        if st.data_ptr() not in skip: seen[st.data_ptr()] = st.nbytes()
+        if st.data_ptr() not in skip: seen[st.data_ptr()] = st
         return t.detach()
-    model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): loss = loss_func(model(*xb), *yb)
     del loss
-    return sum(seen.values())
+    return sum(st.nbytes() for st in seen.values())
 
 def step_peak(model, xb, yb, loss_func, opt_func):
     "PyTorch `MemTracker`'s peak over one real CPU training step as fastai's `Learner` runs it (`pred`, loss and its clone kept, backward, `opt.step`, `opt.zero_grad`), after a warm-up step"
