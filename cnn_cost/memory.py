@@ -288,13 +288,27 @@ def _laid_out(t, shape):
     order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))  # outermost dim first
     return torch.empty([shape[d] for d in order], dtype=t.dtype, device='cpu').permute(*[order.index(d) for d in range(t.dim())])
 
+def _in_storage(t, n):
+    """Elements of storage a view like `t` (`x[:, :3]`: non-dense, or in a storage larger than its elements) has at `n` rows: its own at `len(t)`;
+    else grown by `n-len(t)` rows of its batch stride when its rows fill their storage exactly (a view of a per-batch tensor). Otherwise a clear error"""
+    s = t.untyped_storage().nbytes()//t.element_size()
+    if n==len(t): return s
+    if t.stride(0)==max(t.stride()) and t.storage_offset()<t.stride(0) and s==len(t)*t.stride(0): return s + (n-len(t))*t.stride(0)
+    raise ValueError(f"A batch tensor of shape {tuple(t.shape)} is a view into a storage of {human(s*t.element_size(), 'B')} laid out otherwise: "
+                     f"its storage at batch size {n} is unknown. Predict at its own batch size ({len(t)}), or pass a copy (`.clone()`), as a DataLoader collates one")
+
 def _new_batch(b, bs, fm):
-    "A batch like `b` (a tensor, or a nested tuple, list or dict of them), fake with `fm`, each tensor with `bs` rows if given"
+    "A batch like `b` (a tensor, or a nested tuple, list or dict of them), fake with `fm`, each tensor with `bs` rows if given; a view keeps its strides and storage"
     def _new(t):
+        n = ifnone(bs, len(t)) if t.dim() else None
+        view = t.dim() and t.numel() and t.untyped_storage().nbytes()!=t.numel()*t.element_size()  # a view of a larger tensor: the real step holds its storage
         if fm is None:
-            if bs is not None and t.dim() and bs!=len(t): raise ValueError("A real step (`fake=False`) runs on the batch as it is: leave `bs` out")
-            return t.detach().clone()
-        with fm: res = _laid_out(t, (ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else ())
+            if n is not None and n!=len(t): raise ValueError("A real step (`fake=False`) runs on the batch as it is: leave `bs` out")
+            if not view: return t.detach().clone()
+            return t.detach().new_empty(0).set_(t.untyped_storage().clone(), t.storage_offset(), t.shape, t.stride())
+        with fm:
+            if view: res = torch.empty(_in_storage(t, n), dtype=t.dtype, device='cpu').as_strided((n, *t.shape[1:]), t.stride(), t.storage_offset())
+            else: res = _laid_out(t, (n, *t.shape[1:]) if t.dim() else ())
         return _fake_as(res, type(t), t) if isinstance(t, TensorBase) else res  # fastai's types (`TensorImage`...) kept, as the real step keeps them
     return map_tensors(_new, b)
 
