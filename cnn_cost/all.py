@@ -4,6 +4,7 @@ from .counting import *
 from .timing import *
 from .summary import *
 from .memory import *
+from .plan import *
 from .data import *
 from .learner import *
 from .analysis import *

@@ -9,7 +9,7 @@ __all__ = ['MemKind', 'cuda_block', 'Block', 'MemCounter', 'MemCounting', 'amp_d
            'predict_memory', 'MaxBatch']
 
 # %% ../nbs/03a_memory.ipynb #1e44e984
-import torch, torch.nn as nn, contextlib, functools, warnings, weakref, math, numpy as np, pandas as pd, matplotlib.pyplot as plt
+import torch, torch.nn as nn, contextlib, functools, copy, warnings, weakref, math, numpy as np, pandas as pd, matplotlib.pyplot as plt
 from enum import Enum
 from dataclasses import dataclass, field
 from torch._subclasses.fake_tensor import FakeTensorMode, FakeTensor, DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException
@@ -184,25 +184,32 @@ def _claim(nodes, todo, i):
         todo += [o for o,_ in n.next_functions]
 
 # %% ../nbs/03a_memory.ipynb #c03c4af8
+_state = ('_parameters', '_buffers', '_non_persistent_buffers_set', '_modules')
+_module_keys = frozenset(vars(nn.Module())) - set(_state)  # `nn.Module`'s hooks and `training`
+
 @contextlib.contextmanager
-def _swapped(model, new, held=None):
-    "Each parameter and buffer `t` of `model`'s modules replaced by `new[id(t)]` in the block, each tensor in a plain attribute by `held(t)`; all put back"
-    old = [(d, k, v) for m in model.modules() for d in (m._parameters, m._buffers) for k,v in d.items() if v is not None and id(v) in new]
-    attrs = [(m, dict(vars(m))) for m in model.modules()]
+def _swapped(model, new, held):
+    """Each parameter and buffer `t` of `model`'s modules replaced by `new[id(t)]` in the block; each tensor, list, tuple or dict in another attribute by a
+    copy, its tensors `held(t)` (a forward fills a cache in the copy, not in the user's); then every module exactly as it was: the attributes, parameters,
+    buffers and submodules the block set, replaced or added (a cache made in the step, fake) put back or removed"""
+    snap = [(m, dict(vars(m)), [copy.copy(vars(m)[k]) for k in _state]) for m in model.modules()]
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     try:
-        for d,k,v in old: d[k] = new[id(v)]
-        for m,a in attrs:  # state such as an RNN's hidden state: kept here for the restore, it must not live longer in the step than in training
-            for k,v in a.items():
-                ts = flat_tensors(v)  # not a view of a parameter, nor a tensor with a graph behind it (it would lose the graph)
-                if held and ts and not k.startswith('_') and not any(t.untyped_storage().data_ptr() in own or t.grad_fn is not None for t in ts):
-                    setattr(m, k, map_tensors(held, v))
+        for m,a,_ in snap:
+            for d in (m._parameters, m._buffers):
+                for k,v in d.items():
+                    if v is not None and id(v) in new: d[k] = new[id(v)]
+            for k,v in a.items():  # state such as an RNN's hidden state: kept here for the restore, it must not live longer in the step than in training
+                if k in _module_keys or k in _state or not isinstance(v, (torch.Tensor, list, tuple, dict)): continue
+                # not a view of a parameter (an RNN's `_flat_weights`), nor a tensor with a graph behind it (it would lose the graph)
+                if not any(t.untyped_storage().data_ptr() in own or t.grad_fn is not None for t in flat_tensors(v)): m.__dict__[k] = map_tensors(held, v)
         yield
     finally:
-        for d,k,v in old: d[k] = v
-        for m,a in attrs:  # a forward that stored a (fake) tensor in a plain attribute: put the old value back
+        for m,a,st in snap:
+            for k in [k for k in vars(m) if k not in a]: del m.__dict__[k]
             for k,v in a.items():
-                if not k.startswith('_') and vars(m).get(k) is not v: setattr(m, k, v)
+                if k not in _module_keys: m.__dict__[k] = v
+            for k,v in zip(_state, st): vars(m)[k].clear(); vars(m)[k].update(v)
 
 with FakeTensorMode(): _fake_state = frozenset(vars(torch.empty(0))) | {'_is_param'}  # what a `FakeTensor` keeps in its `__dict__`
 def _in_kernel(): return torch._C._meta_in_tls_dispatch_include()  # inside a fake kernel (`in_kernel_invocation_manager`)
@@ -681,6 +688,13 @@ def _learner_loss(learn):
 
 def _model_device(model): return next((p.device.type for p in model.parameters()), 'cpu')
 
+@contextlib.contextmanager
+def _as_trained(learn):
+    "Inside the block, `learn.model` as `learn`'s callbacks train it: each callback's `as_trained(model)` context (`CheckpointBlocks`: its blocks checkpointed); yields their notes"
+    cbs = [cb for cb in learn.cbs if callable(getattr(cb, 'as_trained', None))]
+    with contextlib.ExitStack() as es:
+        yield [es.enter_context(cb.as_trained(learn.model)) for cb in cbs]
+
 @patch
 def memory_summary(self:Learner,
                    bs:int=None, # Batch size (default: the data's)
@@ -693,8 +707,9 @@ def memory_summary(self:Learner,
     xb,yb = _batch(self, xb, yb)
     dev = ifnone(device, _model_device(self.model))
     dt,note = (dtype, '') if dtype is not None else _learner_dtype(self, dev)
-    res = predict_memory(self.model, xb, yb, _learner_loss(self), self.opt_func, self.splitter, self.lr, bs, dt, ifnone(channels_last, hasattr(self, 'channels_last')), dev)
-    if note: res.notes.append(note)
+    with _as_trained(self) as notes:
+        res = predict_memory(self.model, xb, yb, _learner_loss(self), self.opt_func, self.splitter, self.lr, bs, dt, ifnone(channels_last, hasattr(self, 'channels_last')), dev)
+    res.notes += [n for n in [note, *notes] if n]
     return res
 
 # %% ../nbs/03a_memory.ipynb #e91da172
@@ -702,6 +717,7 @@ def memory_summary(self:Learner,
 class MaxBatch:
     "The largest batch size `bs` whose predicted step `peak` fits in `budget` bytes (at least `bs` if `capped` by `max_bs`), and the sizes tried with their peaks"
     bs:int; peak:int; budget:int; sizes:list=field(default_factory=list); peaks:list=field(default_factory=list); capped:bool=False
+    notes:list=field(default_factory=list)  # how the step was predicted, e.g. with a callback's checkpointed blocks
 
     def plot(self, ax=None):
         "Predicted peak against batch size, the budget and the suggestion marked, as `lr_find` marks its suggestion"
@@ -773,8 +789,9 @@ def max_batch(self:Learner,
             tried[b],lives[b] = ms.peak,ms.timeline.live.values
         return tried[b]
     a = min(max(2, _batch_size(xb)), max_bs); b = min(2*a, max_bs)
-    peak(a); peak(b)
-    res = _search(peak, B, _guess(lives[a], lives[b], a, b, B), max_bs)
-    out = MaxBatch(res, tried.get(res, 0), B, list(tried), list(tried.values()), capped=res==max_bs)  # the search stopped at `max_bs`
+    with _as_trained(self) as notes:
+        peak(a); peak(b)
+        res = _search(peak, B, _guess(lives[a], lives[b], a, b, B), max_bs)
+    out = MaxBatch(res, tried.get(res, 0), B, list(tried), list(tried.values()), capped=res==max_bs, notes=notes)  # `capped`: the search stopped at `max_bs`
     if show_plot: out.plot()
     return out

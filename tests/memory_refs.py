@@ -4,6 +4,7 @@ from fastai.vision.all import vision_learner, unet_learner, resnet18, Learner, C
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.torch_core import set_seed
+from cnn_cost.core import flat_tensors
 
 def rand_dls(bs, shape, n_cls=10, seg=False, n_batches=1, device=None):
     "fastai `DataLoaders` of random images of `shape` (and random labels, or masks if `seg`): `n_batches` training batches of `bs`"
@@ -29,6 +30,10 @@ def _opt_tensors(opt):
     st = opt.opt.state if hasattr(opt, 'opt') and hasattr(opt.opt, 'state') else opt.state
     return [v for d in st.values() for v in d.values() if isinstance(v, torch.Tensor)]
 
+def _held(model):
+    "Tensors `model`'s modules hold in plain attributes (a cache or hidden state a forward made): `MemTracker` sees a tensor only once an op makes it or a module takes it"
+    return [t for m in model.modules() for k,v in vars(m).items() if k not in ('_parameters', '_buffers', '_modules') for t in flat_tensors(v)]
+
 def _batch_quiet(learn):
     "One real training batch through fastai's own loop (`Learner.one_batch`), without logging"
     mp = getattr(learn, 'mixed_precision', None)  # its autocast and scaler exist only inside a fit
@@ -44,7 +49,7 @@ def cpu_peak(learn):
     from torch.distributed._tools.mem_tracker import MemTracker
     with learn.no_logging(), learn.no_bar(): learn.fit(1)
     mt = MemTracker()
-    mt.track_external(learn.model, *[p.grad for p in learn.model.parameters() if p.grad is not None], *_opt_tensors(learn.opt))
+    mt.track_external(learn.model, *[p.grad for p in learn.model.parameters() if p.grad is not None], *_opt_tensors(learn.opt), *_held(learn.model))
     with mt: _batch_quiet(learn)
     return mt.get_tracker_snapshot('peak')[torch.device('cpu')]['Total']
 
@@ -110,7 +115,7 @@ def step_peak(model, xb, yb, loss_func, opt_func):
         return pred, loss, l
     model.train(); r = step(); del r
     mt = MemTracker()
-    mt.track_external(model, *[p.grad for p in model.parameters() if p.grad is not None], *_opt_tensors(opt), *flat_tensors((xb, yb)))
+    mt.track_external(model, *[p.grad for p in model.parameters() if p.grad is not None], *_opt_tensors(opt), *flat_tensors((xb, yb)), *_held(model))
     with mt: r = step()
     del r
     return mt.get_tracker_snapshot('peak')[torch.device('cpu')]['Total']

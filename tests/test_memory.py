@@ -283,6 +283,34 @@ def test_steady_state(make):
     assert sum(b.nbytes for b in mc.blocks if b.kind==MemKind.grad) == (sum(p.numel() for p in m.parameters()) + (24 if isinstance(m, _QKVBias) else 0))*4  # the zero bias's slice of the shared storage counts
     assert all(v.equal(m.state_dict()[k]) and not isinstance(m.state_dict()[k], FakeTensor) for k,v in st.items())  # the model is untouched
 
+class _Cache(nn.Module):
+    "A cache the first forward makes, in each way a model keeps one: a `_`-prefixed attribute, a buffer registered as None, a new attribute, a dict and a list filled in place"
+    def __init__(self, how):
+        super().__init__(); self.c,self.l,self.how,self._pos,self.cache,self.hist = nn.Conv2d(3, 4, 3, padding=1),nn.Linear(4, 10),how,None,{},[]
+        self.register_buffer('buf', None)
+    def forward(self, x):
+        n = x.shape[-1]
+        if self.how=='private' and self._pos is None: self._pos = torch.linspace(0, 1, n)
+        if self.how=='buffer' and self.buf is None: self.buf = torch.linspace(0, 1, n)
+        if self.how=='new' and not hasattr(self, 'freqs'): self.freqs = torch.linspace(0, 1, n)
+        if self.how=='dict' and n not in self.cache: self.cache[n] = torch.linspace(0, 1, n)
+        self.hist.append(n)
+        c = {'private': lambda: self._pos, 'buffer': lambda: self.buf, 'new': lambda: getattr(self, 'freqs'), 'dict': lambda: self.cache[n]}[self.how]()
+        return self.l((self.c(x) + c).mean((2, 3)))
+
+@pytest.mark.parametrize('how', ['private', 'buffer', 'new', 'dict'])
+def test_cache_made_in_step(how):
+    """Review finding: a cache the step's forward makes stayed in the model, fake, and later training ran on it. Now the model is exactly as it was
+    (nothing added, nothing fake, the user's dict and list untouched) and trains for real; the prediction counts the cache (equal to the references)"""
+    x,y = torch.randn(2, 3, 8, 8),torch.tensor([1, 2])
+    m = _Cache(how); before = dict(vars(m))
+    predict_memory(m, x, y, nn.CrossEntropyLoss(), Adam)
+    assert vars(m).keys() == before.keys() and all(vars(m)[k] is v for k,v in before.items() if not k.startswith('_') or k=='_pos')
+    assert m._pos is None and m.buf is None and m.cache == {} and m.hist == [] and not hasattr(m, 'freqs') and 'buf' in m._buffers
+    assert type(m(x)) is torch.Tensor
+    r = corpus_check(how, lambda: (_Cache(how), x, y, nn.CrossEntropyLoss()))
+    assert r['pred_saved'] == r['real_saved'] and r['pred_peak'] == r['real_peak'] and r['kinds_equal'] and not r['ops_diff'], r
+
 class _Unfold(nn.Module):
     "`F.unfold`, whose backward is `col2im`: the real CPU kernel returns its output in a storage the size of its input columns (9x for a 3x3 kernel)"
     def __init__(self): super().__init__(); self.c,self.l = nn.Conv2d(3, 8, 3, padding=1),nn.Linear(8*9, 10)

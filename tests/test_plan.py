@@ -30,6 +30,8 @@ def test_plan_peak_is_real(name):
     with checkpointed(learn.model, k.blocks): mc,c,_ = step_memory(learn.model, xb, yb, learn.loss_func, learn.opt_func, fake=False)
     real = MemorySummary(mc.blocks, mc.trace, c.units, c.recs).peak
     learn.checkpoint(plan if plan.suggestion is k else k)
+    ms = learn.memory_summary(device='cpu')  # review finding: the learner's prediction follows the callback (before: the unplanned peak)
+    assert ms.peak == k.peak and 'CheckpointBlocks' in ms.notes[-1] and learn.max_batch(plan.budget/2**30, device='cpu', show_plot=False).bs >= 4
     with checkpointed(learn.model, k.blocks): ref = cpu_peak(learn)  # a warm-up fit with the callback, then one real batch checkpointed as the callback does
     print(f"{name}: torch {torch.__version__}, budget {plan.budget:,} B, as is {full:,} B, checkpointing {len(k.blocks)} blocks {k.blocks}: "
           f"predicted {k.peak:,} B, real step {real:,} B, MemTracker {ref:,} B ({k.peak/ref-1:+.3%}); recompute {k.extra:.1%} of the step's MACs")
@@ -65,3 +67,11 @@ def test_accumulation_keeps_the_batch(bs):
     acc = [o for o in plan.options if o.n_acc > 1]
     assert acc and all(o.micro*o.n_acc == bs for o in plan.options), [(o.name, o.n_acc, o.micro) for o in plan.options]
     assert all(o.name in str(plan) for o in plan.options)
+
+def test_plan_language_model():
+    "Review finding: the plan feeds the loss as fastai's `RNNCallback` does (it crashed on a language model); 'as is' equals `memory_summary`"
+    import kinds
+    learn = kinds.language_model(bs=4)
+    p = learn.memory_summary(device='cpu').peak
+    plan = learn.memory_plan(0.9*p/2**30, device='cpu', show_plot=False)
+    assert plan['as is'].peak == p and not plan['as is'].fits and plan.suggestion.fits
