@@ -305,18 +305,27 @@ def _in_storage(t, n):
                      f"its storage at batch size {n} is unknown. Predict at its own batch size ({len(t)}), or pass a copy (`.clone()`), as a DataLoader collates one")
 
 def _new_batch(b, bs, fm):
-    "A batch like `b` (a tensor, or a nested tuple, list or dict of them), fake with `fm`, each tensor with `bs` rows if given; a view keeps its strides and storage"
+    """A batch like `b` (a tensor, or a nested tuple, list or dict of them), fake with `fm`, each tensor with `bs` rows if given, `requires_grad` kept.
+    A view keeps its strides and storage, and tensors that share a storage (inputs and targets cut from one tensor) share one"""
+    key = lambda t: t.untyped_storage()._cdata
+    ks = [key(t) for t in flat_tensors(b) if t.dim()]
+    shared,bases = {k for k in ks if ks.count(k)>1},{}
     def _new(t):
         n = ifnone(bs, len(t)) if t.dim() else None
-        view = t.dim() and t.numel() and t.untyped_storage().nbytes()!=t.numel()*t.element_size()  # a view of a larger tensor: the real step holds its storage
+        k = key(t)  # a view of a larger tensor, or one of several on a storage: the real step holds that storage, once
+        view = t.dim() and t.numel() and (k in shared or t.untyped_storage().nbytes()!=t.numel()*t.element_size())
         if fm is None:
             if n is not None and n!=len(t): raise ValueError("A real step (`fake=False`) runs on the batch as it is: leave `bs` out")
-            if not view: return t.detach().clone()
-            return t.detach().new_empty(0).set_(t.untyped_storage().clone(), t.storage_offset(), t.shape, t.stride())
+            if not view: return t.detach().clone().requires_grad_(t.requires_grad)
+            if k not in bases: bases[k] = t.untyped_storage().clone()
+            return t.detach().new_empty(0).set_(bases[k], t.storage_offset(), t.shape, t.stride()).requires_grad_(t.requires_grad)
         with fm:
-            if view: res = torch.empty(_in_storage(t, n), dtype=t.dtype, device='cpu').as_strided((n, *t.shape[1:]), t.stride(), t.storage_offset())
+            if view:
+                if k not in bases: bases[k] = torch.empty(_in_storage(t, n), dtype=t.dtype, device='cpu')
+                res = bases[k].as_strided((n, *t.shape[1:]), t.stride(), t.storage_offset())
             else: res = _laid_out(t, (n, *t.shape[1:]) if t.dim() else ())
-        return _fake_as(res, type(t), t) if isinstance(t, TensorBase) else res  # fastai's types (`TensorImage`...) kept, as the real step keeps them
+        res = _fake_as(res, type(t), t) if isinstance(t, TensorBase) else res  # fastai's types (`TensorImage`...) kept, as the real step keeps them
+        return res.requires_grad_(t.requires_grad)
     return map_tensors(_new, b)
 
 def _held(t, fm):
@@ -373,26 +382,33 @@ def _to_float(o):
     return type(o)(_to_float(x) for x in o) if isinstance(o, (list,tuple)) else o
 
 def _train_step(model, xs, ys, loss_func, opt, mc, dt):
-    "One training step as fastai's `Learner` runs it, phase by phase, recorded by `mc` (a `MemCounter`; None: not recorded); `MixedPrecision`'s autocast and loss scaling if `dt`"
+    """One training step as fastai's `Learner` runs it, phase by phase, recorded by `mc` (a `MemCounter`; None: not recorded); `MixedPrecision`'s
+    autocast and loss scaling if `dt`. An exception gets the phase it came from as its `phase`"""
     scale = torch.full((), 2.**16) if dt==torch.float16 else None  # `GradScaler`'s scale: bf16 needs none
     if scale is not None and mc: mc.add(scale, kind=MemKind.other)
+    now = None
     def phase(p):
+        nonlocal now
+        now = p
         if mc: mc.phase = p
-    phase('fwd')
-    with (torch.autograd.graph.saved_tensors_hooks(mc.pack, _unpack) if mc else contextlib.nullcontext()), \
-         (torch.autocast('cpu', dtype=dt) if dt else contextlib.nullcontext()):
-        pred = model(*xs)
-        if dt: pred = _to_float(pred)
-        loss = loss_func(pred, *ys)
-        res = [pred, loss, loss.clone()]  # `learn.pred`, `learn.loss_grad`, `learn.loss` live until the next batch
-    phase('bwd')
-    (loss*scale if scale is not None else loss).backward()
-    phase('opt')
-    if opt is not None:
-        if scale is not None: torch._foreach_mul_([p.grad for p in opt.all_params(with_grad=True).itemgot(0)], 1/scale)
-        opt.step(); opt.zero_grad()
-    phase('end')
-    return res
+    try:
+        phase('fwd')
+        with (torch.autograd.graph.saved_tensors_hooks(mc.pack, _unpack) if mc else contextlib.nullcontext()), \
+             (torch.autocast('cpu', dtype=dt) if dt else contextlib.nullcontext()):
+            pred = model(*xs)
+            if dt: pred = _to_float(pred)
+            loss = loss_func(pred, *ys)
+            res = [pred, loss, loss.clone()]  # `learn.pred`, `learn.loss_grad`, `learn.loss` live until the next batch
+        phase('bwd')
+        (loss*scale if scale is not None else loss).backward()
+        phase('opt')
+        if opt is not None:
+            if scale is not None: torch._foreach_mul_([p.grad for p in opt.all_params(with_grad=True).itemgot(0)], 1/scale)
+            opt.step(); opt.zero_grad()
+        phase('end')
+        return res
+    except Exception as e: e.phase = now; raise
+
 
 # %% ../nbs/03a_memory.ipynb #57d3f682
 def step_memory(model:nn.Module, # Any PyTorch model
@@ -413,13 +429,16 @@ def step_memory(model:nn.Module, # Any PyTorch model
     if bs is not None and bs<1: raise ValueError(f"bs must be at least 1, got {bs}")
     if cuda and not fake: raise ValueError("A real step runs on this machine's CPU: a CUDA target is predicted with `fake=True`")
     if isinstance(opt_func, OptimWrapper): raise ValueError("`opt_func` is a built `OptimWrapper`: pass the function that builds it, e.g. `partial(OptimWrapper, opt=torch.optim.AdamW)`")
+    sparse = [n for n,m in model.named_modules() if getattr(m, 'sparse', False) is True and isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    if sparse: raise ValueError(f"Sparse gradients ({', '.join(sparse)}: `sparse=True`) cannot be predicted: their size depends on which rows the batch reads. "
+                                "Predict the step with `sparse=False`: a dense gradient of the whole table")
     lazy = lazy_modules(model)
     if lazy: raise ValueError(f"Lazy modules not initialised yet ({', '.join(lazy)}): their weights have no shape to predict. Run one forward first, "
                               "e.g. `learn.cost_summary()` or `learn.model(*xb)`, then predict the step")
     fm = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     ts = {id(t): _shadow(t, fm, channels_last) for t in [*model.parameters(), *model.buffers()]}
     ps,bufs = [ts[id(p)] for p in model.parameters()],[ts[id(b)] for b in model.buffers()]
-    xs,ys = [_new_batch(t, bs, fm) for t in xb],[_new_batch(t, bs, fm) for t in yb]
+    xs,ys = _new_batch((list(xb), list(yb)), bs, fm)
     gs,modes = (None if opt_func is None else _groups(model, splitter, ts)),[(m, m.training) for m in model.modules()]
     try:
         with _swapped(model, ts, functools.partial(_held, fm=fm)), (fm or contextlib.nullcontext()), _fake_subclasses():
@@ -432,8 +451,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
             # parameter the incoming gradient when it can: slices of one storage for parameters joined by a `cat`, kept by fastai's `zero_grad`),
             # the optimizer's state, and buffers a forward replaces (ConViT's `rel_indices`, made for the input's size)
             _train_step(model, xs, ys, loss_func, opt, None, dt)
-            if opt is None:
-                for p in ps: p.grad = None  # no optimizer: nothing resets the gradients, the step starts without them
+            for t in (ps if opt is None else []) + flat_tensors((xs, ys)): t.grad = None  # no optimizer: nothing resets the gradients; each batch is new
             bufs = list(model.buffers())
             c = MemCounting(model, size=cuda_block if cuda else None, device=device)
             with c:
@@ -657,7 +675,8 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
     "`MemorySummary` of one training step of `model`, predicted on fake tensors (see `step_memory`)"
     try: mc,c,opt = step_memory(model, xb, yb, loss_func, opt_func, splitter, lr, bs, dtype, channels_last, device)
     except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException, NotImplementedError) as e:
-        raise RuntimeError(f"The training step could not run on fake tensors ({type(e).__name__}: {e}). An op that needs the data's values "
+        where = {'bwd': ' in the backward', 'opt': " in the optimizer's step (`opt_func`: try another, e.g. `Adam`)"}.get(getattr(e, 'phase', 'fwd'), ' in the forward or the loss')
+        raise RuntimeError(f"The training step could not run on fake tensors{where} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). An op that needs the data's values "
                            "(`.item()`, `nonzero`) cannot be predicted: report it, or measure on a real step with `step_memory(..., fake=False)`") from e
     shapes = [(ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else () for t in flat_tensors(tuplify(xb))]
     return MemorySummary(mc.blocks, mc.trace, c.units, c.recs, type(model).__name__, shapes, ifnone(bs, _batch_size(xb)),

@@ -346,6 +346,42 @@ def test_view_batch_other_size():
     with pytest.raises(ValueError, match='clone'): predict_memory(m, _V['rows'], y[:8].clone(), nn.CrossEntropyLoss(), Adam, bs=16)
     assert all(v.equal(m.state_dict()[k]) for k,v in w.items()) and hook_count(m) == 0
 
+class _Seg(nn.Module):
+    def __init__(self): super().__init__(); self.c1,self.c2 = nn.Conv2d(3, 8, 3, padding=1),nn.Conv2d(8, 1, 1)
+    def forward(self, x): return self.c2(self.c1(x).relu())
+
+def test_batch_sharing_a_storage():
+    "Review finding: inputs and targets cut from one tensor share one storage in the step (before: counted twice, peak +13%, silent), at its size and another"
+    d,d16 = torch.randn(8, 4, 12, 12),torch.randn(16, 4, 12, 12)
+    r = corpus_check('shared', lambda: (_Seg(), d[:, :3], d[:, 3:4], nn.MSELoss()))
+    assert r['pred_saved'] == r['real_saved'] and r['pred_peak'] == r['real_peak'] and r['kinds_equal'], r
+    ms = predict_memory(_Seg(), d[:, :3], d[:, 3:4], nn.MSELoss(), Adam, bs=16)
+    assert ms.peak == corpus_check('shared16', lambda: (_Seg(), d16[:, :3], d16[:, 3:4], nn.MSELoss()))['real_peak']
+
+class _NoParams(nn.Module):
+    def forward(self, x): return (x*2).sum(1, keepdim=True)
+
+def test_batch_requires_grad():
+    "Review finding: a batch that requires grad keeps it (a model without parameters crashed: nothing required grad); equal to the references"
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    y = torch.randn(4, 1, 6, 6)
+    r = corpus_check('grad', lambda: (_Seg(), x, y, nn.MSELoss()))
+    assert r['pred_saved'] == r['real_saved'] and r['pred_peak'] == r['real_peak'] and r['kinds_equal'], r
+    ms = predict_memory(_NoParams(), x, y, nn.MSELoss())  # no optimizer: fastai's need parameters
+    assert ms.saved_total == hooked_saved(_NoParams(), (x,), (y,), nn.MSELoss()) and ms.peak > 0
+
+class _Sparse(nn.Module):
+    def __init__(self): super().__init__(); self.e = nn.Embedding(10, 4, sparse=True)
+    def forward(self, x): return self.e(x).sum(1)
+
+def test_errors_say_where():
+    "Review findings: an op that needs the data's values in the optimizer's step is named as the optimizer's (fastai's `Lamb`); sparse gradients get their own error"
+    from fastai.optimizer import Lamb
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with pytest.raises(RuntimeError, match="optimizer's step"): predict_memory(m, torch.randn(2, 4), torch.randn(2, 1), nn.MSELoss(), Lamb)
+    with pytest.raises(ValueError, match='sparse=False'): predict_memory(_Sparse(), torch.randint(0, 10, (2, 3)), torch.randn(2, 4), nn.MSELoss(), Adam)
+    assert hook_count(m) == 0 and m.training
+
 def test_lazy_modules_clear_error():
     "Uninitialised lazy modules: a clear error that says what to do, the model untouched; after one forward the prediction runs"
     m = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
