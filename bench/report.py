@@ -9,6 +9,7 @@ sections = [('hook_overhead', 'Hook overhead of `learn.cost_summary()`', 'bench/
             ('callback_overhead', 'Overhead of the `CostProfiler` callback during training', 'bench/callback_overhead.py'),
             ('memory_cpu', 'Predicting training memory without a GPU', 'bench/memory_gpu.py --cpu-timing'),
             ('memory_corpus', 'Fake equals real: the memory prediction over a corpus', 'bench/memory_corpus.py'),
+            ('memory_alloc', 'What the allocator sees: scratch inside kernels', 'bench/memory_alloc.py'),
             ('plan_time', 'Planning a batch that does not fit', 'bench/plan_time.py'),
             ('memory_gpu', 'Predicted training memory against a real GPU', 'bench/memory_gpu.py')]
 _missing = {'memory_gpu': "_Owed: needs a CUDA GPU, and none was lent to the session that wrote the memory model. `python bench/memory_gpu.py` on a GPU "

@@ -10,6 +10,7 @@ python bench/accuracy_vs_profiler.py
 python bench/callback_overhead.py --batches 130
 python bench/memory_gpu.py --cpu-timing
 python bench/memory_corpus.py
+python bench/memory_alloc.py
 python bench/plan_time.py --rounds 3
 if python -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then python bench/memory_gpu.py; fi
 python bench/report.py

@@ -666,7 +666,9 @@ def _opt_note(opt, ps):
 
 def _coverage(device):
     res = "Covers the tensors PyTorch ops allocate in one steady-state training step, and the parameters, gradients, optimizer state and batch it starts with"
-    if torch.device(device).type!='cuda': return [res + '.']
+    if torch.device(device).type!='cuda':
+        return [res + '.', "Not included: scratch a kernel allocates and frees inside one op (oneDNN's, for convolutions and LSTMs), which the CPU allocator "
+                "sees: a real step's allocator peak is 0% to 44% higher on the models measured (BENCHMARKS.md, 'What the allocator sees')."]
     return [res + "; each rounded to the CUDA allocator's 512-byte blocks.",
             "Not included: the CUDA context, cuDNN/cuBLAS workspaces, unsplit allocator blocks and cached free blocks (fragmentation); "
             "the step is traced with CPU kernels and CPU autocast lists, which can save different tensors than CUDA's."]

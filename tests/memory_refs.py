@@ -120,6 +120,25 @@ def step_peak(model, xb, yb, loss_func, opt_func):
     del r
     return mt.get_tracker_snapshot('peak')[torch.device('cpu')]['Total']
 
+def alloc_peak(model, xb, yb, loss_func, opt_func):
+    """Peak bytes of the CPU allocator over one real training step as `step_peak` runs it, after a warm-up step: the storages live at its start
+    (parameters, buffers, gradients, optimizer state, batch, tensors held in plain attributes) plus the highest running sum of the allocations and
+    frees `torch.profiler` records (`profile_memory=True`). Unlike the tensor-level references it sees what kernels allocate and free inside themselves"""
+    from torch.profiler import profile, ProfilerActivity
+    opt = opt_func(list(model.parameters()), lr=1e-3)
+    def step():
+        pred = model(*xb); loss = loss_func(pred, *yb); l = loss.clone(); loss.backward(); opt.step(); opt.zero_grad()
+        return pred, loss, l
+    model.train(); r = step(); del r
+    live = [*model.parameters(), *model.buffers(), *[p.grad for p in model.parameters() if p.grad is not None], *_opt_tensors(opt), *flat_tensors((xb, yb)), *_held(model)]
+    base = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in live}.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p: r = step()
+    del r
+    run = top = 0
+    for e in sorted((e for e in p.profiler.kineto_results.events() if e.name()=='[memory]'), key=lambda e: e.start_ns()):
+        run += e.nbytes(); top = max(top, run)
+    return base + top
+
 def op_diff(fk, real):
     "The aten ops whose outputs the fake step sizes unlike the real one: `{op: (fake bytes, real bytes)}`, from the two `MemCounter`s' blocks in order"
     from collections import Counter
