@@ -19,7 +19,7 @@ from fastcore.xtras import PrettyString
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import TensorBase
-from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes, TorchDispatchMode
 from types import FunctionType
 from .core import *
 from .counting import *
@@ -46,6 +46,27 @@ class Block:
 # %% ../nbs/03a_memory.ipynb #403fad80
 def _unpack(t): return t
 _fake_fixes = {}  # aten op -> its correction (`fake_fix`)
+
+def _fixed(func, args, out, cuda):
+    """`(out, fix)`: the fake outputs `out` of `func` corrected by its `fake_fix` (tensors the real kernel returns instead), and the corrections by
+    output index (real bytes or a tensor), or the `(note, bytes)` of one that cannot be made"""
+    f,outs = _fake_fixes.get(getattr(func, '_overloadpacket', func)),(out if isinstance(out, (tuple,list)) else [out])
+    if f is None or not any(isinstance(t, FakeTensor) for t in flat_tensors(outs)): return out,{}
+    fix = f(args, outs, cuda)
+    if isinstance(fix, tuple) or not any(isinstance(v, torch.Tensor) for v in fix.values()): return out,fix
+    outs = [fix[j] if isinstance(fix.get(j), torch.Tensor) else t for j,t in enumerate(outs)]  # the real kernel returns its own tensor where the fake one repeats one
+    return (type(out)(outs) if isinstance(out, (tuple,list)) else outs[0]),fix
+
+class _Fixes(TorchDispatchMode):
+    "`fake_fix` for a step that is not recorded (the warm-up): outputs corrected, and the real bytes of their storages in `known` (for `MemCounter.known`)"
+    def __init__(self, cuda): super().__init__(); self.cuda,self.known = cuda,{}
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out,fix = _fixed(func, args, func(*args, **(kwargs or {})), self.cuda)
+        outs = out if isinstance(out, (tuple,list)) else [out]
+        for j,n in (fix.items() if isinstance(fix, dict) else []):
+            if isinstance(n, int):
+                for t in flat_tensors(outs[j]): st = t.untyped_storage(); self.known[id(st)] = (weakref.ref(st), n)
+        return out
 class MemCounter(OpCounter):
     "`OpCounter` that also records every storage: its bytes, unit, phase and lifetime, and whether autograd saved it for backward"
     map_recompute = False  # a step frees a recompute's graph once used: holding its nodes would keep what they saved alive
@@ -55,6 +76,7 @@ class MemCounter(OpCounter):
         self.cuda,self.flags = torch.device(device).type=='cuda',{}  # `flags`: op name -> [(note, bytes the prediction may be off by)]
         self.views,self.hooked = [],set()  # fake views changed in place, whose rebuilt node is hooked once autograd is done with the op
         self.depth = 0  # `with` levels: a composite op's decomposition (`decomposed`) enters the mode again inside the step
+        self.known = {}  # id of a storage made before the step -> (weak reference, its real bytes), from a `_Fixes` of the warm-up step
 
     def cur_unit(self):
         "The unit running now (`OpCounter.unit_now`: the phase from its `PhaseTracker`, a recompute charged to its units); -1 for none"
@@ -70,6 +92,7 @@ class MemCounter(OpCounter):
         st = t.untyped_storage()
         k = id(st)  # a storage's Python object lives as long as the storage, so its id is a key until it is freed
         if k in self.idx: return self.blocks[self.idx[k]]
+        if nbytes is None and k in self.known and self.known[k][0]() is st: nbytes = self.known[k][1]  # made before the step, corrected then
         b = Block(self.size(ifnone(nbytes, st.nbytes())), unit, self.phase, len(self.trace), kind=kind)
         node = torch._C._current_autograd_node()
         if unit<0 and node is not None and hasattr(node, 'variable'): b.param = id(node.variable)  # `AccumulateGrad`: charged to its parameter's unit
@@ -92,11 +115,9 @@ class MemCounter(OpCounter):
         lift = func is aten.lift_fresh.default and isinstance(out, FakeTensor) and not isinstance(args[0], FakeTensor)
         for t in flat_tensors((out,) if lift else (args, kwargs)):  # `lift`: a real `lift_fresh` returns the constant, made by the model's code
             if id(t.untyped_storage()) not in self.idx: self.add(t, -1, MemKind.other)  # a tensor the model holds outside its parameters
+        i,(out,fix) = self.cur_unit(),_fixed(func, args, out, self.cuda)
+        if isinstance(fix, tuple): self.flags.setdefault(str(getattr(func, '_overloadpacket', func)), []).append(fix); fix = {}
         outs = out if isinstance(out, (tuple,list)) else [out]
-        i,fix = self.cur_unit(),self.fix(func, args, outs)
-        if any(isinstance(v, torch.Tensor) for v in fix.values()):  # the real kernel returns its own tensor where the fake one repeats one
-            outs = [fix[j] if isinstance(fix.get(j), torch.Tensor) else t for j,t in enumerate(outs)]
-            out = type(out)(outs) if isinstance(out, (tuple,list)) else outs[0]
         for j,t in enumerate(outs):
             for x in flat_tensors(t):
                 n = len(self.blocks)
@@ -135,14 +156,6 @@ class MemCounter(OpCounter):
             if me() is not None and u is not None: me().nodes[v.grad_fn] = u
             return torch.autograd.grad(v, b, go[0])  # torch's own `as_strided_backward`, as the real node runs it
         n.register_hook(hook)
-
-    def fix(self, func, args, outs):
-        "The corrections of `fake_fix` for the fake outputs `outs` of `func`, by output index; what cannot be corrected goes to `flags`"
-        f = _fake_fixes.get(getattr(func, '_overloadpacket', func))
-        if f is None or not any(isinstance(t, FakeTensor) for t in flat_tensors(outs)): return {}
-        res = f(args, outs, self.cuda)
-        if isinstance(res, tuple): self.flags.setdefault(str(getattr(func, '_overloadpacket', func)), []).append(res); return {}
-        return res
 
     def __enter__(self): self.depth += 1; return super().__enter__()
     def __exit__(self, *exc):
@@ -381,9 +394,10 @@ def _to_float(o):
     if isinstance(o, torch.Tensor): return o.float() if o.is_floating_point() else o
     return type(o)(_to_float(x) for x in o) if isinstance(o, (list,tuple)) else o
 
-def _train_step(model, xs, ys, loss_func, opt, mc, dt):
+def _train_step(model, xs, ys, loss_func, opt, mc, dt, prev=None):
     """One training step as fastai's `Learner` runs it, phase by phase, recorded by `mc` (a `MemCounter`; None: not recorded); `MixedPrecision`'s
-    autocast and loss scaling if `dt`. An exception gets the phase it came from as its `phase`"""
+    autocast and loss scaling if `dt`. `prev`: the last step's `[pred, loss_grad, loss]`, released as the learner replaces them, once the new one exists.
+    Returns this step's; an exception gets the phase it came from as its `phase`"""
     scale = torch.full((), 2.**16) if dt==torch.float16 else None  # `GradScaler`'s scale: bf16 needs none
     if scale is not None and mc: mc.add(scale, kind=MemKind.other)
     now = None
@@ -395,10 +409,16 @@ def _train_step(model, xs, ys, loss_func, opt, mc, dt):
         phase('fwd')
         with (torch.autograd.graph.saved_tensors_hooks(mc.pack, _unpack) if mc else contextlib.nullcontext()), \
              (torch.autocast('cpu', dtype=dt) if dt else contextlib.nullcontext()):
+            prev = prev or [None]*3
             pred = model(*xs)
+            if hasattr(loss_func, 'kept'): pred = loss_func.kept(pred)  # what the learner's callbacks keep of it (`_learner_loss`)
+            prev[0] = None
             if dt: pred = _to_float(pred)
             loss = loss_func(pred, *ys)
-            res = [pred, loss, loss.clone()]  # `learn.pred`, `learn.loss_grad`, `learn.loss` live until the next batch
+            prev[1] = None
+            res = [pred, loss, loss.clone()]  # `learn.pred`, `learn.loss_grad`, `learn.loss` live until the next batch's replace them
+            prev[2] = None
+            if hasattr(loss_func, 'after_loss'): loss_func.after_loss(pred, loss)  # callbacks' terms added to `loss_grad` (`_learner_loss`)
         phase('bwd')
         (loss*scale if scale is not None else loss).backward()
         phase('opt')
@@ -450,16 +470,18 @@ def step_memory(model:nn.Module, # Any PyTorch model
             # a first step, not recorded: every later step starts with what it leaves. Gradients as the first backward made them (it hands a
             # parameter the incoming gradient when it can: slices of one storage for parameters joined by a `cat`, kept by fastai's `zero_grad`),
             # the optimizer's state, and buffers a forward replaces (ConViT's `rel_indices`, made for the input's size)
-            _train_step(model, xs, ys, loss_func, opt, None, dt)
+            with _Fixes(cuda) as fx: prev = _train_step(model, xs, ys, loss_func, opt, None, dt)  # its `pred` and loss live until the step replaces them
             for t in (ps if opt is None else []) + flat_tensors((xs, ys)): t.grad = None  # no optimizer: nothing resets the gradients; each batch is new
             bufs = list(model.buffers())
             c = MemCounting(model, size=cuda_block if cuda else None, device=device)
             with c:
                 mc = c.counter
+                mc.known = fx.known
                 for t,k in [(t, MemKind.param) for t in ps] + [(t, MemKind.buffer) for t in bufs] + [(t, MemKind.input) for t in flat_tensors(xs+ys)] + \
                            [(p.grad, MemKind.grad) for p in ps if p.grad is not None] + [(v, MemKind.opt) for *_,v in (_opt_state(opt) if opt is not None else [])]:
                     mc.add(t, kind=k)
-                res = _train_step(model, xs, ys, loss_func, opt, mc, dt)  # kept alive, as the learner keeps them, until the step is read
+                L(flat_tensors(prev)).map(mc.add, kind=MemKind.other)  # not a loop: its variable would hold the last one to the step's end
+                res = _train_step(model, xs, ys, loss_func, opt, mc, dt, prev)  # kept alive, as the learner keeps them, until the step is read
                 c.records(warn=False)  # the cost summary warns about ops it cannot count, not the memory model
                 _resolve(mc, c.units, c.param_units, ps, opt, cuda)
             return mc, c, opt
@@ -695,16 +717,18 @@ def _batch(learn, xb, yb):
     return tuplify(xb),tuplify(yb)
 
 def _learner_loss(learn):
-    "`learn.loss_func` as fastai's loop feeds it: after `RNNCallback` (the loss gets the first of `(out, raw_out, out)`) and with `RNNRegularizer`'s AR and TAR terms"
+    """`learn.loss_func` as fastai's loop feeds it. With `RNNCallback`, its `kept(pred)` is what the callback keeps of the model's `(out, raw_outputs,
+    outputs)` (`after_pred`: each one's last layer), the loss gets the first; its `after_loss(pred, loss)` adds `RNNRegularizer`'s AR and TAR terms
+    in place, as fastai's `after_loss` adds them to `loss_grad` once `loss` is its clone"""
     cbs = {type(cb).__name__: cb for cb in learn.cbs}
     rnn,reg = cbs.get('RNNCallback'),cbs.get('RNNRegularizer')
     if rnn is None: return learn.loss_func
-    def loss(pred, *y):
-        out,raw,drop = [o[-1] if isinstance(o, (list,tuple)) else o for o in pred]
-        res = learn.loss_func(out, *y)
-        if reg is not None and reg.alpha: res += reg.alpha*drop.float().pow(2).mean()  # in place, as fastai adds them to `loss_grad`
+    def loss(pred, *y): return learn.loss_func(pred[0], *y)
+    def after_loss(pred, res):
+        out,raw,drop = pred
+        if reg is not None and reg.alpha: res += reg.alpha*drop.float().pow(2).mean()
         if reg is not None and reg.beta and len(raw)>1: res += reg.beta*(raw[:,1:]-raw[:,:-1]).float().pow(2).mean()
-        return res
+    loss.kept,loss.after_loss = (lambda pred: [o[-1] if isinstance(o, (list,tuple)) else o for o in pred]),after_loss
     return loss
 
 def _model_device(model): return next((p.device.type for p in model.parameters()), 'cpu')

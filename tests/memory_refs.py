@@ -34,23 +34,26 @@ def _held(model):
     "Tensors `model`'s modules hold in plain attributes (a cache or hidden state a forward made): `MemTracker` sees a tensor only once an op makes it or a module takes it"
     return [t for m in model.modules() for k,v in vars(m).items() if k not in ('_parameters', '_buffers', '_modules') for t in flat_tensors(v)]
 
-def _batch_quiet(learn):
-    "One real training batch through fastai's own loop (`Learner.one_batch`), without logging"
+def _batch_quiet(learn, b=None):
+    "One real training batch `b` (default: one of `dls.train`) through fastai's own loop (`Learner.one_batch`), without logging"
     mp = getattr(learn, 'mixed_precision', None)  # its autocast and scaler exist only inside a fit
     with learn.no_logging(), learn.no_bar():
         learn.training = True; learn.model.train()
         if mp is not None: mp.before_fit()
-        try: learn.one_batch(0, learn.dls.train.one_batch())
+        try: learn.one_batch(0, learn.dls.train.one_batch() if b is None else b)
         finally:
             if mp is not None: mp.after_fit()
 
 def cpu_peak(learn):
-    "PyTorch `MemTracker`'s peak of live tensor bytes over one real CPU training batch of `learn`, after one warm-up epoch (a steady-state step)"
+    "PyTorch `MemTracker`'s peak of live tensor bytes over one real CPU training batch of `learn`, after one warm-up epoch and a training batch (a steady-state step)"
     from torch.distributed._tools.mem_tracker import MemTracker
     with learn.no_logging(), learn.no_bar(): learn.fit(1)
+    _batch_quiet(learn)  # what a training batch leaves on the learner and its callbacks (`pred`, the losses), alive until the next replaces it
+    left = [t for o in (learn, *learn.cbs) for k,v in vars(o).items() if k in ('pred', 'loss', 'loss_grad', 'raw_out', 'out') for t in flat_tensors(v)]
     mt = MemTracker()
-    mt.track_external(learn.model, *[p.grad for p in learn.model.parameters() if p.grad is not None], *_opt_tensors(learn.opt), *_held(learn.model))
-    with mt: _batch_quiet(learn)
+    mt.track_external(learn.model, *[p.grad for p in learn.model.parameters() if p.grad is not None], *_opt_tensors(learn.opt), *_held(learn.model), *left, *flat_tensors(b := learn.dls.train.one_batch()))
+    del left  # the batch made outside: the data loader's own tensors are not the step's
+    with mt: _batch_quiet(learn, b)
     return mt.get_tracker_snapshot('peak')[torch.device('cpu')]['Total']
 
 def real_saved(learn):
@@ -89,11 +92,32 @@ def trial_max_batch(make, start=8, max_bs=2**14):
         else: hi = mid
     return lo
 
+def _fwd(model, xb, yb, loss_func, prev=None):
+    """`[pred, loss_grad, loss]` as fastai's loop makes them (what callbacks keep of the predictions and add to the loss, for a `_learner_loss`);
+    `prev`, the last batch's, each released as its replacement is made, as the learner's attributes are replaced"""
+    prev = prev or [None]*3
+    pred = model(*xb)
+    if hasattr(loss_func, 'kept'): pred = loss_func.kept(pred)
+    prev[0] = None
+    loss = loss_func(pred, *yb); prev[1] = None
+    l = loss.clone(); prev[2] = None
+    if hasattr(loss_func, 'after_loss'): loss_func.after_loss(pred, loss)
+    return [pred, loss, l]
+
+def _steps(model, xb, yb, loss_func, opt_func):
+    "A function running one training step as fastai's `Learner` does, from the last one's `[pred, loss_grad, loss]`, and the first step's (a warm-up)"
+    opt = opt_func(list(model.parameters()), lr=1e-3)
+    def step(prev=None):
+        r = _fwd(model, xb, yb, loss_func, prev); r[1].backward(); opt.step(); opt.zero_grad()
+        return r
+    model.train()
+    return step,step(),opt
+
 def hooked_saved(model, xb, yb, loss_func):
     """Bytes autograd saves in a real forward and loss of `model` on `(xb, yb)`, each storage once; parameters, buffers and the batch left out.
     After a first forward and backward, as `step_peak` measures a steady-state step: state a forward keeps (an RNN's hidden state) is the last step's"""
     from cnn_cost.core import flat_tensors
-    model.train(); loss_func(model(*xb), *yb).backward()
+    model.train(); _fwd(model, xb, yb, loss_func)[1].backward()
     for p in model.parameters(): p.grad = None
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *flat_tensors((xb, yb))]}
     seen = {}
@@ -101,22 +125,18 @@ def hooked_saved(model, xb, yb, loss_func):
         st = t.untyped_storage()
         if st.data_ptr() not in skip: seen[st.data_ptr()] = st
         return t.detach()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): loss = loss_func(model(*xb), *yb)
-    del loss
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): r = _fwd(model, xb, yb, loss_func)
+    del r
     return sum(st.nbytes() for st in seen.values())
 
 def step_peak(model, xb, yb, loss_func, opt_func):
-    "PyTorch `MemTracker`'s peak over one real CPU training step as fastai's `Learner` runs it (`pred`, loss and its clone kept, backward, `opt.step`, `opt.zero_grad`), after a warm-up step"
+    "PyTorch `MemTracker`'s peak over one real CPU training step as fastai's `Learner` runs it (`pred`, loss and its clone kept until the next step's replace them, backward, `opt.step`, `opt.zero_grad`), after a warm-up step"
     from torch.distributed._tools.mem_tracker import MemTracker
     from cnn_cost.core import flat_tensors
-    opt = opt_func(list(model.parameters()), lr=1e-3)
-    def step():
-        pred = model(*xb); loss = loss_func(pred, *yb); l = loss.clone(); loss.backward(); opt.step(); opt.zero_grad()
-        return pred, loss, l
-    model.train(); r = step(); del r
+    step,r,opt = _steps(model, xb, yb, loss_func, opt_func)
     mt = MemTracker()
-    mt.track_external(model, *[p.grad for p in model.parameters() if p.grad is not None], *_opt_tensors(opt), *flat_tensors((xb, yb)), *_held(model))
-    with mt: r = step()
+    mt.track_external(model, *[p.grad for p in model.parameters() if p.grad is not None], *_opt_tensors(opt), *flat_tensors((xb, yb)), *_held(model), *flat_tensors(r))
+    with mt: r = step(r)
     del r
     return mt.get_tracker_snapshot('peak')[torch.device('cpu')]['Total']
 
@@ -125,14 +145,11 @@ def alloc_peak(model, xb, yb, loss_func, opt_func):
     (parameters, buffers, gradients, optimizer state, batch, tensors held in plain attributes) plus the highest running sum of the allocations and
     frees `torch.profiler` records (`profile_memory=True`). Unlike the tensor-level references it sees what kernels allocate and free inside themselves"""
     from torch.profiler import profile, ProfilerActivity
-    opt = opt_func(list(model.parameters()), lr=1e-3)
-    def step():
-        pred = model(*xb); loss = loss_func(pred, *yb); l = loss.clone(); loss.backward(); opt.step(); opt.zero_grad()
-        return pred, loss, l
-    model.train(); r = step(); del r
-    live = [*model.parameters(), *model.buffers(), *[p.grad for p in model.parameters() if p.grad is not None], *_opt_tensors(opt), *flat_tensors((xb, yb)), *_held(model)]
+    step,r,opt = _steps(model, xb, yb, loss_func, opt_func)
+    live = [*model.parameters(), *model.buffers(), *[p.grad for p in model.parameters() if p.grad is not None], *_opt_tensors(opt), *flat_tensors((xb, yb)), *_held(model), *flat_tensors(r)]
     base = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in live}.values())
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p: r = step()
+    del live
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p: r = step(r)
     del r
     run = top = 0
     for e in sorted((e for e in p.profiler.kineto_results.events() if e.name()=='[memory]'), key=lambda e: e.start_ns()):
