@@ -75,6 +75,7 @@ class MemCounter(OpCounter):
         self.size,self.blocks,self.idx,self.refs,self.trace,self.phase = ifnone(size, lambda n: n),[],{},{},[],'pre'
         self.cuda,self.flags = torch.device(device).type=='cuda',{}  # `flags`: op name -> [(note, bytes the prediction may be off by)]
         self.views,self.hooked = [],set()  # fake views changed in place, whose rebuilt node is hooked once autograd is done with the op
+        self.written = []  # all of them, looked at again before the backward (`before_backward`): a later in-place op may have rebuilt a node again
         self.depth = 0  # `with` levels: a composite op's decomposition (`decomposed`) enters the mode again inside the step
         self.known = {}  # id of a storage made before the step -> (weak reference, its real bytes), from a `_Fixes` of the warm-up step
 
@@ -110,8 +111,9 @@ class MemCounter(OpCounter):
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if self.phase=='pre': return out
         if torch.is_grad_enabled() and hasattr(func, '_schema'):
-            self.views += [weakref.ref(t) for a,t in zip(func._schema.arguments, args) if a.alias_info is not None and a.alias_info.is_write
-                           and isinstance(t, FakeTensor) and t.requires_grad and t._is_view()]
+            vs = [weakref.ref(t) for a,t in zip(func._schema.arguments, args) if a.alias_info is not None and a.alias_info.is_write
+                  and isinstance(t, FakeTensor) and t.requires_grad and t._is_view()]
+            self.views += vs; self.written += vs
         lift = func is aten.lift_fresh.default and isinstance(out, FakeTensor) and not isinstance(args[0], FakeTensor)
         for t in flat_tensors((out,) if lift else (args, kwargs)):  # `lift`: a real `lift_fresh` returns the constant, made by the model's code
             if id(t.untyped_storage()) not in self.idx: self.add(t, -1, MemKind.other)  # a tensor the model holds outside its parameters
@@ -130,6 +132,10 @@ class MemCounter(OpCounter):
         while self.views:
             t = self.views.pop()()
             if t is not None: self._as_strided(t)
+
+    def before_backward(self):
+        "Hook the nodes the forward's last ops leave (no op after them mapped them), and those of views changed in place again since they were hooked"
+        self.views += self.written; self._map_nodes()
 
     def _as_strided(self, t):
         "Fake view `t` was changed in place: give its rebuilt node the allocations of the real step's, an `AsStridedBackward0`"
@@ -163,7 +169,7 @@ class MemCounter(OpCounter):
         self.depth -= 1
         try: return super().__exit__(*exc)
         finally:
-            if not self.depth: self.refs.clear(); self.views,self.hooked = [],set()  # not on an inner exit: every block so far would never be freed, and new storages at their addresses taken for them
+            if not self.depth: self.refs.clear(); self.views,self.hooked,self.written = [],set(),[]  # not on an inner exit: every block so far would never be freed, and new storages at their addresses taken for them
 
     def pack(self, t):
         "Saved-tensor hook: mark `t`'s storage saved for backward by the running unit (the first unit to save it keeps it)"
@@ -399,15 +405,15 @@ def _train_step(model, xs, ys, loss_func, opt, mc, dt, prev=None):
     autocast and loss scaling if `dt`. `prev`: the last step's `[pred, loss_grad, loss]`, released as the learner replaces them, once the new one exists.
     Returns this step's; an exception gets the phase it came from as its `phase`"""
     scale = torch.full((), 2.**16) if dt==torch.float16 else None  # `GradScaler`'s scale: bf16 needs none
-    if scale is not None and mc: mc.add(scale, kind=MemKind.other)
+    if scale is not None and mc is not None: mc.add(scale, kind=MemKind.other)
     now = None
     def phase(p):
         nonlocal now
         now = p
-        if mc: mc.phase = p
+        if mc is not None: mc.phase = p
     try:
         phase('fwd')
-        with (torch.autograd.graph.saved_tensors_hooks(mc.pack, _unpack) if mc else contextlib.nullcontext()), \
+        with (torch.autograd.graph.saved_tensors_hooks(mc.pack, _unpack) if mc is not None else contextlib.nullcontext()), \
              (torch.autocast('cpu', dtype=dt) if dt else contextlib.nullcontext()):
             prev = prev or [None]*3
             pred = model(*xs)
@@ -420,6 +426,7 @@ def _train_step(model, xs, ys, loss_func, opt, mc, dt, prev=None):
             prev[2] = None
             if hasattr(loss_func, 'after_loss'): loss_func.after_loss(pred, loss)  # callbacks' terms added to `loss_grad` (`_learner_loss`)
         phase('bwd')
+        if mc is not None: mc.before_backward()  # e.g. an in-place add to the loss, the forward's last op
         (loss*scale if scale is not None else loss).backward()
         phase('opt')
         if opt is not None:
