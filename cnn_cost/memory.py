@@ -691,7 +691,7 @@ def _opt_note(opt, ps):
     n = len({id(p) for p in ps if p.requires_grad})
     names = sorted({k for _,k,_ in st})
     return (f"Optimizer ({type(getattr(opt, 'opt', opt)).__name__}): {len(st)/max(n,1):.3g} state tensors per trained parameter"
-            + (f" ({', '.join(names)})" if names else '') + ", found by one step on fake parameters")
+            + (f" ({', '.join(names)})" if names else '') + ", found by a first step on fake tensors")
 
 def _coverage(device):
     res = "Covers the tensors PyTorch ops allocate in one steady-state training step, and the parameters, gradients, optimizer state and batch it starts with"
