@@ -693,11 +693,13 @@ def _opt_note(opt, ps):
     return (f"Optimizer ({type(getattr(opt, 'opt', opt)).__name__}): {len(st)/max(n,1):.3g} state tensors per trained parameter"
             + (f" ({', '.join(names)})" if names else '') + ", found by a first step on fake tensors")
 
-def _coverage(device):
+def _coverage(device, ops=()):
     res = "Covers the tensors PyTorch ops allocate in one steady-state training step, and the parameters, gradients, optimizer state and batch it starts with"
     if torch.device(device).type!='cuda':
-        return [res + '.', "Not included: scratch a kernel allocates and frees inside one op (oneDNN's, for convolutions and LSTMs), which the CPU allocator "
-                "sees: a real step's allocator peak is 0% to 44% higher on the models measured (BENCHMARKS.md, 'What the allocator sees')."]
+        sc = [f'aten.{o}' for o in ('convolution', 'mkldnn_rnn_layer') if o in ops]  # forward ops that run oneDNN kernels with scratch on a CPU
+        return [res + '.', "Not included: scratch a kernel allocates and frees inside one op, which the CPU allocator sees (oneDNN's, for convolutions and LSTMs"
+                + (f"; this step runs {', '.join(sc)}" if sc else '') + "): a real step's allocator peak was 0% to 44% higher on the models measured "
+                "(BENCHMARKS.md, 'What the allocator sees')."]
     return [res + "; each rounded to the CUDA allocator's 512-byte blocks.",
             "Not included: the CUDA context, cuDNN/cuBLAS workspaces, unsplit allocator blocks and cached free blocks (fragmentation); "
             "the step is traced with CPU kernels and CPU autocast lists, which can save different tensors than CUDA's."]
@@ -711,7 +713,7 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
                            "(`.item()`, `nonzero`) cannot be predicted: report it, or measure on a real step with `step_memory(..., fake=False)`") from e
     shapes = [(ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else () for t in flat_tensors(tuplify(xb))]
     return MemorySummary(mc.blocks, mc.trace, c.units, c.recs, type(model).__name__, shapes, ifnone(bs, _batch_size(xb)),
-                         amp_dtype(dtype) and dtype, device, _coverage(device) + [_opt_note(opt, [p for p in opt.all_params().itemgot(0)] if opt else [])], mc.flags)
+                         amp_dtype(dtype) and dtype, device, _coverage(device, c.counter.ops) + [_opt_note(opt, [p for p in opt.all_params().itemgot(0)] if opt else [])], mc.flags)
 
 # %% ../nbs/03a_memory.ipynb #1cb7a0dc
 def _batch(learn, xb, yb):
