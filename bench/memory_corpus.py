@@ -5,7 +5,8 @@ PyTorch's `MemTracker` over a real step, and the bytes of every kind in cnn_cost
 bench/out/memory_corpus.json and .md (for BENCHMARKS.md).
     python bench/memory_corpus.py             # everything (tens of minutes on 2 cores)
     python bench/memory_corpus.py rnn attn    # the cases whose name contains one of the words
-    python bench/memory_corpus.py --table     # the .md again from the .json (of a run cut short: the cases it did not reach are listed)
+    python bench/memory_corpus.py timm_ --out part2   # a part of the run in a process of its own, written to bench/out/part2.json
+    python bench/memory_corpus.py --table memory_corpus part2   # the .md of one run from the .json its parts wrote (cases not reached are listed)
 The CI-sized subset runs in tests/test_memory_corpus.py (`CI`); the whole corpus there is marked slow."""
 import sys, json, time, gc, warnings, platform
 from pathlib import Path
@@ -182,16 +183,20 @@ def table(rows, todo=()):
     return '\n'.join(res)
 
 if __name__=='__main__':
-    words = sys.argv[1:]
-    out = Path(__file__).parent/'out'
-    if words==['--table']:
-        md = table(json.loads((out/'memory_corpus.json').read_text()), list(cases()))
+    args = sys.argv[1:]
+    out = Path(__file__).parent/'out'; out.mkdir(exist_ok=True)
+    name = args[args.index('--out')+1] if '--out' in args else 'memory_corpus'  # a part of one run, in a process of its own
+    words = [a for a in args if not a.startswith('--') and a!=name]
+    if '--table' in args:  # the table of one run from the .json files its parts wrote (names after `--table`; default: memory_corpus)
+        rows = [r for f in (words or ['memory_corpus']) for r in json.loads((out/f'{f}.json').read_text())]
+        order = list(cases())
+        rows = sorted({r['name']: r for r in rows}.values(), key=lambda r: order.index(r['name']) if r['name'] in order else len(order))
+        md = table(rows, order)
         (out/'memory_corpus.md').write_text(md + '\n'); print(md); sys.exit()
     todo = {k: v for k,v in cases().items() if not words or any(w in k for w in words)}
-    out = Path(__file__).parent/'out'; out.mkdir(exist_ok=True)
     rows = []
     for k,v in todo.items():
         rows.append(run(k, v)); print(json.dumps(rows[-1]), flush=True)
-        (out/'memory_corpus.json').write_text(json.dumps(rows, indent=1))
+        (out/f'{name}.json').write_text(json.dumps(rows, indent=1))
     md = table(rows)
-    (out/'memory_corpus.md').write_text(md + '\n'); print(md)
+    (out/f'{name}.md').write_text(md + '\n'); print(md)
