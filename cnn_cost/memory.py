@@ -77,6 +77,7 @@ class MemCounter(OpCounter):
         self.views,self.hooked = [],set()  # fake views changed in place, whose rebuilt node is hooked once autograd is done with the op
         self.written = []  # all of them, looked at again before the backward (`before_backward`): a later in-place op may have rebuilt a node again
         self.depth = 0  # `with` levels: a composite op's decomposition (`decomposed`) enters the mode again inside the step
+        self.notes = []  # what the step left out, for the summary
         self.known = {}  # id of a storage made before the step -> (weak reference, its real bytes), from a `_Fixes` of the warm-up step
 
     def cur_unit(self):
@@ -229,6 +230,26 @@ def _swapped(model, new, held):
             for k,v in a.items():
                 if k not in _module_keys: m.__dict__[k] = v
             for k,v in zip(_state, st): vars(m)[k].clear(); vars(m)[k].update(v)
+
+def _attr_tensors(model):
+    """The tensors `model`'s modules hold in attributes other than parameters, buffers and submodules, made outside autograd (a cache, a lookup table, an
+    RNN's detached hidden state); not parameters (an RNN's `_flat_weights`), nor results of the forward (AWD-LSTM's dropped weights, followed as the step makes them)"""
+    return [t for m in model.modules() for k,v in vars(m).items() if k not in _module_keys and k not in _state
+            for t in flat_tensors(v) if not isinstance(t, nn.Parameter) and t.grad_fn is None]
+
+_hook_dicts = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
+@contextlib.contextmanager
+def _hooks_kept(model):
+    """The model's forward and backward hooks run in the step, as in training (fastai's U-Net reads its encoder's features through them); the objects
+    whose methods they are (fastai's `Hook`: its `stored`) get their attributes back after it. Yields how many hooks are not methods, whose state is not restored"""
+    fs = [f for m in model.modules() for k in _hook_dicts for f in getattr(m, k, {}).values()]
+    owners = {id(o): o for f in fs if (o := getattr(f, '__self__', None)) is not None and not isinstance(o, nn.Module) and hasattr(o, '__dict__')}
+    snap = [(o, dict(vars(o))) for o in owners.values()]
+    try: yield sum(getattr(f, '__self__', None) is None for f in fs)
+    finally:
+        for o,a in snap:
+            for k in [k for k in vars(o) if k not in a]: delattr(o, k)
+            for k,v in a.items(): setattr(o, k, v)
 
 with FakeTensorMode(): _fake_state = frozenset(vars(torch.empty(0))) | {'_is_param'}  # what a `FakeTensor` keeps in its `__dict__`
 def _in_kernel(): return torch._C._meta_in_tls_dispatch_include()  # inside a fake kernel (`in_kernel_invocation_manager`)
@@ -453,7 +474,10 @@ def step_memory(model:nn.Module, # Any PyTorch model
                ):
     "Memory of one training step of `model`: `(counter, counting, optimizer)`, the `MemCounter` holding every storage with its kind, unit and lifetime"
     xb,yb,dt,cuda = tuplify(xb),tuplify(yb),amp_dtype(dtype),torch.device(device).type=='cuda'
-    if bs is not None and bs<1: raise ValueError(f"bs must be at least 1, got {bs}")
+    if bs is not None and (not isinstance(bs, int) or isinstance(bs, bool) or bs<1): raise ValueError(f"bs must be a whole number of at least 1, got {bs!r}")
+    if torch.device(device).type not in ('cpu', 'cuda'): raise ValueError(f"device must be 'cpu' or 'cuda' (the allocators modelled), got {device!r}")
+    if isinstance(opt_func, type) and issubclass(opt_func, torch.optim.Optimizer):
+        raise ValueError(f"`opt_func` is a torch optimizer: wrap it as fastai does, `partial(OptimWrapper, opt={opt_func.__module__}.{opt_func.__name__})`")
     if cuda and not fake: raise ValueError("A real step runs on this machine's CPU: a CUDA target is predicted with `fake=True`")
     if isinstance(opt_func, OptimWrapper): raise ValueError("`opt_func` is a built `OptimWrapper`: pass the function that builds it, e.g. `partial(OptimWrapper, opt=torch.optim.AdamW)`")
     sparse = [n for n,m in model.named_modules() if getattr(m, 'sparse', False) is True and isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
@@ -464,11 +488,11 @@ def step_memory(model:nn.Module, # Any PyTorch model
                               "e.g. `learn.cost_summary()` or `learn.model(*xb)`, then predict the step")
     fm = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     ts = {id(t): _shadow(t, fm, channels_last) for t in [*model.parameters(), *model.buffers()]}
-    ps,bufs = [ts[id(p)] for p in model.parameters()],[ts[id(b)] for b in model.buffers()]
+    ps = [ts[id(p)] for p in model.parameters()]
     xs,ys = _new_batch((list(xb), list(yb)), bs, fm)
     gs,modes = (None if opt_func is None else _groups(model, splitter, ts)),[(m, m.training) for m in model.modules()]
     try:
-        with _swapped(model, ts, functools.partial(_held, fm=fm)), (fm or contextlib.nullcontext()), _fake_subclasses():
+        with _hooks_kept(model) as n_hooks, _swapped(model, ts, functools.partial(_held, fm=fm)), (fm or contextlib.nullcontext()), _fake_subclasses():
             model.train()
             opt = None if opt_func is None else opt_func(gs, lr=lr)
             if opt is not None and cuda and isinstance(opt, OptimWrapper):  # torch optimizers default to their foreach kernels on CUDA
@@ -478,16 +502,17 @@ def step_memory(model:nn.Module, # Any PyTorch model
             # parameter the incoming gradient when it can: slices of one storage for parameters joined by a `cat`, kept by fastai's `zero_grad`),
             # the optimizer's state, and buffers a forward replaces (ConViT's `rel_indices`, made for the input's size)
             with _Fixes(cuda) as fx: prev = _train_step(model, xs, ys, loss_func, opt, None, dt)  # its `pred` and loss live until the step replaces them
-            for t in (ps if opt is None else []) + flat_tensors((xs, ys)): t.grad = None  # no optimizer: nothing resets the gradients; each batch is new
-            bufs = list(model.buffers())
+            [setattr(t, 'grad', None) for t in (ps if opt is None else []) + flat_tensors((xs, ys))]  # no optimizer: nothing resets the gradients; each batch is new
             c = MemCounting(model, size=cuda_block if cuda else None, device=device)
             with c:
                 mc = c.counter
-                mc.known = fx.known
-                for t,k in [(t, MemKind.param) for t in ps] + [(t, MemKind.buffer) for t in bufs] + [(t, MemKind.input) for t in flat_tensors(xs+ys)] + \
-                           [(p.grad, MemKind.grad) for p in ps if p.grad is not None] + [(v, MemKind.opt) for *_,v in (_opt_state(opt) if opt is not None else [])]:
-                    mc.add(t, kind=k)
-                L(flat_tensors(prev)).map(mc.add, kind=MemKind.other)  # not a loop: its variable would hold the last one to the step's end
+                mc.known,mc.notes = fx.known,[f"{n_hooks} hooks on the model are functions, not methods of an object: they ran on fake tensors, "
+                                              "and what they stored outside the model stays fake until the next real forward"] if n_hooks else []
+                # what the step starts with; not a loop: its variable would hold the last one to the step's end (a buffer the forward replaces)
+                kinds = [(MemKind.param, ps), (MemKind.buffer, list(model.buffers())), (MemKind.input, flat_tensors(xs+ys)), (MemKind.grad, [p.grad for p in ps if p.grad is not None]),
+                         (MemKind.opt, [v for *_,v in (_opt_state(opt) if opt is not None else [])]), (MemKind.other, flat_tensors(prev) + _attr_tensors(model))]
+                [mc.add(t, kind=k) for k,ts_ in kinds for t in ts_]
+                del kinds
                 res = _train_step(model, xs, ys, loss_func, opt, mc, dt, prev)  # kept alive, as the learner keeps them, until the step is read
                 c.records(warn=False)  # the cost summary warns about ops it cannot count, not the memory model
                 _resolve(mc, c.units, c.param_units, ps, opt, cuda)
@@ -708,12 +733,15 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
     "`MemorySummary` of one training step of `model`, predicted on fake tensors (see `step_memory`)"
     try: mc,c,opt = step_memory(model, xb, yb, loss_func, opt_func, splitter, lr, bs, dtype, channels_last, device)
     except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException, NotImplementedError) as e:
-        where = {'bwd': ' in the backward', 'opt': " in the optimizer's step (`opt_func`: try another, e.g. `Adam`)"}.get(getattr(e, 'phase', 'fwd'), ' in the forward or the loss')
+        if 'Sparse' in str(e): raise RuntimeError("Sparse gradients (`F.embedding(..., sparse=True)`) cannot be predicted: their size depends on which rows the batch reads. "
+                                                  "Predict the step with `sparse=False`: a dense gradient of the whole table") from e
+        where = {'bwd': ' in the backward', 'opt': " in the optimizer's step (`opt_func` reads its state's values, as fastai's `Lamb` does: predict with another)"
+                }.get(getattr(e, 'phase', 'fwd'), ' in the forward or the loss')
         raise RuntimeError(f"The training step could not run on fake tensors{where} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). An op that needs the data's values "
                            "(`.item()`, `nonzero`) cannot be predicted: report it, or measure on a real step with `step_memory(..., fake=False)`") from e
     shapes = [(ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else () for t in flat_tensors(tuplify(xb))]
     return MemorySummary(mc.blocks, mc.trace, c.units, c.recs, type(model).__name__, shapes, ifnone(bs, _batch_size(xb)),
-                         amp_dtype(dtype) and dtype, device, _coverage(device, c.counter.ops) + [_opt_note(opt, [p for p in opt.all_params().itemgot(0)] if opt else [])], mc.flags)
+                         amp_dtype(dtype) and dtype, device, _coverage(device, c.counter.ops) + mc.notes + [_opt_note(opt, [p for p in opt.all_params().itemgot(0)] if opt else [])], mc.flags)
 
 # %% ../nbs/03a_memory.ipynb #1cb7a0dc
 def _batch(learn, xb, yb):
@@ -829,7 +857,7 @@ def max_batch(self:Learner,
         if not torch.cuda.is_available():
             raise ValueError("No CUDA GPU here: give the memory of the GPU you will train on, in GiB, e.g. `learn.max_batch(budget=24)`")
         budget = (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved())/2**30
-    if not budget>0: raise ValueError(f"budget is in GiB and must be positive, got {budget}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget>0: raise ValueError(f"budget is in GiB and must be a positive number, got {budget!r}")
     if max_bs<1: raise ValueError(f"max_bs must be at least 1, got {max_bs}")
     B,xb,yb = int(budget*2**30),*_batch(self, None, None)
     dt,cl = ifnone(dtype, _learner_dtype(self, device)[0]),ifnone(channels_last, hasattr(self, 'channels_last'))

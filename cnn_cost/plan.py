@@ -91,7 +91,11 @@ class CheckpointBlocks(Callback):
 @patch
 def checkpoint(self:Learner, blocks):
     "Train with `blocks` (module names, or a `MemoryPlan`) under activation checkpointing, through a `CheckpointBlocks` callback"
-    return self.no_checkpoint().add_cb(CheckpointBlocks(blocks))
+    names = list(getattr(blocks, 'blocks', blocks))
+    if not names:
+        how = getattr(getattr(blocks, 'suggestion', None), 'how', '')
+        raise ValueError("No blocks to checkpoint" + (f": this plan suggests {blocks.suggestion.name}, applied by {how}" if how else ''))
+    return self.no_checkpoint().add_cb(CheckpointBlocks(names))
 
 @patch
 def no_checkpoint(self:Learner):

@@ -401,6 +401,44 @@ def test_allocator_sees_scratch():
         assert (al == ms.peak) if k=='gru' else (al > 1.2*ms.peak), (k, al, ms.peak)
     assert any('scratch' in n and 'aten.mkldnn_rnn_layer' in n for n in ms.notes)  # the LSTM's note names its oneDNN op
 
+class _Unread(nn.Module):
+    "A lookup table held in a plain attribute and read only in eval; and a buffer the forward replaces every step (an EMA, out of place)"
+    def __init__(self):
+        super().__init__(); self.l,self.lut = nn.Linear(8, 3),torch.randn(64, 64); self.register_buffer('avg', torch.zeros(8))
+    def forward(self, x):
+        self.avg = 0.9*self.avg + 0.1*x.detach().mean(0)
+        return self.l(x - self.avg) if self.training else self.l(x) + self.lut[0, :3]
+
+def test_state_the_step_does_not_read():
+    "Second review: a tensor the model holds but the step never reads is counted (it was left out: 16 kB low), a buffer replaced every step is freed when replaced (it was held: +32 B)"
+    r = corpus_check('unread', lambda: (_Unread(), torch.randn(8, 8), torch.randint(0, 3, (8,)), nn.CrossEntropyLoss()))
+    assert r['pred_saved'] == r['real_saved'] and r['pred_peak'] == r['real_peak'] and r['kinds_equal'] and not r['ops_diff'], r
+    assert r['pred_peak'] > 64*64*4
+
+class _Keep:
+    "A hook that is a method of an object, as fastai's `Hook` is"
+    def hook(self, mod, i, o): self.stored = o.detach()
+
+def test_user_hooks():
+    """Second review: the user's hooks run in the step as in training, and left fake tensors in the user's objects. A hook that is a method
+    (fastai's `Hook`) gets its object's attributes back; a plain function cannot, and the summary says so"""
+    m = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    k,kept = _Keep(),{}
+    m[0].register_forward_hook(k.hook); m[2].register_forward_hook(lambda mod, i, o: kept.__setitem__('out', o))
+    m(torch.randn(3, 8)); before = k.stored
+    ms = predict_memory(m, torch.randn(3, 8), torch.tensor([0, 1, 0]), nn.CrossEntropyLoss(), Adam)
+    assert k.stored is before and not isinstance(k.stored, FakeTensor) and hook_count(m) == 2
+    assert isinstance(kept['out'], FakeTensor) and any('1 hooks on the model are functions' in n for n in ms.notes)
+
+def test_bad_arguments_clear_errors(seed_learner):
+    "Second review: a bad batch size, device, optimizer or budget gets an error that says what to pass, and the model is untouched"
+    m = nn.Sequential(nn.Linear(8, 2)); x,y = torch.randn(3, 8),torch.tensor([0, 1, 0])
+    w = {k: v.clone() for k,v in m.state_dict().items()}
+    for kw,msg in [(dict(bs=2.5), 'whole number'), (dict(bs=True), 'whole number'), (dict(device='mps'), "'cpu' or 'cuda'"), (dict(opt_func=torch.optim.SGD), 'OptimWrapper')]:
+        with pytest.raises(ValueError, match=msg): predict_memory(m, x, y, nn.CrossEntropyLoss(), **{'opt_func': Adam, **kw})
+    assert all(v.equal(m.state_dict()[k]) for k,v in w.items()) and hook_count(m) == 0
+    with pytest.raises(ValueError, match='positive number'): seed_learner.max_batch(budget='8', show_plot=False)
+
 def test_lazy_modules_clear_error():
     "Uninitialised lazy modules: a clear error that says what to do, the model untouched; after one forward the prediction runs"
     m = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))

@@ -75,3 +75,12 @@ def test_plan_language_model():
     p = learn.memory_summary(device='cpu').peak
     plan = learn.memory_plan(0.9*p/2**30, device='cpu', show_plot=False)
     assert plan['as is'].peak == p and not plan['as is'].fits and plan.suggestion.fits
+
+def test_checkpoint_needs_blocks():
+    "Second review: a plan whose suggestion checkpoints nothing is not applied as an empty `CheckpointBlocks`: the error says how to apply it"
+    import kinds
+    learn = kinds.language_model(bs=4)
+    plan = learn.memory_plan(0.8*learn.memory_summary(device='cpu').peak/2**30, device='cpu', show_plot=False)
+    assert plan.suggestion.name == 'gradient accumulation' and plan.blocks == ()
+    with pytest.raises(ValueError, match='GradientAccumulation'): learn.checkpoint(plan)
+    assert not [cb for cb in learn.cbs if isinstance(cb, CheckpointBlocks)]
