@@ -185,8 +185,9 @@ def table(rows, todo=()):
 if __name__=='__main__':
     args = sys.argv[1:]
     out = Path(__file__).parent/'out'; out.mkdir(exist_ok=True)
-    name = args[args.index('--out')+1] if '--out' in args else 'memory_corpus'  # a part of one run, in a process of its own
-    words = [a for a in args if not a.startswith('--') and a!=name]
+    i = args.index('--out') if '--out' in args else None
+    name = args[i+1] if i is not None else 'memory_corpus'  # a part of one run, in a process of its own
+    words = [a for j,a in enumerate(args) if not a.startswith('--') and (i is None or j!=i+1)]
     if '--table' in args:  # the table of one run from the .json files its parts wrote (names after `--table`; default: memory_corpus)
         rows = [r for f in (words or ['memory_corpus']) for r in json.loads((out/f'{f}.json').read_text())]
         order = list(cases())
