@@ -204,6 +204,12 @@ def _claim(nodes, todo, i):
         todo += [o for o,_ in n.next_functions]
 
 # %% ../nbs/03a_memory.ipynb #c03c4af8
+def _put_back(o, a, keep=()):
+    "Object `o`'s attributes as in `a` (a copy of its `vars` taken earlier): the ones added since removed, the others set back, except those in `keep`"
+    for k in [k for k in vars(o) if k not in a]: del o.__dict__[k]
+    for k,v in a.items():
+        if k not in keep: o.__dict__[k] = v
+
 _state = ('_parameters', '_buffers', '_non_persistent_buffers_set', '_modules')
 _module_keys = frozenset(vars(nn.Module())) - set(_state)  # `nn.Module`'s hooks and `training`
 
@@ -226,9 +232,7 @@ def _swapped(model, new, held):
         yield
     finally:
         for m,a,st in snap:
-            for k in [k for k in vars(m) if k not in a]: del m.__dict__[k]
-            for k,v in a.items():
-                if k not in _module_keys: m.__dict__[k] = v
+            _put_back(m, a, _module_keys)
             for k,v in zip(_state, st): vars(m)[k].clear(); vars(m)[k].update(v)
 
 def _attr_tensors(model):
@@ -247,9 +251,7 @@ def _hooks_kept(model):
     snap = [(o, dict(vars(o))) for o in owners.values()]
     try: yield sum(getattr(f, '__self__', None) is None for f in fs)
     finally:
-        for o,a in snap:
-            for k in [k for k in vars(o) if k not in a]: delattr(o, k)
-            for k,v in a.items(): setattr(o, k, v)
+        for o,a in snap: _put_back(o, a)
 
 with FakeTensorMode(): _fake_state = frozenset(vars(torch.empty(0))) | {'_is_param'}  # what a `FakeTensor` keeps in its `__dict__`
 def _in_kernel(): return torch._C._meta_in_tls_dispatch_include()  # inside a fake kernel (`in_kernel_invocation_manager`)
