@@ -1,5 +1,5 @@
 # The notebooks in nbs/ are the source: edit them, then `make export` (package + clean metadata) and `make test`.
-.PHONY: export readme test test-nbs test-py sync-check docs bench
+.PHONY: export readme test test-nbs test-py sync-check docs bench gpu-wheels gpu-dry-run
 
 export:
 	nbdev-export && nbdev-clean
@@ -25,3 +25,14 @@ sync-check:
 # pydata-sphinx-theme; tools/build_docs.py, settings in tools/sphinx/conf.py). Open docs/index.html, or serve docs/ for the search.
 docs:
 	python tools/build_docs.py
+
+# The CUDA half in one command on a lent GPU machine (bench/gpu_check.py, through bench/gpu_check.sh). Here: `make gpu-wheels` (fastai, nbdev and
+# their pure-Python needs as wheels in .whl/, by the workplace's ../shared/gpu/prepare-wheels.sh) and `make gpu-dry-run` (the same command on the
+# CPU, CUDA-only checks skipped); then the device call `bash bench/gpu_check.sh` with carry [".whl"], its results under $$OUT.
+GPU_WHEELS = nbdev==3.3.26 execnb==0.3.4 ipython==9.18.1 ipython-pygments-lexers jedi parso matplotlib-inline pexpect ptyprocess prompt_toolkit \
+	wcwidth stack_data executing asttokens pure_eval traitlets decorator astunparse fastgit ghapi fastspec fasttransport watchdog
+gpu-wheels:
+	bash ../shared/gpu/prepare-wheels.sh $(GPU_WHEELS)
+
+gpu-dry-run:
+	bash bench/gpu_check.sh --dry-run --out bench/out/gpu-dry

@@ -15,6 +15,8 @@ from collections import defaultdict
 import numpy as np, torch, torchvision
 from torch.profiler import profile, ProfilerActivity, record_function
 from cnn_cost.all import *
+import sys; sys.path.insert(0, str(Path(__file__).parent.parent/'tests'))
+from profiler_refs import range_hooks
 
 warnings.filterwarnings('ignore')
 OUT = Path(__file__).parent/'out'
@@ -24,20 +26,10 @@ def seed_setup():
     dls = digits_dls()
     return vision_learner(dls, resnet18, pretrained=False, n_out=10).model.eval(), dls.train.one_batch()[0].cpu()
 
-def range_hooks(model):
-    "Wrap every leaf module call in a `record_function` range named `cc::<qualified name>`; returns the hook handles"
-    hs = []
-    for n,m in model.named_modules():
-        if n and not list(m.children()):
-            def pre(m, a, n=n): m._cc_rf = record_function(f'cc::{n}'); m._cc_rf.__enter__()
-            def post(m, a, o): m._cc_rf.__exit__(None, None, None)
-            hs += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    return hs
-
 def profiled_pass(model, x, cuda):
     "ms per leaf layer in one profiled forward: aten CPU time (or CUDA kernel time) under the layer's range, summed over calls"
     acts = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA]*cuda
-    hs = range_hooks(model)
+    hs = range_hooks(model, leaves_only=True)
     try:
         with torch.no_grad(), profile(activities=acts) as p:
             model(x)

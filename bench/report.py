@@ -11,11 +11,15 @@ sections = [('hook_overhead', 'Hook overhead of `learn.cost_summary()`', 'bench/
             ('memory_corpus', 'Fake equals real: the memory prediction over a corpus', 'bench/memory_corpus.py'),
             ('memory_alloc', 'What the allocator sees: scratch inside kernels', 'bench/memory_alloc.py'),
             ('plan_time', 'Planning a batch that does not fit', 'bench/plan_time.py'),
-            ('memory_gpu', 'Predicted training memory against a real GPU', 'bench/memory_gpu.py')]
-_missing = {'memory_gpu': "_Owed: needs a CUDA GPU, and none was lent to the session that wrote the memory model. `python bench/memory_gpu.py` on a GPU "
-                          "(torch 2.11 or later) writes both tables: predicted peak vs `torch.cuda.max_memory_allocated`, fp32 and fp16, and predicted "
-                          "largest batch vs the boundary found by trial. Until then the GPU figures are unchecked; the CPU checks are in "
-                          "`tests/test_memory.py`._"}
+            ('gpu_check', 'The CUDA half, checked on a GPU', 'bash bench/gpu_check.sh')]
+_missing = {'gpu_check': "_Owed: needs a CUDA GPU, and no session has been lent one yet. `bash bench/gpu_check.sh` on a lent GPU (torch 2.11 or later; "
+                         "`make gpu-wheels` first, then carry `.whl`) runs every part of `bench/gpu_check.py` in one command within 450 s and writes "
+                         "`gpu_check.md` for this section: per-layer forward and backward time against `torch.profiler`'s kernel time (resnet50 "
+                         "64 x 224², fp32 and `to_fp16()`; the seed setup), the GPU's busy share against the rows' launch share, predicted peak against "
+                         "`torch.cuda.max_memory_allocated` (resnet50, vit_b_16; fp32, fp16), largest batch against trial, a checkpointing plan's peak "
+                         "against a real step, hook and callback overhead, the `cuda` tests and `#| cuda` cells, and `torch.profiler` and "
+                         "`FlopCounterMode` beside it. Until then every CUDA figure in these docs is a prediction or a method, not a measurement. "
+                         "`make gpu-dry-run` runs the same command on the CPU._"}
 
 def main():
     out = Path(__file__).parent/'out'

@@ -12,5 +12,5 @@ python bench/memory_gpu.py --cpu-timing
 python bench/memory_corpus.py
 python bench/memory_alloc.py
 python bench/plan_time.py --rounds 3
-if python -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then python bench/memory_gpu.py; fi
+if python -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then bash bench/gpu_check.sh --out bench/out; fi
 python bench/report.py

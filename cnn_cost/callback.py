@@ -83,15 +83,19 @@ class TrainHooks(TimeHooks):
 # %% ../nbs/06_callback.ipynb #a28ed82b
 @patch
 def bwd_times(self:TrainHooks, t_end):
-    "ms of backward charged to each module, and the part of it that recomputes the forward: from each output-gradient or recompute hook to the next (the last to `t_end`)"
+    """ms of backward charged to each module, and the part of it that recomputes the forward: from each output-gradient or recompute hook to the
+    next (the last to `t_end`); `bwd_launch`: the part of it the GPU spent waiting for the host (`waited_ms`)"""
     n,ms = len(self.mods),self.clock.ms
-    bwd,rec,bm,cur = [0.]*n,[0.]*n,self.bmarks+[(t_end,-1,0)],-1
+    bwd,rec,bm,cur,segs = [0.]*n,[0.]*n,self.bmarks+[(t_end,-1,0)],-1,[]
     for (a,i,k),(b,_,k2) in zip(bm, bm[1:]):
         if not k: cur = i  # an output-gradient hook: module `i`'s backward runs
         # `k`: the recompute's number. Torch stops a recompute once it has what backward needs, before the open modules' hooks fire:
         # only up to the same recompute's next hook is it recompute; after its last hook, it is the backward node's
-        if k and i>=0 and k2==k: rec[i] += ms(a, b)
-        elif cur>=0: bwd[cur] += ms(a, b)
+        if k and i>=0 and k2==k: j,acc = i,rec
+        elif cur>=0: j,acc = cur,bwd
+        else: continue
+        acc[j] += ms(a, b); segs.append((a, b, j))
+    self.bwd_launch = waited_ms(self.clock, segs, n)
     return [b+r for b,r in zip(bwd, rec)],rec
 
 @patch
@@ -232,6 +236,7 @@ def _one_batch(self:CostProfiler):
             return self._count()
         cw = CPUWait()  # run-queue wait over the batch, read before and after it, never in a hook
         with self.hooks as h:
+            h.clock.sync()  # on a GPU the batch starts with nothing queued, as `CUDAClock.queue_ms` needs; outside every hook
             h.start(); ev = self._ev; cw.start(); ev['start'] = h.clock.stamp()
             try: self._orig()
             finally: ev['end'] = h.clock.stamp(); self._wait = cw.stop()
@@ -251,7 +256,9 @@ def _collect(self:CostProfiler):
     st['other'] = st['total']-st['forward']-st['loss']-st['backward']-st['optimizer']
     # which modules ran, how often: cheap, from the timing hooks (a compiled model runs none: one pattern)
     pat,inl = (0,False) if self.compiled else (self._pattern((self._label, tuple(h.calls))), len(h.marks)>self._n_pred)
-    self.batches.append(dict(iter=self._iter, fwd=fwd, bwd=bwd, rec=rec, saved=saved, saved_total=saved_tot, mem=list(h.mem), step=st,
+    nan = [np.nan]*len(fwd)  # launch time: NaN on a CPU, for a compiled model (`StepHooks`), and for a batch with no backward
+    ln,bln = list(getattr(h, 'launch', nan)),(list(getattr(h, 'bwd_launch', nan)) if 'after_backward' in ev else nan)
+    self.batches.append(dict(iter=self._iter, fwd=fwd, bwd=bwd, rec=rec, launch=ln, bwd_launch=bln, saved=saved, saved_total=saved_tot, mem=list(h.mem), step=st,
                              pattern=pat, in_loss=inl, wait=self._wait))
     h.start()  # drops the armed graph nodes and marks now rather than at the next profiled batch
 
@@ -261,6 +268,7 @@ def _table(self:CostProfiler):
     "This rank's plain per-batch numbers, the input of `summary` and what ranks send to rank 0"
     B = self.batches
     return dict(rank=rank_distrib(), names=[n for n,m,k in self.units or []], fwd=[b['fwd'] for b in B], bwd=[b['bwd'] for b in B], rec=[b['rec'] for b in B],
+                launch=[b['launch'] for b in B], bwd_launch=[b['bwd_launch'] for b in B],
                 saved=[b['saved'] for b in B], mem=[b['mem'] for b in B], steps=[b['step'] for b in B],
                 saved_total=[b['saved_total'] for b in B], iters=[b['iter'] for b in B],
                 patterns=[b['pattern'] for b in B], in_loss=[b['in_loss'] for b in B], wait=[b['wait'] for b in B])
@@ -344,6 +352,7 @@ def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
         rec = cat('rec', j) if all('rec' in t for t in ts) else []
         r.bwd_times = cat('bwd', j) if k=='leaf' or np.nansum(rec) else []  # a parent's own backward is untimed, its recompute is timed
         r.recompute_times = rec if np.nansum(rec) else []
+        if all('launch' in t for t in ts): r.launch_times,r.bwd_launch_times = cat('launch', j),(cat('bwd_launch', j) if r.bwd_times else [])
         r.saved_bytes,r.mem_bytes = (np.nan,np.nan) if self.compiled_frames is not None else (_med0(cat('saved', j)),_med0(cat('mem', j)))  # compiled: not measured
     res = CostSummary(recs, self.model_name, self.input_shapes, self.device, n_warmup=self.skip, n_passes=len(sel),
                       cpu_wait=wait_share(w for t,b in sel for w in [t.get('wait', [(None,0)]*len(t['fwd']))[b]]))

@@ -101,11 +101,13 @@ def costed(units, recs):
 
 # %% ../nbs/05_learner.ipynb #cb8ea37d
 def _hooked(fwd, mods, clock):
-    "ms of one `fwd()` with `TimeHooks` on `mods`, and the ms charged to each module (NaN for one whose hooks never fired: not timed)"
+    """ms of one `fwd()` with `TimeHooks` on `mods`, the ms charged to each module (NaN for one whose hooks never fired: not timed), and the part
+    of each the GPU spent waiting for the host (`TimeHooks.launch`; NaN on a CPU). The pass starts after a synchronize, as `CUDAClock.queue_ms` needs"""
+    clock.sync()
     with TimeHooks(mods, clock) as th:
         th.start(); a = clock.stamp(); fwd(); b = clock.stamp()
         ts,ran = th.times(),{i for _,i in th.marks}
-    return clock.ms(a, b), [t if i in ran else np.nan for i,t in enumerate(ts)]
+    return clock.ms(a, b), [t if i in ran else np.nan for i,t in enumerate(ts)], [t if i in ran else np.nan for i,t in enumerate(th.launch)]
 
 # %% ../nbs/05_learner.ipynb #e9479730
 n_paired,n_min_repeat = 1,4  # rounds until settled: the first `n_paired` also time a plain pass (for `hook_overhead`: a whole pass varies ~1% on a quiet CPU); at least `n_min_repeat`
@@ -117,11 +119,11 @@ def settled(recs, tol=0.02, min_ms=0.05):
     return bool(weighted_se(m, median_se(ts, 1), min_ms) <= tol)  # NaN (no row long enough): not settled
 
 def _round(fwd, mods, clock, i, plain, pair=True):
-    "One timed round: a hooked pass, and if `pair` a plain one before or after it in turn (appended to `plain`); the hooked ms and row ms"
+    "One timed round: a hooked pass, and if `pair` a plain one before or after it in turn (appended to `plain`); the hooked ms, row ms and launch ms"
     if pair and not i%2: plain.append(timed(fwd, clock))
-    h,ts = _hooked(fwd, mods, clock)
+    h,ts,ln = _hooked(fwd, mods, clock)
     if pair and i%2: plain.append(timed(fwd, clock))
-    return h,ts
+    return h,ts,ln
 
 # %% ../nbs/05_learner.ipynb #bb967a74
 def _input_hint(model, xb):
@@ -185,9 +187,9 @@ def model_cost(model:nn.Module, # Any PyTorch model
         plain,hooked,n = [],[],n_repeat or max_repeat
         cw.start()
         for i in (progress_bar(range(n), leave=False) if progress else range(n)):
-            h,ts = _round(fwd, mods, clock, i, plain, pair=n_repeat is not None or i<n_paired)
+            h,ts,ln = _round(fwd, mods, clock, i, plain, pair=n_repeat is not None or i<n_paired)
             hooked.append(h)
-            for r,t in zip(recs, ts): r.times.append(t)
+            for r,t,l in zip(recs, ts, ln): r.times.append(t); r.launch_times.append(l)
             if n_repeat is None and i+1>=n_min_repeat and settled(recs, precision): break
         cw.stop()
     res = CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup,
