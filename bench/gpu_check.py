@@ -2,14 +2,16 @@
 
     python bench/gpu_check.py              # on a CUDA GPU: every part in priority order within --budget seconds (default 450)
     python bench/gpu_check.py --dry-run    # on any machine: the same code on the CPU at small sizes; only what needs CUDA is skipped
-    make gpu-check / make gpu-dry-run      # the same, with the lent GPU machine's setup (README of ../.library/device; fastai as wheels)
+    make gpu-wheels && make gpu-dry-run    # here first: fastai and nbdev as wheels into .whl/ (the GPU image has neither), then the CPU dry run
+    device tool: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=560), then give_back; the reply's files hold the results
 
 Parts, in priority order; each is skipped (and says so) once the budget is spent, and a part that fails logs its traceback and the rest go on:
 1. truth: per-layer forward and backward time of real fastai training batches (`CostProfiler`, every other batch) against `torch.profiler`'s
    kernel time of the batches between them, charged to the same layers (tests/profiler_refs.py: ranges in the forward, autograd sequence
    numbers in the backward); resnet50 64 x 3 x 224², fp32 and `to_fp16()`, and the seed setup (fastai resnet18, 64 real digits at 28²);
    `cost_summary`'s eval forward of resnet50 against the profiler too (bench/accuracy_vs_profiler.py's `compare`).
-2. starved: how busy the GPU was in the profiled batches (`kernel_busy_us` / wall) beside what the summaries say of launch-bound rows.
+2. starved: how busy the GPU was in the profiled batches of part 1 (`kernel_busy_us` / wall) beside the rows' launch share; and the launch
+   queue as `CUDAClock.queue_ms` reads it at every stamp on a model that starves the GPU and on one that does not (calibrates `launch_tol_ms`).
 3. memory: predicted peak vs `torch.cuda.max_memory_allocated` (resnet50, vit_b_16; fp32, fp16); predicted largest batch vs trial under a
    memory cap; the checkpointing plan's peak, predicted vs real.
 4. overhead: hooked / plain forward (resnet50 bs64 224², `model_cost`'s paired rounds); profiled / unprofiled training batch (`every=2`).
@@ -23,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT/'tests'), str(ROOT/'bench')]
 warnings.filterwarnings('ignore')
 logging.disable(logging.WARNING)
-import numpy as np, torch, torchvision
+import numpy as np, torch, torch.nn as nn, torchvision
 
 A = None  # the parsed arguments
 T0 = time.perf_counter()
@@ -125,6 +127,34 @@ def part_truth(out):
         s = __import__('cnn_cost.learner', fromlist=['model_cost']).model_cost(m, torch.randn(bs, 3, size, size, device=dev()), n_repeat=4)
         res[-1].update(notes=list(s.notes), launch_share=float(s.launch_share), bwd_launch_share=float(s.bwd_launch_share))
         del m
+    return res
+
+def part_starved(out):
+    "The launch queue as `CUDAClock.queue_ms` reads it at every stamp of a hooked pass, on a model that starves the GPU and on one that does not, beside the profiler's GPU busy share: calibrates `launch_tol_ms`"
+    from cnn_cost.timing import TimeHooks, clock_for, launch_tol_ms
+    from torch.profiler import profile, ProfilerActivity
+    from profiler_refs import kernel_busy_us
+    torch.manual_seed(0)
+    bs,size = (2,64) if A.dry_run else (64,224)
+    cases = {'50 x Linear(8,8), batch 4': (nn.Sequential(*[nn.Linear(8, 8) for _ in range(50)]), torch.randn(4, 8)),
+             f'resnet50 {bs}x3x{size}²': (torchvision.models.resnet50().eval(), torch.randn(bs, 3, size, size))}
+    res = {}
+    for name,(m,x) in cases.items():
+        m,x = m.to(dev()),x.to(dev())
+        mods = list(m.modules()); clock = clock_for(dev())
+        with torch.no_grad(), TimeHooks(mods, clock) as th:
+            for _ in range(4): clock.sync(); th.start(); m(x); ts = th.times()
+            q = np.array([clock.queue_ms(t) for t,_ in th.marks]) if dev()=='cuda' else np.array([np.nan])
+        with torch.no_grad():
+            sync()
+            with profile(activities=[ProfilerActivity.CUDA] if dev()=='cuda' else [ProfilerActivity.CPU]) as p:
+                t = time.perf_counter(); m(x); sync(); wall = (time.perf_counter()-t)*1e6
+        busy = kernel_busy_us(p)/wall if dev()=='cuda' else None
+        ln = np.sum(th.launch)/sum(ts)  # NaN on a CPU: no launch queue
+        res[name] = dict(stamps=len(q), queue_ms_min=float(np.nanmin(q)), queue_ms_p10=float(np.nanpercentile(q, 10)), queue_ms_p50=float(np.nanmedian(q)),
+                         queue_ms_p90=float(np.nanpercentile(q, 90)), queue_ms_max=float(np.nanmax(q)), launch_tol_ms=launch_tol_ms,
+                         launch_share=float(ln), gpu_busy_share=busy)
+        log(f'  {name}: {res[name]}')
     return res
 
 # ---------------------------------------------------------------- part 3: memory
@@ -297,12 +327,12 @@ def markdown(R):
         L += [f"| {p['model']} | {p.get('bs','')} | {p.get('dtype','')} | {fmt(p.get('predicted'))} | {fmt(p.get('max_memory_allocated'))} | "
               f"{fmt(p.get('error'), True)} | {fmt(p.get('predict_s'))} |" for p in m['peaks']]
         L += ['', f"Largest batch: {m.get('batch')}", '', f"Checkpointing plan: {m.get('plan')}", '']
-    for k in ('memory', 'overhead', 'tests', 'tools'):
+    for k in ('starved', 'memory', 'overhead', 'tests', 'tools'):
         if R.get(k) is not None and not (k=='memory' and 'peaks' in R[k]): L += [f'### {k}', '', '```', json.dumps(R[k], indent=1, default=str)[:3000], '```', '']
     L += [f"Seconds per part: {R.get('seconds')}"]
     return '\n'.join(L)
 
-PARTS = dict(truth=part_truth, memory=part_memory, overhead=part_overhead, tests=part_tests, tools=part_tools)
+PARTS = dict(truth=part_truth, starved=part_starved, memory=part_memory, overhead=part_overhead, tests=part_tests, tools=part_tools)
 
 def main():
     global A

@@ -83,11 +83,11 @@ def test_ref_profiler_beside_cost_profiler():
 def test_gpu_check_dry_run(tmp_path):
     "The GPU check's command runs on the CPU (`--dry-run`) through every part that needs no GPU, and writes its tables"
     root = Path(__file__).parent.parent
-    r = subprocess.run([sys.executable, str(root/'bench/gpu_check.py'), '--dry-run', '--parts', 'truth,memory,overhead,tools', '--out', str(tmp_path)],
+    r = subprocess.run([sys.executable, str(root/'bench/gpu_check.py'), '--dry-run', '--parts', 'truth,starved,memory,overhead,tools', '--out', str(tmp_path)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode==0, r.stdout[-3000:]+r.stderr[-3000:]
     R = json.loads((tmp_path/'gpu_check.json').read_text())
-    assert R['dry_run'] and not [k for k in ('truth', 'memory', 'overhead', 'tools') if 'error' in R[k]]
+    assert R['dry_run'] and not [k for k in ('truth', 'starved', 'memory', 'overhead', 'tools') if 'error' in R[k]]
     truth = [t for t in R['truth'] if 'stats' in t]
     assert len(truth)==2 and all(t['stats']['bwd']['ref_covered'] > 0.99 and t['stats']['fwd']['ref_covered'] > 0.99 for t in truth)
     assert not [t for t in R['truth'] if 'error' in t] and R['memory']['peaks'][0]['predicted'] > 0 and R['memory']['plan']
