@@ -16,7 +16,7 @@ import numpy as np, torch, torchvision
 from torch.profiler import profile, ProfilerActivity, record_function
 from cnn_cost.all import *
 import sys; sys.path.insert(0, str(Path(__file__).parent.parent/'tests'))
-from profiler_refs import range_hooks
+from profiler_refs import range_hooks, attribute
 
 warnings.filterwarnings('ignore')
 OUT = Path(__file__).parent/'out'
@@ -36,12 +36,11 @@ def profiled_pass(model, x, cuda):
             if cuda: torch.cuda.synchronize()
     finally:
         for h in hs: h.remove()
-    res, rng = defaultdict(float), defaultdict(float)
+    # the ops in each range, each op's own time (`profiler_refs.attribute`): CPU time, or on CUDA the kernels it launched, each kernel once
+    # (not the range's `device_time_total`, which could hold the span the profiler draws for the range on the GPU's timeline)
+    res, rng = defaultdict(float, {k: v/1e3 for k,v in attribute(p.events(), 'cuda' if cuda else 'cpu')['fwd'].items()}), defaultdict(float)
     for e in p.events():
-        if not e.name.startswith('cc::'): continue
-        # the ops in the range: its total minus its own bookkeeping; on CUDA the kernels it launched
-        us = e.device_time_total if cuda else e.cpu_time_total - e.self_cpu_time_total
-        res[e.name[4:]] += us/1e3; rng[e.name[4:]] += e.cpu_time_total/1e3
+        if e.name.startswith('cc::'): rng[e.name[4:]] += e.cpu_time_total/1e3
     return res, rng
 
 def compare(model, x, rounds, n_repeat, min_us):
