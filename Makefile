@@ -27,12 +27,16 @@ docs:
 	python tools/build_docs.py
 
 # The CUDA half in one command on a lent GPU machine (bench/gpu_check.py, through bench/gpu_check.sh). Here: `make gpu-wheels` (fastai, nbdev and
-# their pure-Python needs as wheels in .whl/, by the workplace's ../shared/gpu/prepare-wheels.sh) and `make gpu-dry-run` (the same command on the
-# CPU, CUDA-only checks skipped); then the device call `bash bench/gpu_check.sh` with carry [".whl"], its results under $$OUT.
-GPU_WHEELS = nbdev==3.3.26 execnb==0.3.4 ipython==9.18.1 ipython-pygments-lexers jedi parso matplotlib-inline pexpect ptyprocess prompt_toolkit \
+# their pure-Python needs as wheels for the GPU image's Python 3.12 in .whl/, which .gitignore ignores; the list of ../shared/gpu/prepare-wheels.sh
+# plus nbdev's) and `make gpu-dry-run` (the same command on the CPU, CUDA-only checks skipped); then the device call `bash bench/gpu_check.sh`
+# with carry [".whl"], its results under $$OUT.
+GPU_WHEELS = fastai==2.8.12 fastcore fastprogress fastdownload fasttransform "plum-dispatch<2.10" beartype \
+	nbdev==3.3.26 execnb==0.3.4 ipython==9.18.1 ipython-pygments-lexers jedi parso matplotlib-inline pexpect ptyprocess prompt_toolkit \
 	wcwidth stack_data executing asttokens pure_eval traitlets decorator astunparse fastgit ghapi fastspec fasttransport watchdog
 gpu-wheels:
-	bash ../shared/gpu/prepare-wheels.sh $(GPU_WHEELS)
+	mkdir -p .whl && python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl $(GPU_WHEELS)
+	du -sh .whl
 
 gpu-dry-run:
 	bash bench/gpu_check.sh --dry-run --out bench/out/gpu-dry

@@ -1,6 +1,6 @@
 """The CUDA half in one command (issue 19): everything cnn_cost says about a GPU, checked against PyTorch's own tools in one short run.
 
-    python bench/gpu_check.py              # on a CUDA GPU: every part in priority order within --budget seconds (default 450)
+    python bench/gpu_check.py              # on a CUDA GPU: every part in priority order within --budget seconds (default 420)
     python bench/gpu_check.py --dry-run    # on any machine: the same code on the CPU at small sizes; only what needs CUDA is skipped
     make gpu-wheels && make gpu-dry-run    # here first: fastai and nbdev as wheels into .whl/ (the GPU image has neither), then the CPU dry run
     device tool: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=560), then give_back; the reply's files hold the results
@@ -11,7 +11,7 @@ Parts, in priority order; each is skipped (and says so) once the budget is spent
    numbers in the backward); resnet50 64 x 3 x 224², fp32 and `to_fp16()`, and the seed setup (fastai resnet18, 64 real digits at 28²);
    `cost_summary`'s eval forward of resnet50 against the profiler too (bench/accuracy_vs_profiler.py's `compare`).
 2. starved: how busy the GPU was in the profiled batches of part 1 (`kernel_busy_us` / wall) beside the rows' launch share; and the launch
-   queue as `CUDAClock.queue_ms` reads it at every stamp on a model that starves the GPU and on one that does not (calibrates `launch_tol_ms`).
+   queue as `CUDAClock.queue_ms` reads it on an idle GPU (noise, drift) and at every stamp on a model that starves the GPU and on one that does not.
 3. memory: predicted peak vs `torch.cuda.max_memory_allocated` (resnet50, vit_b_16; fp32, fp16); predicted largest batch vs trial under a
    memory cap; the checkpointing plan's peak, predicted vs real.
 4. overhead: hooked / plain forward (resnet50 bs64 224², `model_cost`'s paired rounds); profiled / unprofiled training batch (`every=2`).
@@ -62,7 +62,8 @@ def setups():
 # ---------------------------------------------------------------- part 1 and 2: per-layer truth, starved GPU
 def compare_rows(s, ref, min_us):
     "Rows of a `CostProfiler` summary `s` beside the profiler's medians `ref` ({'fwd': {name: µs}, 'bwd': ...}); stats of those above `min_us`"
-    df = s.df; names = set(df.name)
+    df = s.df
+    timed = dict(fwd=set(df.name[df.time_ms.notna()]), bwd=set(df.name[df.bwd_ms.notna()]) if 'bwd_ms' in df else set())  # rows with a time in that pass
     rows = []
     for _,r in df.iterrows():
         f,b = ref['fwd'].get(r['name']),ref['bwd'].get(r['name'])
@@ -75,7 +76,7 @@ def compare_rows(s, ref, min_us):
         tot = sum(ref[k].values())
         return dict(n_above=len(big), within_10pct=int((abs(rat-1)<=0.1).sum()), ratio_median=float(np.nanmedian(rat)),
                     ratio_min=float(np.nanmin(rat)), ratio_max=float(np.nanmax(rat)),
-                    ref_covered=sum(v for n,v in ref[k].items() if n in names)/tot if tot else np.nan,  # profiler time in modules that have a row
+                    ref_covered=sum(v for n,v in ref[k].items() if n in timed[k])/tot if tot else np.nan,  # profiler time in modules with a timed row
                     cc_sum_ms=float(np.nansum([x[f'cc_{k}_ms'] or 0 for x in rows])), ref_sum_ms=tot/1e3)
     return rows, dict(fwd=stats('fwd'), bwd=stats('bwd'))
 
@@ -130,8 +131,8 @@ def part_truth(out):
     return res
 
 def part_starved(out):
-    "The launch queue as `CUDAClock.queue_ms` reads it at every stamp of a hooked pass, on a model that starves the GPU and on one that does not, beside the profiler's GPU busy share: calibrates `launch_tol_ms`"
-    from cnn_cost.timing import TimeHooks, clock_for, launch_tol_ms
+    "The launch queue as `CUDAClock.queue_ms` reads it on an idle GPU (its noise and drift) and at every stamp of a hooked pass, on a model that starves the GPU and on one that does not, beside the profiler's GPU busy share"
+    from cnn_cost.timing import TimeHooks, clock_for
     from torch.profiler import profile, ProfilerActivity
     from profiler_refs import kernel_busy_us
     torch.manual_seed(0)
@@ -139,6 +140,14 @@ def part_starved(out):
     cases = {'50 x Linear(8,8), batch 4': (nn.Sequential(*[nn.Linear(8, 8) for _ in range(50)]), torch.randn(4, 8)),
              f'resnet50 {bs}x3x{size}²': (torchvision.models.resnet50().eval(), torch.randn(bs, 3, size, size))}
     res = {}
+    if dev()=='cuda':  # an idle GPU: events 50 ms apart should read a queue of about 0; their spread and drift bound the error of `CUDAClock.busy`
+        clock = clock_for('cuda'); clock.sync(); clock.reset(); st = []
+        for _ in range(21): st.append(clock.stamp()); time.sleep(0.05)
+        clock.sync()
+        q = np.array([clock.queue_ms(e) for e in st]); h = np.array([(e.host-st[0].host0)/1e9 for e in st])
+        res['idle GPU, 21 events 50 ms apart'] = dict(queue_ms_min=float(q.min()), queue_ms_max=float(q.max()), queue_ms_p50=float(np.median(q)),
+                                                       drift_us_per_s=float(np.polyfit(h, q*1e3, 1)[0]), host_reads='before and after each record')
+        log(f"  idle calibration: {res['idle GPU, 21 events 50 ms apart']}")
     for name,(m,x) in cases.items():
         m,x = m.to(dev()),x.to(dev())
         mods = list(m.modules()); clock = clock_for(dev())
@@ -151,8 +160,9 @@ def part_starved(out):
                 t = time.perf_counter(); m(x); sync(); wall = (time.perf_counter()-t)*1e6
         busy = kernel_busy_us(p)/wall if dev()=='cuda' else None
         ln = np.sum(th.launch)/sum(ts)  # NaN on a CPU: no launch queue
+        hq = np.array([clock.host_ms(a, b) for (a,_),(b,_) in zip(th.marks, th.marks[1:])]) if dev()=='cuda' else np.array([np.nan])
         res[name] = dict(stamps=len(q), queue_ms_min=float(np.nanmin(q)), queue_ms_p10=float(np.nanpercentile(q, 10)), queue_ms_p50=float(np.nanmedian(q)),
-                         queue_ms_p90=float(np.nanpercentile(q, 90)), queue_ms_max=float(np.nanmax(q)), launch_tol_ms=launch_tol_ms,
+                         queue_ms_p90=float(np.nanpercentile(q, 90)), queue_ms_max=float(np.nanmax(q)), stretch_host_ms_p50=float(np.nanmedian(hq)),
                          launch_share=float(ln), gpu_busy_share=busy)
         log(f'  {name}: {res[name]}')
     return res
@@ -181,6 +191,7 @@ def part_memory(out):
         trial = None
         if dev()=='cuda':
             torch.cuda.empty_cache(); frac = cap*2**30/torch.cuda.get_device_properties(0).total_memory
+            log(f'  before the trial: {torch.cuda.memory_allocated():,} B allocated, {torch.cuda.memory_reserved():,} B reserved (count against the cap)')
             torch.cuda.set_per_process_memory_fraction(frac)
             try: trial = trial_max_batch(lambda b: tv('resnet50', b, size, 1), start=16, max_bs=4096)
             finally: torch.cuda.set_per_process_memory_fraction(1.); torch.cuda.empty_cache()
@@ -199,6 +210,7 @@ def part_memory(out):
             pred = learn.memory_summary(device='cuda').peak
             real = cuda_peak(learn) if dev()=='cuda' else None
             res['plan'] = dict(model=f'resnet50 {bs}x3x{size}²', budget=int(0.7*base), unplanned_pred=int(base), blocks=len(k.blocks), plan_peak=int(k.peak),
+                               plan_fits_budget=bool(k.fits),
                                summary_peak=int(pred), max_memory_allocated=real, error=pred/real-1 if real else None)
         else: res['plan'] = dict(note='the plan suggested no checkpointing', options=[o.name for o in plan.options])
         log(f"  plan {res['plan']}")
@@ -233,7 +245,8 @@ def part_overhead(out):
     cp = CostProfiler(skip=3, every=2, n_batches=6)
     with learn.no_logging(), learn.no_bar(): learn.fit(1, cbs=[cp, st])
     ts,prof = st.ts,{b['iter'] for b in cp.batches}
-    rat = [ts[i]/((ts[i-1]+ts[i+1])/2) for i in sorted(prof) if 0<i<len(ts)-1 and i-1 not in prof and i+1 not in prof]
+    ok = lambda j: j not in prof and j>cp.counted_iter  # a neighbour neither profiled nor the MAC-counting batch
+    rat = [ts[i]/((ts[i-1]+ts[i+1])/2) for i in sorted(prof) if 0<i<len(ts)-1 and ok(i-1) and ok(i+1)]
     res['profiled_over_unprofiled'] = dict(setup=f'resnet50 {bs}x3x{size}² training batch', median=float(np.median(rat)), min=float(min(rat)),
                                            max=float(max(rat)), n=len(rat), step_ms=float(np.median([ts[i] for i in range(len(ts)) if i not in prof and i>2])))
     log(f"  profiled/unprofiled batch {res['profiled_over_unprofiled']}")
@@ -310,7 +323,7 @@ def markdown(R):
                 L.append(f"| {t['setup']} | eval forward (`cost_summary`) | {r['n_layers_above_min']} | {r['within_10pct']} | {r['ratio_median']:.3f} "
                          f"({r['ratio_min']:.3f}–{r['ratio_max']:.3f}) | | {r['sum_cnn_cost_ms']:.2f} / {r['sum_profiler_ms']:.2f} |")
             else: L.append(f"| {t['setup']} | {t.get('skipped') or 'error: see gpu_check.log'} | | | | | |")
-        L += ['', '### GPU waiting for the host', '', '| setup | GPU busy / wall, plain batches | with the profiler\'s ranges | cnn_cost: forward launch share | backward launch share |',
+        L += ['', '### GPU waiting for the host', '', '| setup | GPU busy / wall, batches without ranges (CUPTI on) | with the profiler\'s ranges | cnn_cost: forward launch share | backward launch share |',
               '|---|---:|---:|---:|---:|']
         L += [f"| {t['setup']} | {fmt(t.get('gpu_busy_share_plain'))} | {fmt(t.get('gpu_busy_share'))} | {fmt(t.get('launch_share'))} | {fmt(t.get('bwd_launch_share'))} |"
               for t in truth if 'launch_share' in t]
@@ -332,13 +345,20 @@ def markdown(R):
     L += [f"Seconds per part: {R.get('seconds')}"]
     return '\n'.join(L)
 
+def write(R, out):
+    "gpu_check.json, .md and .log as they stand"
+    (out/'gpu_check.json').write_text(json.dumps(R, indent=1, default=str))
+    try: (out/'gpu_check.md').write_text(markdown(R))
+    except Exception: log(traceback.format_exc())
+    (out/'gpu_check.log').write_text('\n'.join(LOG))
+
 PARTS = dict(truth=part_truth, starved=part_starved, memory=part_memory, overhead=part_overhead, tests=part_tests, tools=part_tools)
 
 def main():
     global A
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--dry-run', action='store_true', help='run on the CPU at small sizes, skipping only what needs CUDA')
-    ap.add_argument('--budget', type=float, default=450., help='seconds of wall time for all parts (the lease is 15 minutes, a start included)')
+    ap.add_argument('--budget', type=float, default=420., help='seconds of wall time for all parts (the lease is 15 minutes, a start included)')
     ap.add_argument('--parts', default=','.join(PARTS), help=f'comma-separated, in order: {",".join(PARTS)}')
     ap.add_argument('--min-us', type=float, default=50.)
     ap.add_argument('--out', default=os.environ.get('OUT') or str(ROOT/'bench/out/gpu'))
@@ -357,15 +377,14 @@ def main():
         try: R[name] = PARTS[name](tdir if name=='truth' else out)
         except Exception: log(traceback.format_exc()); R[name] = dict(error=traceback.format_exc())
         R.setdefault('seconds', {})[name] = time.perf_counter()-t
-        (out/'gpu_check.json').write_text(json.dumps(R, indent=1, default=str))  # after every part: a run cut short keeps what it measured
+        write(R, out)  # after every part: a run cut short keeps what it measured
     with tarfile.open(out/'traces.tar.gz', 'w:gz') as tf:  # the device tool brings back files of up to 16 MiB: the smallest traces first, until 12 MB
         for f in sorted(tdir.glob('*.json'), key=lambda f: f.stat().st_size):
             if (out/'traces.tar.gz').stat().st_size + f.stat().st_size/8 > 12e6: log(f'  trace {f.name} left out: too large to bring back'); continue
             tf.add(f, arcname=f.name)
     for f in tdir.glob('*.json'): f.unlink()
     tdir.rmdir()
-    (out/'gpu_check.md').write_text(markdown(R))
-    (out/'gpu_check.log').write_text('\n'.join(LOG))
+    write(R, out)
     log(f'done in {time.perf_counter()-T0:.0f}s; files in {out}: {sorted(p.name for p in out.iterdir())}')
 
 if __name__ == '__main__': main()

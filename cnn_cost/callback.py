@@ -236,7 +236,6 @@ def _one_batch(self:CostProfiler):
             return self._count()
         cw = CPUWait()  # run-queue wait over the batch, read before and after it, never in a hook
         with self.hooks as h:
-            h.clock.sync()  # on a GPU the batch starts with nothing queued, as `CUDAClock.queue_ms` needs; outside every hook
             h.start(); ev = self._ev; cw.start(); ev['start'] = h.clock.stamp()
             try: self._orig()
             finally: ev['end'] = h.clock.stamp(); self._wait = cw.stop()

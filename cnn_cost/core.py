@@ -136,7 +136,7 @@ class LayerRecord:
     times:list=field(default_factory=list) # measured forward ms, one per repeat
     bwd_times:list=field(default_factory=list) # measured backward ms, one per profiled training batch (`CostProfiler`), a recompute included
     recompute_times:list=field(default_factory=list) # the part of `bwd_times` spent recomputing the forward (activation checkpointing)
-    launch_times:list=field(default_factory=list) # the part of each of `times` the GPU spent waiting for the host (`waited_ms`): launch time; NaN on a CPU
+    launch_times:list=field(default_factory=list) # the part of each of `times` in which the GPU may have waited for the host (`waited_ms`); NaN on a CPU
     bwd_launch_times:list=field(default_factory=list) # the same for `bwd_times`
     saved_bytes:int=0                     # bytes saved for backward (measured, parameters excluded)
     mem_bytes:int=0                       # CUDA allocator growth across the layer's forward

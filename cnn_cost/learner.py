@@ -102,8 +102,7 @@ def costed(units, recs):
 # %% ../nbs/05_learner.ipynb #cb8ea37d
 def _hooked(fwd, mods, clock):
     """ms of one `fwd()` with `TimeHooks` on `mods`, the ms charged to each module (NaN for one whose hooks never fired: not timed), and the part
-    of each the GPU spent waiting for the host (`TimeHooks.launch`; NaN on a CPU). The pass starts after a synchronize, as `CUDAClock.queue_ms` needs"""
-    clock.sync()
+    of each in which the GPU may have waited for the host (`TimeHooks.launch`; NaN on a CPU). `TimeHooks.start` synchronizes first"""
     with TimeHooks(mods, clock) as th:
         th.start(); a = clock.stamp(); fwd(); b = clock.stamp()
         ts,ran = th.times(),{i for _,i in th.marks}

@@ -126,7 +126,7 @@ def total_time_ms(self:CostSummary): return self.df.time_ms.sum(min_count=1)  # 
 def has_bwd(self:CostSummary): return 'bwd_ms' in self.df
 @patch(as_prop=True)
 def launch_share(self:CostSummary):
-    "Share of the rows' forward time the GPU spent waiting for the host (`launch_ms`, from `waited_ms`): 0 when it ran ahead throughout, NaN on a CPU"
+    "Share of the rows' forward time in which the GPU may have waited for the host (`launch_ms`, from `waited_ms`): about 0 when it ran ahead throughout, NaN on a CPU"
     return self.df.launch_ms.sum()/self.total_time_ms if 'launch_ms' in self.df else np.nan
 @patch(as_prop=True)
 def bwd_launch_share(self:CostSummary):
@@ -297,15 +297,17 @@ def _launch_lines(self:CostSummary):
     for what,col,tot,sh in [('forward', 'time_ms', 'launch_ms', self.launch_share), ('backward', 'bwd_ms', 'bwd_launch_ms', self.bwd_launch_share)]:
         if sh!=sh: continue
         if sh <= launch_share_max:
-            res.append(f"GPU ahead of the host in the {what}: work was queued at the end of {100*(1-sh):.0f}% of the rows' time, so the {what} "
-                       f"row times are the GPU's own (CUDA events: kernels and the gaps between them), not launch time (`{tot}`)")
+            res.append(f"GPU ahead of the host in the {what}: {100*(1-sh):.0f}% of the rows' time ran with more work queued on the GPU than the host "
+                       f"took to launch the next, so those row times are the GPU's own (CUDA events: kernels and the gaps between them), not launch "
+                       f"time; the rest may hold time the GPU waited for the host (`{tot}`)")
             continue
         d = self.df[self.df[tot]>0].sort_values(tot, ascending=False)
         top = ', '.join(f"{r.name or r.type} ({getattr(r, tot):.3f} of {getattr(r, col):.3f} ms)" for r in d.head(5).itertuples())
-        res.append(f"GPU waiting for the host in the {what}: {100*sh:.0f}% of the rows' time ran in stretches that ended with nothing queued "
-                   f"on the GPU ({len(d)} row{'s'*(len(d)!=1)}, `{tot}`; most: {top}). There a row's time is how fast the host launched its kernels, an upper "
-                   f"bound on what they cost the GPU, not the cost itself. For kernel times: a larger batch (the GPU then runs ahead of Python) "
-                   f"or `torch.profiler`'s kernel times. Measured with the hooks on: their host time adds to the launches")
+        res.append(f"GPU waiting for the host in the {what}: {100*sh:.0f}% of the rows' time ran in stretches in which the GPU may have waited "
+                   f"for the host, having less work queued than the host took to launch the next ({len(d)} row{'s'*(len(d)!=1)}, `{tot}`; most: {top}). "
+                   f"There a row's time is an upper bound on what it costs the GPU, up to pure launch time, not the cost itself. For kernel times: "
+                   f"a larger batch (the GPU then runs ahead of Python) or `torch.profiler`'s kernel times. Measured with the hooks on: their host "
+                   f"time adds to the launches")
     return res
 
 # %% ../nbs/03_summary.ipynb #2ff08449

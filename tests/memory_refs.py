@@ -78,6 +78,9 @@ def fits(make, bs):
         with learn.no_logging(), learn.no_bar(): learn.fit(1)
         return True
     except torch.OutOfMemoryError: return False
+    except RuntimeError as e:  # cuBLAS or cuDNN failing to allocate their workspace is running out of memory too
+        if any(k in str(e) for k in ('ALLOC_FAILED', 'out of memory')): return False
+        raise
     finally:
         del learn
         import gc; gc.collect(); torch.cuda.empty_cache()

@@ -15,19 +15,25 @@ from fastai.callback.core import Callback
 
 _node = 'autograd::engine::evaluate_function: '
 
+class _OpenRanges:
+    "A handle whose `remove` drops the ranges left open on `mods`: torch stops a non-reentrant recompute inside a module, before its post-hook runs"
+    def __init__(self, mods): self.mods = mods
+    def remove(self):
+        for m in self.mods: m.__dict__.pop('_cc_rf', None)
+
 def range_hooks(model, leaves_only=False, prefix='cc::'):
     "Wrap every module call of `model` (or only its leaves) in a `record_function` range `<prefix><qualified name>`; returns the hook handles"
-    hs = []
+    hs,mods = [],[]
     for n,m in model.named_modules():
         if leaves_only and (not n or list(m.children())): continue
         def pre(m, a, n=n): m.__dict__.setdefault('_cc_rf', []).append(record_function(prefix+n)); m._cc_rf[-1].__enter__()
         def post(m, a, o): m._cc_rf.pop().__exit__(None, None, None)
-        hs += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    return hs
+        hs += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]; mods.append(m)
+    return hs + [_OpenRanges(mods)]
 
 def _own_us(e, device):
     "An op's own time: its kernels' on a GPU (each kernel once, through the op that launched it), else its CPU time; 0 for ranges and device events"
-    if e.name.startswith('cc::') or e.device_type!=torch.autograd.DeviceType.CPU: return 0.  # a range's own time is its bookkeeping
+    if e.name.startswith('cc::') or e.is_user_annotation or e.device_type!=torch.autograd.DeviceType.CPU: return 0.  # a range's own time is bookkeeping
     return e.self_device_time_total if device=='cuda' else e.self_cpu_time_total
 
 def attribute(events, device='cpu'):
@@ -35,41 +41,49 @@ def attribute(events, device='cpu'):
     each op's own time (`_own_us`) charged as the module docstring says. Module names are qualified names ('' the root)"""
     fwd,bwd,rec = defaultdict(float),defaultdict(float),defaultdict(float)
     res = dict(fwd=fwd, bwd=bwd, recompute=rec, loss=0., outside=0.)
+    evs = sorted(events, key=lambda e: e.time_range.start)
     anc = {}
-    def chain(e):  # (innermost range, outermost node) above and at `e`
+    def chain(e):
+        "(innermost range below the innermost node, innermost node, outermost node) at or above `e`"
         k = id(e)
         if k not in anc:
             p = e.cpu_parent
-            rng,node = chain(p) if p is not None else (None, None)
-            if e.name.startswith(_node) and node is None: node = e
+            rng,inner,outer = chain(p) if p is not None else (None, None, None)
+            if e.name.startswith(_node): rng,inner,outer = None,e,outer or e
             elif e.name.startswith('cc::'): rng = e
-            anc[k] = (rng, node)
+            anc[k] = (rng, inner, outer)
         return anc[k]
-    evs = sorted(events, key=lambda e: e.time_range.start)
+    # the module of each autograd sequence number: that of the LAST op that carried it, the one that made the node (ops that make no node, such as
+    # `argmax` or `detach`, carry the number the next node will take); ops of a recompute count too: a reentrant checkpoint's nested backward runs their nodes
     seq2mod = {}
-    for e in evs:  # forward ops that made autograd nodes, and the module running them
-        rng,node = chain(e)
-        if node is None and rng is not None and e.sequence_nr>=0: seq2mod.setdefault((e.thread, e.sequence_nr), rng.name[4:])
+    for e in evs:
+        rng = chain(e)[0]
+        if rng is not None and e.sequence_nr>=0: seq2mod[(e.thread, e.sequence_nr)] = rng.name[4:]
     node_mod,last = {},{}
     for e in evs:  # each node's module, in the order autograd ran them on each thread
-        if not e.name.startswith(_node) or e.cpu_parent is not None: continue
-        m = seq2mod.get((e.fwd_thread, e.sequence_nr)) if e.sequence_nr>=0 else None
-        if m is None and 'AccumulateGrad' in e.name: m = last.get(e.thread)
+        if not e.name.startswith(_node): continue
+        acc = 'AccumulateGrad' in e.name
+        m = last.get(e.thread) if acc else seq2mod.get((e.fwd_thread, e.sequence_nr)) if e.sequence_nr>=0 else None
         node_mod[id(e)] = m
-        if m is not None: last[e.thread] = m
-        elif 'AccumulateGrad' not in e.name: last[e.thread] = None  # a loss node: the parameters' gradients after it are not a module's
+        if not acc: last[e.thread] = m  # a loss node: the parameters' gradients after it are not a module's
+    bm = {}
+    def bmod(e):
+        "The module of the innermost node at or above `e` that has one"
+        k = id(e)
+        if k not in bm:
+            m = node_mod.get(k)  # '' (the root) is a module too
+            bm[k] = m if m is not None else bmod(e.cpu_parent) if e.cpu_parent is not None else None
+        return bm[k]
     for e in evs:
         us = _own_us(e, device)
         if not us: continue
-        rng,node = chain(e)
-        if node is not None and rng is not None:  # a range inside a node: the forward recomputed in backward, the recomputed module's backward work
-            bwd[rng.name[4:]] += us; rec[rng.name[4:]] += us
-        elif node is not None:
-            m = node_mod.get(id(node))
-            if m is None: res['loss'] += us
-            else: bwd[m] += us
-        elif rng is not None: fwd[rng.name[4:]] += us
-        else: res['outside'] += us
+        rng,inner,outer = chain(e)
+        if outer is None:
+            if rng is not None: fwd[rng.name[4:]] += us
+            else: res['outside'] += us
+        elif rng is not None: bwd[rng.name[4:]] += us; rec[rng.name[4:]] += us  # forward ops run again inside the backward: the recomputed module's
+        elif (m:=bmod(e)) is not None: bwd[m] += us
+        else: res['loss'] += us
     return res
 
 def _device_work(prof):

@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np, pytest, torch, torch.nn as nn, torch.nn.functional as F
 from torch.profiler import profile, ProfilerActivity
 from torch.utils.checkpoint import checkpoint
-from profiler_refs import range_hooks, attribute, _own_us, RefProfiler, median_split
+from collections import defaultdict
+from profiler_refs import range_hooks, attribute, _own_us, _node, RefProfiler, median_split
 from cnn_cost.all import *
 
 class Block(nn.Module):
@@ -64,6 +65,95 @@ def test_recompute_is_backward_work():
     assert set(ck['recompute']) == {'1.c'} and ck['recompute']['1.c'] > 0
     assert ck['bwd']['1.c'] > ck['recompute']['1.c']  # the conv's backward holds its recompute and its gradient
     assert '1.c' in ck['fwd'] and not plain['recompute']
+
+# A second method for the backward split: sequence-number markers. A marker (a clone of a fresh leaf, which makes one node) in every module's pre-
+# and post-hook reads the thread's autograd sequence counter, so each module call holds an interval of numbers; a node belongs to the innermost
+# module whose interval holds its number. It runs on a second step, matched to the first node by node.
+def _mark():
+    with torch.enable_grad(): return torch.zeros(1, requires_grad=True).clone().grad_fn._sequence_nr()
+
+def _marker_split(model, loss, steps=2):
+    "{module: µs} of each top-level backward node (own time and its descendants') by the marker method, and the reference's split of the same step"
+    log,hs = [],range_hooks(model)
+    try:
+        for _ in range(steps): loss(model).backward()
+        with profile(activities=[ProfilerActivity.CPU]) as p: loss(model).backward()
+        for n,m in model.named_modules():
+            hs += [m.register_forward_pre_hook(lambda m, a, n=n: log.append(('in', n, _mark()))),
+                   m.register_forward_hook(lambda m, a, o, n=n: log.append(('out', n, _mark())))]
+        with profile(activities=[ProfilerActivity.CPU]) as q: loss(model).backward()
+    finally:
+        for h in hs: h.remove()
+    ivs,st = [],[]
+    for k,n,sq in log:
+        if k=='in': st.append((n, sq))
+        elif st and st[-1][0]==n: n0,s0 = st.pop(); ivs.append((s0, sq, n0, len(st)))
+    owner = lambda sq: max([(d, n) for a,b,n,d in ivs if a<sq<b], default=(0, None))[1]
+    tops = lambda evs: [e for e in sorted(evs, key=lambda e: e.time_range.start) if e.name.startswith(_node) and e.cpu_parent is None]
+    a,b = tops(p.events()),tops(q.events())
+    assert [e.name for e in a]==[e.name for e in b]
+    res,last = defaultdict(float),None
+    for e,f in zip(a, b):
+        acc = 'AccumulateGrad' in e.name
+        m = last if acc else owner(f.sequence_nr) if f.sequence_nr>=0 else None
+        if not acc: last = m
+        res['loss' if m is None else m] += sum(_own_us(c, 'cpu') for c in [e, *_desc(e)])
+    return res,attribute(p.events())
+
+class ArgOut(nn.Module):
+    "Ends with an op that makes no node (`argmax`): it carries the number the next module's first node takes"
+    def __init__(self): super().__init__(); self.l = nn.Linear(8, 8)
+    def forward(self, x): y = self.l(x); self.idx = y.argmax(1); return y
+class Shared(nn.Module):
+    "One module called twice, and a module's `forward` called directly (its ops are the caller's)"
+    def __init__(self): super().__init__(); self.a,self.b = nn.Linear(8, 8),nn.Linear(8, 4)
+    def forward(self, x): return self.b.forward(torch.relu(self.a(self.a(x))))
+class LSTMNet(nn.Module):
+    def __init__(self): super().__init__(); self.lstm,self.head = nn.LSTM(8, 8, batch_first=True),nn.Linear(8, 4)
+    def forward(self, x): return self.head(self.lstm(x[:, None].repeat(1, 5, 1))[0][:, -1])
+class MHANet(nn.Module):
+    def __init__(self): super().__init__(); self.mha,self.head = nn.MultiheadAttention(8, 2, batch_first=True),nn.Linear(8, 4)
+    def forward(self, x): s = x[:, None].repeat(1, 3, 1); return self.head(self.mha(s, s, s)[0].mean(1))
+class Inplace(nn.Module):
+    def __init__(self): super().__init__(); self.c,self.r,self.head = nn.Conv1d(1, 2, 3, padding=1),nn.ReLU(inplace=True),nn.Linear(16, 4)
+    def forward(self, x): y = self.c(x[:, None]); y.mul_(2); return self.head(self.r(y).flatten(1))
+class LossInside(nn.Module):
+    def __init__(self): super().__init__(); self.l,self.crit = nn.Linear(8, 4),nn.CrossEntropyLoss()
+    def forward(self, x, y): return self.crit(self.l(x), y)
+class GAN(nn.Module):
+    "Two models in one step, the critic run on a detached and a live generator output"
+    def __init__(self): super().__init__(); self.G,self.D = nn.Sequential(nn.Linear(8, 8), nn.Tanh()),nn.Sequential(nn.Linear(8, 1))
+    def forward(self, z): f = self.G(z); return self.D(f.detach()).mean() - self.D(f).mean()
+
+_X,_Y = torch.randn(4, 8),torch.randint(0, 4, (4,))
+_ce = lambda m: F.cross_entropy(m(_X), _Y)
+@pytest.mark.parametrize('make,loss', [(lambda: nn.Sequential(ArgOut(), nn.Linear(8, 4)), _ce), (Shared, _ce), (LSTMNet, _ce), (MHANet, _ce),
+                                       (Inplace, _ce), (LossInside, lambda m: m(_X, _Y)), (GAN, lambda m: m(_X))],
+                         ids=['argmax', 'shared', 'lstm', 'mha', 'inplace', 'loss_inside', 'gan'])
+def test_nodes_match_sequence_markers(make, loss):
+    "Each backward node is charged to the module the marker method gives (found in review: the first op carrying a number is not always its node's maker)"
+    torch.manual_seed(0)
+    exp,r = _marker_split(make(), loss)
+    got = dict(r['bwd'], loss=r['loss'])
+    assert set(k for k,v in got.items() if v) == set(k for k,v in exp.items() if v)
+    for k in exp: np.testing.assert_allclose(got.get(k, 0.), exp[k], rtol=1e-9, atol=1e-6, err_msg=k)
+
+def test_reentrant_checkpoint():
+    "A reentrant checkpoint's nested backward is the inner modules' work, as cnn_cost's hooks charge it, not the caller's"
+    class Ck(nn.Module):
+        def __init__(self): super().__init__(); self.inner,self.head = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 8)),nn.Linear(8, 4)
+        def forward(self, x): return self.head(checkpoint(self.inner, x, use_reentrant=True))
+    torch.manual_seed(0)
+    m,x = Ck(),_X.clone().requires_grad_()
+    hs = range_hooks(m)
+    try:
+        for _ in range(2): F.cross_entropy(m(x), _Y).backward()
+        with profile(activities=[ProfilerActivity.CPU]) as p: F.cross_entropy(m(x), _Y).backward()
+    finally:
+        for h in hs: h.remove()
+    r = attribute(p.events())
+    for n in ('inner.0', 'inner.2'): assert r['bwd'][n] > r['recompute'][n] > 0  # recomputed, and their gradients computed, inside the caller's node
+    assert not any('_cc_rf' in vars(mod) for mod in m.modules())  # no range left on the modules
 
 def test_ref_profiler_beside_cost_profiler():
     "On fastai training batches, the reference charges backward time to the same layers cnn_cost's rows time, and both cover the whole backward"
