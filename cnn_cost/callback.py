@@ -35,15 +35,12 @@ class TrainHooks(TimeHooks):
         self.leaf,self.sth = list(leaf),None
         self.cuda = isinstance(clock, CUDAClock)
         self.armed,self.saves,self.mstack = set(),[],[]
-        self.mem = [0]*len(self.mods)
+        self.mem,self.pack_ns = [0]*len(self.mods),[0]*len(self.mods)
 
     def __enter__(self):
         try:
             for i,(m,lf) in enumerate(zip(self.mods, self.leaf)):
-                if not lf: continue
-                # registered before `TimeHooks`' post-hook so that arming is charged to the layer itself, not to its parent
-                self.hs.append(m.register_forward_hook(self._arm(i)))
-                if self.cuda: self.hs += [m.register_forward_pre_hook(self._mem_pre), m.register_forward_hook(self._mem_post(i))]
+                if lf and self.cuda: self.hs += [m.register_forward_pre_hook(self._mem_pre), m.register_forward_hook(self._mem_post(i))]
             super().__enter__()
             self.sth = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack); self.sth.__enter__()
         except BaseException: self.remove(); raise
@@ -56,22 +53,48 @@ class TrainHooks(TimeHooks):
     def start(self):
         super().start()
         for o in (self.armed,self.saves,self.mstack): o.clear()
-        self.mem = [0]*len(self.mods)
+        self.mem,self.pack_ns = [0]*len(self.mods),[0]*len(self.mods)
+
+    def _post_hook(self, i):
+        "A leaf's post-hook: its row ends, then its output-gradient hooks are armed in a stretch marked -2: cnn_cost's bookkeeping, charged to no row"
+        post = self._post()
+        if not self.leaf[i]: return post
+        arm,stamp,phase = self._arm(i),self.clock.stamp,self.tracker.phase
+        def f(m, args, out):
+            if phase()!='fwd': arm(m, args, out); return post(m, args, out)  # a recompute is backward work: arming is part of it
+            marks = self.marks  # `start` replaces the list
+            post(m, args, out); t,j = marks[-1]; marks[-1] = (t, -2)
+            arm(m, args, out); marks.append((stamp(), j))
+        return f
 
     def _arm(self, i):
         stamp,armed = self.clock.stamp,self.armed
         def hook(g): self.bmarks.append((stamp(), i, 0))  # armed in the forward, or in a reentrant recompute whose graph the backward runs
         def f(m, args, out):
-            for o in flat_tensors(out):
-                if not o.requires_grad or o.grad_fn is None: continue
-                k = (o.grad_fn, o.output_nr)  # an output passed through unchanged (`nn.Identity`) is armed once, by its producer
-                if k not in armed: armed.add(k); o.register_hook(hook)
+            with torch._C.DisableTorchFunctionSubclass():  # fastai's `TensorImage` would run its `__torch_function__` on each attribute: 20 µs a layer
+                for o in flat_tensors(out):
+                    if not o.requires_grad or o.grad_fn is None: continue
+                    k = (o.grad_fn, o.output_nr)  # an output passed through unchanged (`nn.Identity`) is armed once, by its producer
+                    if k not in armed: armed.add(k); o.register_hook(hook)
         return f
 
     def _pack(self, t):
-        if self.tracker.phase()=='fwd':  # what the forward keeps; a recompute's saves live inside the backward
-            s = self.stack; self.saves.append((s[-1] if s else -1, _ptr(t), t.numel()*t.element_size()))
-        return t.detach()  # not `t`: a saved output would then hold its own grad_fn, a reference cycle
+        "Record a saved tensor's module, storage and bytes; on the CPU its own time (`pack_ns`) is taken out of the module's row by `times`"
+        if self.tracker.phase()!='fwd': return t.detach()  # what the forward keeps; a recompute's saves live inside the backward
+        a = time.perf_counter_ns()
+        with torch._C.DisableTorchFunctionSubclass():
+            s = self.stack; i = s[-1] if s else -1
+            self.saves.append((i, _ptr(t), t.numel()*t.element_size()))
+            res = t.detach()  # not `t`: a saved output would then hold its own grad_fn, a reference cycle
+        if i>=0: self.pack_ns[i] += time.perf_counter_ns()-a
+        return res
+
+    def times(self):
+        "`TimeHooks.times`; on the CPU less the saved-tensor hooks' own time in each module, which goes to `book`"
+        res = super().times()
+        if self.clock.queued: return res  # on a GPU the host's hook time is no GPU time (if the GPU waited, `launch` says so)
+        self.book += sum(self.pack_ns)/1e6
+        return [r-p/1e6 for r,p in zip(res, self.pack_ns)]
 
     def _mem_pre(self, m, args):
         if self.tracker.phase()=='fwd': self.mstack.append(torch.cuda.memory_allocated())
@@ -257,7 +280,7 @@ def _collect(self:CostProfiler):
     pat,inl = (0,False) if self.compiled else (self._pattern((self._label, tuple(h.calls))), len(h.marks)>self._n_pred)
     nan = [np.nan]*len(fwd)  # launch time: NaN on a CPU, for a compiled model (`StepHooks`), and for a batch with no backward
     ln,bln = list(getattr(h, 'launch', nan)),(list(getattr(h, 'bwd_launch', nan)) if 'after_backward' in ev else nan)
-    self.batches.append(dict(iter=self._iter, fwd=fwd, bwd=bwd, rec=rec, launch=ln, bwd_launch=bln, saved=saved, saved_total=saved_tot, mem=list(h.mem), step=st,
+    self.batches.append(dict(iter=self._iter, fwd=fwd, bwd=bwd, rec=rec, launch=ln, bwd_launch=bln, book=getattr(h, 'book', np.nan), saved=saved, saved_total=saved_tot, mem=list(h.mem), step=st,
                              pattern=pat, in_loss=inl, wait=self._wait))
     h.start()  # drops the armed graph nodes and marks now rather than at the next profiled batch
 
@@ -267,7 +290,7 @@ def _table(self:CostProfiler):
     "This rank's plain per-batch numbers, the input of `summary` and what ranks send to rank 0"
     B = self.batches
     return dict(rank=rank_distrib(), names=[n for n,m,k in self.units or []], fwd=[b['fwd'] for b in B], bwd=[b['bwd'] for b in B], rec=[b['rec'] for b in B],
-                launch=[b['launch'] for b in B], bwd_launch=[b['bwd_launch'] for b in B],
+                launch=[b['launch'] for b in B], bwd_launch=[b['bwd_launch'] for b in B], book=[b['book'] for b in B],
                 saved=[b['saved'] for b in B], mem=[b['mem'] for b in B], steps=[b['step'] for b in B],
                 saved_total=[b['saved_total'] for b in B], iters=[b['iter'] for b in B],
                 patterns=[b['pattern'] for b in B], in_loss=[b['in_loss'] for b in B], wait=[b['wait'] for b in B])
@@ -327,6 +350,11 @@ def _pattern_index(pats, pattern):
     if i is None: raise ValueError(f"No batch pattern {pattern!r}: the profiled batches ran {[p['label'] for p in pats]} (an index or a label)")
     return i
 
+def _book(ts, sel):
+    "Median ms of cnn_cost's own bookkeeping between rows over the batches `sel`; NaN where not measured (a compiled model, an older table)"
+    bs = [t['book'][b] for t,b in sel if 'book' in t]
+    return float(np.median(bs)) if bs and all(x==x for x in bs) else np.nan
+
 def _sums(s):
     "How the rows of `s` sum against its step, in percent"
     return f"{100*s.total_time_ms/s.forward_ms:.0f}% of the forward, {100*s.total_bwd_ms/s.steps.backward.median():.0f}% of the backward"
@@ -366,7 +394,9 @@ def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
     res.notes = [f"Training step on {self.device}, median of {len(st)} profiled batches: " +
                  ', '.join(f"{c} {med[c]:.2f}" for c in _step_cols[:-1]) + f"; total {med.total:.2f} ms (data: host time since the previous batch)",
                  (f"Rows sum to {res.total_time_ms:.2f} ms of the {f_ms:.2f} ms {f_what} ({100*res.total_time_ms/f_ms:.1f}%) and "
-                  f"{res.total_bwd_ms:.2f} ms of the {med.backward:.2f} ms backward ({100*res.total_bwd_ms/med.backward:.1f}%)" if q is not None or len(P)==1 else
+                  f"{res.total_bwd_ms:.2f} ms of the {med.backward:.2f} ms backward ({100*res.total_bwd_ms/med.backward:.1f}%)" +
+                  (f"; cnn_cost's own bookkeeping in the forward, in no row: {bk:.2f} ms (arming the gradient hooks; on the CPU also the "
+                   "saved-tensor hooks, taken out of the rows they ran in)" if (bk:=_book(ts, sel))==bk else '') if q is not None or len(P)==1 else
                   "Rows sum the medians of each module over the batches that ran it; per pattern, rows sum to " +
                   ', '.join(f"{p['label']}: {_sums(self.summary(i))}" for i,p in enumerate(P) if w[i])),
                  f"Saved for backward: {human(np.median([t['saved_total'][b] for t,b in sel]),'B')} (each storage once); "

@@ -132,7 +132,7 @@ class TimeHooks:
     def __init__(self, mods, clock): self.mods,self.clock,self.hs,self.tracker = list(mods),clock,[],PhaseTracker(); TimeHooks.start(self)
     def __enter__(self):
         try:
-            for i,m in enumerate(self.mods): self.hs += [m.register_forward_pre_hook(self._pre(i)), m.register_forward_hook(self._post())]
+            for i,m in enumerate(self.mods): self.hs += [m.register_forward_pre_hook(self._pre(i)), m.register_forward_hook(self._post_hook(i))]
         except BaseException: self.remove(); raise
         return self
     def __exit__(self, *args): self.remove()
@@ -152,6 +152,7 @@ class TimeHooks:
             if _gtid()==-1: fs.append(i); self.marks.append((t, i)); self.calls[i] += 1  # the forward: `PhaseTracker.push`'s fast path inline
             else: tr.push(i); self.bmarks.append((t, i, tr.n_rec))  # a recompute (activation checkpointing): backward-phase work
         return f
+    def _post_hook(self, i): return self._post()  # module `i`'s post-hook: a subclass may do more around it
     def _post(self):
         stamp,tr,fs = self.clock.stamp,self.tracker,self.tracker.fstack
         def f(m, args, out):
@@ -161,11 +162,13 @@ class TimeHooks:
         return f
 
     def times(self):
-        "ms charged to each module in the last pass (syncs the device once); `launch`: the part of it in stretches that ended with the GPU waiting (`waited_ms`)"
+        """ms charged to each module in the last pass (syncs the device once); `launch`: the part of it in which the GPU may have waited (`waited_ms`);
+        `book`: ms of stretches marked -2, a subclass's own bookkeeping between rows, charged to no module"""
         self.clock.sync()
-        res,ms = [0.]*len(self.mods),self.clock.ms
+        res,ms,self.book = [0.]*len(self.mods),self.clock.ms,0.
         for (a,i),(b,_) in zip(self.marks, self.marks[1:]):
             if i>=0: res[i] += ms(a, b)
+            elif i==-2: self.book += ms(a, b)
         self.launch = waited_ms(self.clock, [(a, b, i) for (a,i),(b,_) in zip(self.marks, self.marks[1:])], len(self.mods))
         return res
 
