@@ -6,6 +6,7 @@ sections = [('hook_overhead', 'Hook overhead of `learn.cost_summary()`', 'bench/
             ('cost_summary_time', 'Wall time of `learn.cost_summary()`', 'bench/cost_summary_time.py'),
             ('compare_tools', 'Side by side with other tools', 'bench/compare_tools.py'),
             ('accuracy_vs_profiler', 'Per-layer times against `torch.profiler`', 'bench/accuracy_vs_profiler.py'),
+            ('training_vs_profiler', 'Per-layer training time against `torch.profiler`, forward and backward', 'bench/gpu_check.py --dry-run --parts truth'),
             ('callback_overhead', 'Overhead of the `CostProfiler` callback during training', 'bench/callback_overhead.py'),
             ('memory_cpu', 'Predicting training memory without a GPU', 'bench/memory_gpu.py --cpu-timing'),
             ('memory_corpus', 'Fake equals real: the memory prediction over a corpus', 'bench/memory_corpus.py'),
