@@ -52,9 +52,10 @@ def main(batches=66, rounds=12, per_fit=4):
     r = np.array([t[i]/np.mean([t[i-1], t[i+1]]) for i in prof if i+1 < len(t)])
     s = cp.summary()
     cover_f = [sum(b['fwd'])/b['step']['forward'] for b in cp.batches]; cover_b = [sum(b['bwd'])/b['step']['backward'] for b in cp.batches]
+    book_f = [b.get('book', np.nan)/b['step']['forward'] for b in cp.batches]  # cnn_cost's own bookkeeping, in no row
     res['A_profiled_vs_unprofiled'] = dict(ratio_median=float(np.median(r)), ratio_min=float(r.min()), ratio_max=float(r.max()), n_pairs=len(r),
         unprofiled_batch_ms_median=float(np.median(np.delete(t, [b['iter'] for b in cp.batches])*1e3)),
-        forward_coverage_pct=float(100*np.median(cover_f)), backward_coverage_pct=float(100*np.median(cover_b)))
+        forward_coverage_pct=float(100*np.median(cover_f)), backward_coverage_pct=float(100*np.median(cover_b)), forward_bookkeeping_pct=float(100*np.median(book_f)))
     ws,wo = [],[]
     for i in range(rounds):
         for with_cb in ([True, False] if i%2==0 else [False, True]):
@@ -82,7 +83,8 @@ def main(batches=66, rounds=12, per_fit=4):
         "| comparison | median (min–max) | n |\n|---|---:|---:|\n"
         f"| profiled batch / neighbouring unprofiled batches | {a['ratio_median']:.3f} ({a['ratio_min']:.3f}–{a['ratio_max']:.3f}) | {a['n_pairs']} pairs |\n"
         f"| callback attached, not profiling / no callback | {b['ratio_median']:.3f} ({b['ratio_min']:.3f}–{b['ratio_max']:.3f}) | {b['rounds']} rounds of {b['batches_per_fit']} batches |\n\n"
-        f"Per-layer rows cover {a['forward_coverage_pct']:.1f}% of the measured forward pass and {a['backward_coverage_pct']:.1f}% of the backward pass (median over profiled batches).\n\n"
+        f"Per-layer rows cover {a['forward_coverage_pct']:.1f}% of the measured forward pass and {a['backward_coverage_pct']:.1f}% of the backward pass (median over profiled batches); "
+        f"cnn_cost's own bookkeeping, kept out of the rows (arming the gradient hooks, the saved-tensor hooks), is {a.get('forward_bookkeeping_pct', float('nan')):.1f}% of the forward.\n\n"
         "What `freeze()` saves, as the profiler measures it (body convs, backward over forward):\n\n"
         "| body | backward / forward MACs | backward / forward time, median of fits |\n|---|---:|---:|\n"
         f"| frozen | {c['frozen_bwd_over_fwd_macs']:.2f} | {c['frozen_bwd_over_fwd_time']:.2f} |\n"
