@@ -132,7 +132,7 @@ def part_truth(out):
 
 def part_starved(out):
     "The launch queue as `CUDAClock.queue_ms` reads it on an idle GPU (its noise and drift) and at every stamp of a hooked pass, on a model that starves the GPU and on one that does not, beside the profiler's GPU busy share"
-    from cnn_cost.timing import TimeHooks, clock_for
+    from cnn_cost.timing import TimeHooks, clock_for, busy_margin_ms
     from torch.profiler import profile, ProfilerActivity
     from profiler_refs import kernel_busy_us
     torch.manual_seed(0)
@@ -141,30 +141,35 @@ def part_starved(out):
              f'resnet50 {bs}x3x{size}²': (torchvision.models.resnet50().eval(), torch.randn(bs, 3, size, size))}
     res = {}
     if dev()=='cuda':  # an idle GPU: events 50 ms apart should read a queue of about 0; their spread and drift bound the error of `CUDAClock.busy`
+      try:
         clock = clock_for('cuda'); clock.sync(); clock.reset(); st = []
         for _ in range(21): st.append(clock.stamp()); time.sleep(0.05)
         clock.sync()
         q = np.array([clock.queue_ms(e) for e in st]); h = np.array([(e.host-st[0].host0)/1e9 for e in st])
         res['idle GPU, 21 events 50 ms apart'] = dict(queue_ms_min=float(q.min()), queue_ms_max=float(q.max()), queue_ms_p50=float(np.median(q)),
-                                                       drift_us_per_s=float(np.polyfit(h, q*1e3, 1)[0]), host_reads='before and after each record')
+                                                       drift_us_per_s=float(np.polyfit(h, q*1e3, 1)[0]), busy_margin_ms=busy_margin_ms,
+                                                       host_reads='before and after each record')
         log(f"  idle calibration: {res['idle GPU, 21 events 50 ms apart']}")
+      except Exception: log(traceback.format_exc())
     for name,(m,x) in cases.items():
-        m,x = m.to(dev()),x.to(dev())
-        mods = list(m.modules()); clock = clock_for(dev())
-        with torch.no_grad(), TimeHooks(mods, clock) as th:
-            for _ in range(4): clock.sync(); th.start(); m(x); ts = th.times()
-            q = np.array([clock.queue_ms(t) for t,_ in th.marks]) if dev()=='cuda' else np.array([np.nan])
-        with torch.no_grad():
-            sync()
-            with profile(activities=[ProfilerActivity.CUDA] if dev()=='cuda' else [ProfilerActivity.CPU]) as p:
-                t = time.perf_counter(); m(x); sync(); wall = (time.perf_counter()-t)*1e6
-        busy = kernel_busy_us(p)/wall if dev()=='cuda' else None
-        ln = np.sum(th.launch)/sum(ts)  # NaN on a CPU: no launch queue
-        hq = np.array([clock.host_ms(a, b) for (a,_),(b,_) in zip(th.marks, th.marks[1:])]) if dev()=='cuda' else np.array([np.nan])
-        res[name] = dict(stamps=len(q), queue_ms_min=float(np.nanmin(q)), queue_ms_p10=float(np.nanpercentile(q, 10)), queue_ms_p50=float(np.nanmedian(q)),
-                         queue_ms_p90=float(np.nanpercentile(q, 90)), queue_ms_max=float(np.nanmax(q)), stretch_host_ms_p50=float(np.nanmedian(hq)),
-                         launch_share=float(ln), gpu_busy_share=busy)
-        log(f'  {name}: {res[name]}')
+      try:
+          m,x = m.to(dev()),x.to(dev())
+          mods = list(m.modules()); clock = clock_for(dev())
+          with torch.no_grad(), TimeHooks(mods, clock) as th:
+              for _ in range(4): clock.sync(); th.start(); m(x); ts = th.times()
+              q = np.array([clock.queue_ms(t) for t,_ in th.marks]) if dev()=='cuda' else np.array([np.nan])
+          with torch.no_grad():
+              sync()
+              with profile(activities=[ProfilerActivity.CUDA] if dev()=='cuda' else [ProfilerActivity.CPU]) as p:
+                  t = time.perf_counter(); m(x); sync(); wall = (time.perf_counter()-t)*1e6
+          busy = kernel_busy_us(p)/wall if dev()=='cuda' else None
+          ln = np.sum(th.launch)/sum(ts)  # NaN on a CPU: no launch queue
+          hq = np.array([clock.host_ms(a, b) for (a,_),(b,_) in zip(th.marks, th.marks[1:])]) if dev()=='cuda' else np.array([np.nan])
+          res[name] = dict(stamps=len(q), queue_ms_min=float(np.nanmin(q)), queue_ms_p10=float(np.nanpercentile(q, 10)), queue_ms_p50=float(np.nanmedian(q)),
+                           queue_ms_p90=float(np.nanpercentile(q, 90)), queue_ms_max=float(np.nanmax(q)), stretch_host_ms_p50=float(np.nanmedian(hq)),
+                           launch_share=float(ln), gpu_busy_share=busy)
+          log(f'  {name}: {res[name]}')
+      except Exception: log(traceback.format_exc()); res[name] = dict(error=traceback.format_exc())
     return res
 
 # ---------------------------------------------------------------- part 3: memory

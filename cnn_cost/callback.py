@@ -270,15 +270,16 @@ def _one_batch(self:CostProfiler):
 def _collect(self:CostProfiler):
     h,ev = self.hooks,self._ev
     fwd = h.times()
-    ms = lambda a,b: h.clock.ms(ev[a], ev[b]) if a in ev and b in ev else 0.
-    bwd,rec = h.bwd_times(ev['after_backward']) if 'after_backward' in ev else ([0.]*len(fwd),[0.]*len(fwd))
+    ms = lambda a,b: h.clock.ms(ev[a], ev[b]) if a in ev and b in ev else np.nan  # a part that did not run (a cancelled batch): not measured, not 0
+    nan = [np.nan]*len(fwd)
+    bwd,rec = h.bwd_times(ev['after_backward']) if 'after_backward' in ev else (nan,nan)
     saved,saved_tot = h.saved(self.skip_ptrs)
     st = dict(data=self._data_ms, forward=ms('start','after_pred'), loss=ms('after_pred','after_loss'),
               backward=ms('before_backward','after_backward'), optimizer=ms('before_step','end'), total=ms('start','end'))
-    st['other'] = st['total']-st['forward']-st['loss']-st['backward']-st['optimizer']
+    st['other'] = st['total']-np.nansum([st['forward'],st['loss'],st['backward'],st['optimizer']])
     # which modules ran, how often: cheap, from the timing hooks (a compiled model runs none: one pattern)
     pat,inl = (0,False) if self.compiled else (self._pattern((self._label, tuple(h.calls))), len(h.marks)>self._n_pred)
-    nan = [np.nan]*len(fwd)  # launch time: NaN on a CPU, for a compiled model (`StepHooks`), and for a batch with no backward
+    # launch time: NaN on a CPU, for a compiled model (`StepHooks`), and for a batch with no backward
     ln,bln = list(getattr(h, 'launch', nan)),(list(getattr(h, 'bwd_launch', nan)) if 'after_backward' in ev else nan)
     self.batches.append(dict(iter=self._iter, fwd=fwd, bwd=bwd, rec=rec, launch=ln, bwd_launch=bln, book=getattr(h, 'book', np.nan), saved=saved, saved_total=saved_tot, mem=list(h.mem), step=st,
                              pattern=pat, in_loss=inl, wait=self._wait))

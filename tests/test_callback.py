@@ -156,3 +156,21 @@ def test_cuda_fp16_times_against_profiler():
     s = cp.summary(); leaves = s.df[s.df.kind=='leaf']
     assert (leaves.bwd_ms>0).all() and (leaves.mem_bytes!=0).any()
     assert 0.85 < s.total_bwd_ms/s.steps.backward.median() < 1.15
+
+def test_batch_without_backward_is_not_zero():
+    "A profiled batch cancelled after its loss (a NaN-loss guard) ran no backward: its backward is NaN, left out of the medians, never 0 (found in review)"
+    from fastai.data.core import DataLoaders
+    class SkipAfterLoss(Callback):
+        order = 99
+        def after_loss(self):
+            if self.training and self.train_iter==2: raise CancelBatchException()
+    set_seed(0); x = torch.randn(64, 8); y = (x.mean(1)>0).long()
+    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y))[:16], bs=16, device='cpu')
+    learn = Learner(dls, nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), loss_func=nn.CrossEntropyLoss())
+    cp = CostProfiler(skip=1, n_batches=3)
+    with learn.no_logging(), learn.no_bar(): learn.fit(1, cbs=[cp, SkipAfterLoss()])
+    b = {b['iter']: b for b in cp.batches}
+    assert np.isnan(b[2]['bwd']).all() and np.isnan(b[2]['step']['backward']) and np.isnan(b[2]['step']['optimizer'])
+    assert not np.isnan(b[1]['bwd']).any() and b[1]['step']['backward'] > 0
+    s = cp.summary(); leaves = s.df[s.df.kind=='leaf']
+    np.testing.assert_allclose(leaves.bwd_ms, np.nanmedian([b[i]['bwd'] for i in (1, 3)], 0)[[i for i,(n,m,k) in enumerate(cp.units) if k=='leaf']])
