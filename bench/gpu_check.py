@@ -19,13 +19,14 @@ Parts, in priority order; each is skipped (and says so) once the budget is spent
 6. tools: plain forward vs `torch.profiler` and `FlopCounterMode` around it (paired), and which of them give per-layer backward time.
 Writes gpu_check.json (every figure), gpu_check.md (the tables for BENCHMARKS.md), gpu_check.log, the logs of part 5 and traces.tar.gz (a chrome
 trace of one profiled batch per setup) to --out (default $OUT, else bench/out/gpu): at most 7 files, as the device tool brings back 8."""
-import sys, os, json, time, platform, argparse, warnings, traceback, subprocess, tarfile, logging
+import sys, os, json, time, platform, argparse, warnings, traceback, subprocess, tarfile, logging, importlib.util
 from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT/'tests'), str(ROOT/'bench')]
 warnings.filterwarnings('ignore')
 logging.disable(logging.WARNING)
 import numpy as np, torch, torch.nn as nn, torchvision
+import cnn_cost.all  # patches Learner: cost_summary, memory_summary, max_batch, memory_plan, checkpoint
 
 A = None  # the parsed arguments
 T0 = time.perf_counter()
@@ -53,11 +54,11 @@ def tv(name, bs, size, n_batches, fp16=False):
     return learn.to_fp16() if fp16 else learn
 
 def setups():
-    "(label, make learner, batches per epoch) of part 1; small on the CPU"
-    if A.dry_run: return [('seed resnet18 64x3x28x28 fp32', seed_learner, None), ('resnet50 2x3x64x64 fp32', lambda: tv('resnet50', 2, 64, 12), None)]
-    return [('resnet50 64x3x224x224 fp32', lambda: tv('resnet50', 64, 224, 12), None),
-            ('resnet50 64x3x224x224 to_fp16', lambda: tv('resnet50', 64, 224, 12, fp16=True), None),
-            ('seed resnet18 64x3x28x28 fp32', seed_learner, None)]
+    "(label, make learner) of part 1; small on the CPU"
+    if A.dry_run: return [('seed resnet18 64x3x28x28 fp32', seed_learner), ('resnet50 2x3x64x64 fp32', lambda: tv('resnet50', 2, 64, 12))]
+    return [('resnet50 64x3x224x224 fp32', lambda: tv('resnet50', 64, 224, 12)),
+            ('resnet50 64x3x224x224 to_fp16', lambda: tv('resnet50', 64, 224, 12, fp16=True)),
+            ('seed resnet18 64x3x28x28 fp32', seed_learner)]
 
 # ---------------------------------------------------------------- part 1 and 2: per-layer truth, starved GPU
 def compare_rows(s, ref, min_us):
@@ -81,7 +82,6 @@ def compare_rows(s, ref, min_us):
     return rows, dict(fwd=stats('fwd'), bwd=stats('bwd'))
 
 def truth_one(label, make, trace_dir):
-    from fastai.vision.all import Callback
     from cnn_cost.callback import CostProfiler
     from profiler_refs import RefProfiler, median_split
     learn = make(); n = 5
@@ -112,7 +112,7 @@ def truth_one(label, make, trace_dir):
 
 def part_truth(out):
     res = []
-    for label,make,_ in setups():
+    for label,make in setups():
         if left()<60: log(f'  {label}: skipped, budget'); res.append(dict(setup=label, skipped='budget')); continue
         try: res.append(truth_one(label, make, out))
         except Exception: log(traceback.format_exc()); res.append(dict(setup=label, error=traceback.format_exc()))
@@ -204,7 +204,6 @@ def part_memory(out):
                             how='torch.cuda.set_per_process_memory_fraction caps what the caching allocator may reserve')
         log(f"  max batch {res['batch']}")
     if left()>60:  # the checkpointing plan at a budget the plain step exceeds
-        from cnn_cost.plan import CheckpointBlocks
         size,bs = (64,4) if A.dry_run else (224,128)
         learn = tv('resnet50', bs, size, 2)
         base = learn.memory_summary(device='cuda').peak
@@ -269,9 +268,7 @@ def part_tests(out):
         res[name] = dict(cmd=' '.join(cmd), rc=rc, seconds=time.perf_counter()-t, tail=str(txt)[-600:])
         log(f'  {name}: rc {rc} in {res[name]["seconds"]:.0f}s')
     run('pytest_cuda', [sys.executable, '-m', 'pytest', '-q', '-m', 'cuda', 'tests', '-p', 'no:cacheprovider'], max(30, min(150, left()-30)))
-    try: import nbdev; has_nbdev = True
-    except ImportError: has_nbdev = False
-    if not has_nbdev: res['nbdev_cuda'] = dict(skipped='nbdev is not installed here')
+    if importlib.util.find_spec('nbdev') is None: res['nbdev_cuda'] = dict(skipped='nbdev is not installed here')
     elif left()>60:
         run('nbdev_cuda', ['nbdev-test', *([] if A.dry_run else ['--flags', 'cuda']), '--n-workers', '4', '--file-re', r'^(02_timing|06_callback|08_analysis|index)\.ipynb$', 'nbs'],
             max(30, left()-20))

@@ -1,9 +1,6 @@
-"""The memory model on a real GPU: (1) predicted peak vs `torch.cuda.max_memory_allocated` of real training steps, fp32 and fp16;
-(2) predicted largest batch vs the boundary found by trial (double until out of memory, then bisect). Writes bench/out/memory_gpu.json and .md
-(both tables, for BENCHMARKS.md via bench/report.py). Needs a CUDA GPU; run on an otherwise idle one:
-    python bench/memory_gpu.py            # both tables
-    python bench/memory_gpu.py --quick    # resnet18 only
-Also (CPU, any machine): `python bench/memory_gpu.py --cpu-timing` times predicting resnet50 at 512 x 3 x 224 x 224."""
+"""The memory model without a GPU (CPU, any machine): `python bench/memory_gpu.py --cpu-timing` times predicting resnet50 at 512 x 3 x 224 x 224 for
+a CUDA target and checks predictions against real CPU training batches; writes bench/out/memory_cpu.json and .md. On a GPU the memory model is
+checked by part 3 of bench/gpu_check.py (predicted peak vs `torch.cuda.max_memory_allocated`, largest batch vs trial, a checkpointing plan)."""
 import sys, json, time, platform, argparse, warnings
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent/'tests'))
@@ -11,39 +8,7 @@ warnings.filterwarnings('ignore')
 import torch
 from cnn_cost.memory import *
 from cnn_cost.learner import *
-from memory_refs import tv_learner, unet, rand_dls, cuda_peak, cpu_peak, real_saved, trial_max_batch
-
-def learner(name, bs, dtype, n_batches=2):
-    "A learner of model `name` on random data on the GPU, trained as `dtype` ('fp32' or 'fp16')"
-    learn = unet(bs, 224, device='cuda', n_batches=n_batches) if name=='unet' else tv_learner(name, bs, 224, device='cuda', n_batches=n_batches)
-    learn.model.cuda()
-    return learn.to_fp16() if dtype=='fp16' else learn
-
-def peak_table(models, bs):
-    rows = []
-    for name in models:
-        for dt in ('fp32', 'fp16'):
-            learn = learner(name, bs, dt)
-            t = time.perf_counter(); ms = learn.memory_summary(device='cuda'); t = time.perf_counter()-t
-            ref = cuda_peak(learn)
-            rows.append(dict(model=name, bs=bs, dtype=dt, predicted=ms.peak, max_memory_allocated=ref, reserved=torch.cuda.max_memory_reserved(),
-                             error=ms.peak/ref-1, predict_s=t))
-            print(rows[-1], flush=True)
-            del learn; torch.cuda.empty_cache()
-    return rows
-
-def batch_table(models):
-    rows = []
-    for name in models:
-        for dt in ('fp32', 'fp16'):
-            free = torch.cuda.mem_get_info()[0]
-            learn = learner(name, 8, dt)
-            t = time.perf_counter(); mb = learn.max_batch(budget=free/2**30, show_plot=False); t = time.perf_counter()-t
-            del learn; torch.cuda.empty_cache()
-            real = trial_max_batch(lambda b: learner(name, b, dt))
-            rows.append(dict(model=name, dtype=dt, budget=free, predicted_bs=mb.bs, trial_bs=real, error=mb.bs/real-1, predict_s=t))
-            print(rows[-1], flush=True)
-    return rows
+from memory_refs import tv_learner, unet, rand_dls, cpu_peak, real_saved
 
 def md(rows, cols):
     fmt = lambda v: f'{v:+.2%}' if isinstance(v, float) and abs(v)<1 else (f'{v:.1f}' if isinstance(v, float) else (f'{v:,}' if isinstance(v, int) else str(v)))
@@ -85,21 +50,11 @@ def cpu_md(r, chk, out):
 
 if __name__=='__main__':
     ap = argparse.ArgumentParser()
-    ap.add_argument('--quick', action='store_true'); ap.add_argument('--cpu-timing', action='store_true'); ap.add_argument('--bs', type=int, default=64)
+    ap.add_argument('--cpu-timing', action='store_true')
     a = ap.parse_args()
     out = Path(__file__).parent/'out'; out.mkdir(exist_ok=True)
     if a.cpu_timing:
         r = cpu_timing(); print(r); chk = cpu_checks(); (out/'memory_cpu.json').write_text(json.dumps(dict(timing=r, checks=chk), indent=1))
         cpu_md(r, chk, out)
         sys.exit()
-    if not torch.cuda.is_available(): sys.exit("memory_gpu.py needs a CUDA GPU (use --cpu-timing for the CPU figure)")
-    models = ['resnet18'] if a.quick else ['resnet18', 'resnet50', 'mobilenet_v2', 'vit_b_16', 'unet']
-    dev = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda)
-    peaks = peak_table(models, a.bs)
-    batches = batch_table(models)
-    (out/'memory_gpu.json').write_text(json.dumps(dict(device=dev, peaks=peaks, batches=batches), indent=1))
-    res = (f"{dev['gpu']}, torch {dev['torch']}, CUDA {dev['cuda']}.\n\nPredicted peak vs `torch.cuda.max_memory_allocated` of real training epochs "
-           f"(batch {a.bs}, 224², steady state; bytes):\n\n" + md(peaks, ['model','dtype','predicted','max_memory_allocated','reserved','error','predict_s']) +
-           "\n\nPredicted largest batch (budget: the free GPU memory) vs the boundary found by trial (double until out of memory, then bisect):\n\n" +
-           md(batches, ['model','dtype','budget','predicted_bs','trial_bs','error','predict_s']) + '\n')
-    (out/'memory_gpu.md').write_text(res); print(res)
+    sys.exit('Run with --cpu-timing; on a GPU, bench/gpu_check.py part 3 checks the memory model')

@@ -107,7 +107,7 @@ class TrainHooks(TimeHooks):
 @patch
 def bwd_times(self:TrainHooks, t_end):
     """ms of backward charged to each module, and the part of it that recomputes the forward: from each output-gradient or recompute hook to the
-    next (the last to `t_end`); `bwd_launch`: the part of it the GPU spent waiting for the host (`waited_ms`)"""
+    next (the last to `t_end`); `bwd_launch`: the part of it in which the GPU may have waited for the host (`waited_ms`)"""
     n,ms = len(self.mods),self.clock.ms
     bwd,rec,bm,cur,segs = [0.]*n,[0.]*n,self.bmarks+[(t_end,-1,0)],-1,[]
     for (a,i,k),(b,_,k2) in zip(bm, bm[1:]):
@@ -117,7 +117,7 @@ def bwd_times(self:TrainHooks, t_end):
         if k and i>=0 and k2==k: j,acc = i,rec
         elif cur>=0: j,acc = cur,bwd
         else: continue
-        acc[j] += ms(a, b); segs.append((a, b, j))
+        d = ms(a, b); acc[j] += d; segs.append((a, b, j, d))
     self.bwd_launch = waited_ms(self.clock, segs, n)
     return [b+r for b,r in zip(bwd, rec)],rec
 
@@ -279,9 +279,8 @@ def _collect(self:CostProfiler):
     st['other'] = st['total']-np.nansum([st['forward'],st['loss'],st['backward'],st['optimizer']])
     # which modules ran, how often: cheap, from the timing hooks (a compiled model runs none: one pattern)
     pat,inl = (0,False) if self.compiled else (self._pattern((self._label, tuple(h.calls))), len(h.marks)>self._n_pred)
-    # launch time: NaN on a CPU, for a compiled model (`StepHooks`), and for a batch with no backward
-    ln,bln = list(getattr(h, 'launch', nan)),(list(getattr(h, 'bwd_launch', nan)) if 'after_backward' in ev else nan)
-    self.batches.append(dict(iter=self._iter, fwd=fwd, bwd=bwd, rec=rec, launch=ln, bwd_launch=bln, book=getattr(h, 'book', np.nan), saved=saved, saved_total=saved_tot, mem=list(h.mem), step=st,
+    bln = list(h.bwd_launch) if 'after_backward' in ev else nan  # launch time: NaN on a CPU, for a compiled model, for a batch with no backward
+    self.batches.append(dict(iter=self._iter, fwd=fwd, bwd=bwd, rec=rec, launch=list(h.launch), bwd_launch=bln, book=h.book, saved=saved, saved_total=saved_tot, mem=list(h.mem), step=st,
                              pattern=pat, in_loss=inl, wait=self._wait))
     h.start()  # drops the armed graph nodes and marks now rather than at the next profiled batch
 
@@ -478,6 +477,8 @@ class StepHooks:
     def saved(self, skip=()): return [np.nan]*self.n, np.nan
     @property
     def mem(self): return [np.nan]*self.n
+    launch = bwd_launch = mem  # launch time per module: not measured either
+    book = np.nan
 
 def _compiled_notes(prof, n):
     "The summary's lines on what a compiled fit measured"

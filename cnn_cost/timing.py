@@ -6,7 +6,8 @@ Docs: https://cnn-cost.github.io/cnn_cost/timing.html.md"""
 
 # %% auto #0
 __all__ = ['busy_margin_ms', 'cpu_wait_max', 'CPUClock', 'CUDAClock', 'clock_for', 'timed', 'waited_ms', 'run_queue_ns',
-           'run_queue_wait', 'CPUWait', 'wait_share', 'median_se', 'weighted_se', 'TimeHooks', 'SimGPU', 'SimClock']
+           'run_queue_wait', 'CPUWait', 'wait_share', 'median_se', 'weighted_se', 'TimeHooks', 'SimGPU', 'SimEvent',
+           'SimClock']
 
 # %% ../nbs/02_timing.ipynb #d7a68440
 import time, glob, warnings, numpy as np, torch, torch.nn as nn
@@ -54,8 +55,7 @@ class CUDAClock:
         (by `busy_margin_ms`), so all the stretch's kernels were launched before it got to them. Host delays and the way both times are read
         only err towards 'may have waited'. It assumes what holds on one stream: a stretch whose stamps are on another stream than the pass's
         first (a module run under `torch.cuda.stream(s)`) is never called busy, since events on two streams do not time one queue"""
-        s = getattr(self.pool[0], 'stream', None)
-        return getattr(a, 'stream', None)==s==getattr(b, 'stream', None) and self.queue_ms(a) >= self.host_ms(a, b) + busy_margin_ms
+        return a.stream==self.pool[0].stream==b.stream and self.queue_ms(a) >= self.host_ms(a, b) + busy_margin_ms
 
 # %% ../nbs/02_timing.ipynb #144cf630
 def clock_for(device):
@@ -71,11 +71,11 @@ def timed(f, clock):
 
 # %% ../nbs/02_timing.ipynb #d1a70002
 def waited_ms(clock, segs, n):
-    "ms charged to each of `n` modules by the stretches `segs` ((start stamp, end stamp, module index or -1)) in which the GPU may have waited for the host (not `clock.busy`): an upper bound on their kernels' time; NaN each on a clock with no launch queue (the CPU's)"
+    "ms charged to each of `n` modules by the stretches `segs` ((start stamp, end stamp, module index or -1, ms)) in which the GPU may have waited for the host (not `clock.busy`): an upper bound on their kernels' time; NaN each on a clock with no launch queue (the CPU's)"
     if not clock.queued: return [np.nan]*n
     res = [0.]*n
-    for a,b,i in segs:
-        if i>=0 and not clock.busy(a, b): res[i] += clock.ms(a, b)
+    for a,b,i,d in segs:
+        if i>=0 and not clock.busy(a, b): res[i] += d
     return res
 
 # %% ../nbs/02_timing.ipynb #c6d17c12
@@ -175,10 +175,11 @@ class TimeHooks:
         `book`: ms of stretches marked -2, a subclass's own bookkeeping between rows, charged to no module"""
         self.clock.sync()
         res,ms,self.book = [0.]*len(self.mods),self.clock.ms,0.
-        for (a,i),(b,_) in zip(self.marks, self.marks[1:]):
-            if i>=0: res[i] += ms(a, b)
-            elif i==-2: self.book += ms(a, b)
-        self.launch = waited_ms(self.clock, [(a, b, i) for (a,i),(b,_) in zip(self.marks, self.marks[1:])], len(self.mods))
+        segs = [(a, b, i, ms(a, b)) for (a,i),(b,_) in zip(self.marks, self.marks[1:]) if i>=0 or i==-2]
+        for a,b,i,d in segs:
+            if i>=0: res[i] += d
+            else: self.book += d
+        self.launch = waited_ms(self.clock, segs, len(self.mods))
         return res
 
 # %% ../nbs/02_timing.ipynb #d1a70004
@@ -188,18 +189,20 @@ class SimGPU:
     def launch(self, ms, host_ms=None):
         self.h += ifnone(host_ms, self.host_ms); self.g = max(self.g, self.h+self.lat) + ms
     def event(self):
-        "An event recorded now: (its GPU ms, the host's ms before and after recording it)"
-        h0 = self.h; self.h += self.stamp_ms; self.g = max(self.g, self.h+self.lat); return (self.g, h0, self.h)
+        "An event recorded now"
+        h0 = self.h; self.h += self.stamp_ms; self.g = max(self.g, self.h+self.lat); return SimEvent(self.g, h0*1e6, self.h*1e6)
+
+class SimEvent:
+    "A `SimGPU` event as `CUDAClock` reads one: GPU ms `g`, the host's ns just before and after recording it, its stream"
+    def __init__(self, g, host0, host, stream=0): self.g,self.host0,self.host,self.stream = g,host0,host,stream
+    def elapsed_time(self, o): return o.g-self.g
 
 class SimClock(CUDAClock):
-    "`CUDAClock` on a `SimGPU`: a stamp is (GPU ms, host ms before, host ms after) of an event"
+    "`CUDAClock` on a `SimGPU`: only recording and synchronizing differ"
     def __init__(self, gpu): self.gpu,self.name,self.pool,self.i = gpu,'sim',[],0
     def stamp(self):
         e = self.gpu.event()
         if self.i==0: self.pool = [e]
         self.i += 1; return e
     def sync(self): self.gpu.h = max(self.gpu.h, self.gpu.g)
-    def ms(self, a, b): return b[0]-a[0]
-    def queue_ms(self, e): return (e[0]-self.pool[0][0]) - (e[2]-self.pool[0][1])
-    def host_ms(self, a, b): return b[2]-a[1]
 

@@ -106,14 +106,10 @@ def test_launch_bound_on_a_gpu():
     assert sb.launch_share < 0.05 and any(l.startswith('GPU ahead of the host in the forward') for l in sb._totals_lines())
     assert (sb.df.launch_ms.iloc[1:]==0).all()  # every row after the first (which began after the synchronize, nothing queued) is GPU time for certain
 
-class _Ev:
-    "A stand-in for a recorded CUDA event: GPU ms, host ms before and after recording (as ns), stream"
-    def __init__(self, g, h, stream=0): self.g,self.host0,self.host,self.stream = g,int(h*1e6),int(h*1e6),stream
-    def elapsed_time(self, o): return o.g-self.g
-
 def test_busy_needs_one_stream_and_a_margin():
     "Found in review: stamps on another stream do not time the pass's queue (a stretch across streams read -4.94 ms and 'busy'); launch jitter and clock drift need a margin"
-    from cnn_cost.timing import CUDAClock, busy_margin_ms
+    from cnn_cost.timing import CUDAClock, SimEvent, busy_margin_ms
+    _Ev = lambda g, h, stream=0: SimEvent(g, h*1e6, h*1e6, stream)  # GPU ms, host ms (read as ns, before and after recording alike)
     c = CUDAClock.__new__(CUDAClock)
     c.pool = [_Ev(0., 0.)]
     a,b = _Ev(5., 0.01),_Ev(5.2, 0.05)           # 5 ms queued at `a`, the host reached `b` 0.04 ms later: busy
