@@ -74,7 +74,7 @@ def _frames():
 
 def _time_compiled(res, comp, eager, xb, kw, clock, n_warmup, n_repeat, autocast=None):
     "Plain passes of the compiled `comp`, each back to back with a plain pass of its `eager` module: attributes and a note on `res`"
-    dev = batch_device(eager, xb)
+    dev,n_repeat = batch_device(eager, xb),n_repeat or max(n_min_repeat, len(res.hooked_ms))  # adaptive (`None`): as many pairs as the eager rounds took
     def cf(): return comp(*xb, **kw)
     def ef():
         with run_eager(comp): return eager(*xb, **kw)

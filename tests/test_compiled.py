@@ -153,3 +153,20 @@ def test_learner_cost_summary_and_plot_compiled():
     learn.fit(1, 1e-2, cbs=CostProfiler(skip=2, n_batches=2))
     fig = learn.cost_profile.plot(k=5)
     assert fig is not None and learn.cost_profile.compiled_frames is not None
+
+def test_compiled_defaults():
+    "Every public entry point with its defaults on a compiled model (the adaptive `n_repeat=None` included): `model_cost`, `learn.cost_summary()`"
+    m,x = mlp(2),torch.randn(32,256)
+    cm = torch.compile(m, backend='eager')
+    for _ in range(2): cm(x)                                # warm, as the user who found the crash had it
+    sd = {k: v.clone() for k,v in m.state_dict().items()}
+    cs = model_cost(cm, x)
+    assert cs.compiled and len(cs.compiled_ms) == len(cs.compiled_eager_ms) >= len(cs.hooked_ms) and all(t > 0 for t in cs.compiled_ms)
+    assert math.isfinite(cs.compiled_speedup) and cs.total_macs == flops_macs(m, x)
+    assert hook_count(cm) == 0 and all(o.training for o in m.modules())
+    for k,v in m.state_dict().items(): assert torch.equal(v, sd[k])
+    for how in ['eager', 'inplace']:
+        learn = tiny_learner(compile=how)
+        cs = learn.cost_summary()
+        assert cs.compiled and len(cs.compiled_ms) >= 4 and cs.df.name.iloc[0] == '0' and (cs.df.time_ms > 0).all()
+        assert hook_count(learn.model) == 0
