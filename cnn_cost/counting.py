@@ -453,7 +453,7 @@ class Counting:
     def __init__(self, model:nn.Module, units=None, rules=True):
         self.units = ifnone(units, cost_units(model))
         blocks = block_names(model)
-        self.recs = [LayerRecord(n, type(m).__name__, k, block=next((b for b in blocks if n==b or n.startswith(b+'.')), ''))
+        self.recs = [LayerRecord(n, type(m).__name__, k, block=next((b for b in blocks if n==b or n.startswith(b+'.')), ''), opaque=opaque(m))
                      for n,m,k in self.units]
         self.rules = [find_rule(m) if k=='leaf' and rules else None for n,m,k in self.units]
         self.tracker,self.hs = PhaseTracker(),[]
@@ -473,7 +473,7 @@ class Counting:
     def __enter__(self):
         try:
             for i,(n,m,k) in enumerate(self.units):
-                self.hs += [m.register_forward_pre_hook(self._pre(i), with_kwargs=True, prepend=True), m.register_forward_hook(self._post(i), with_kwargs=True)]
+                self.hs.append(add_hooks(m, self._pre(i), self._post(i), with_kwargs=True, prepend=True))  # an opaque module's go on its stand-in
             self.counter.__enter__()
         except BaseException: self._remove(); raise
         return self

@@ -79,7 +79,7 @@ def _time_compiled(res, comp, eager, xb, kw, clock, n_warmup, n_repeat, autocast
     def ef():
         with run_eager(comp): return eager(*xb, **kw)
     with torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else []), preserved_state(comp), torch.no_grad(), (autocast or contextlib.nullcontext()):
-        comp.eval()
+        eval_mode(comp)
         f0 = _frames(); first = timed(cf, clock)  # compiles here, if this mode was not compiled before
         for _ in range(n_warmup-1): cf()
         frames,cs,es = _frames()-f0,[],[]
@@ -178,7 +178,7 @@ def model_cost(model:nn.Module, # Any PyTorch model
     units,clock,cw = cost_units(model),clock_for(dev),CPUWait()
     def fwd(): return model(*xb, **kw)
     with run_eager(comp), torch.random.fork_rng(devices=[dev] if dev.type=='cuda' else []), preserved_state(model), torch.no_grad(), (autocast or contextlib.nullcontext()):
-        model.eval()
+        eval_mode(model)  # not `model.eval()`: a `torch.export`ed module refuses it
         recs,notes,path,n_count = _count(model, xb, units, kw)
         units,recs = costed(units, recs)
         mods = units.itemgot(1)

@@ -76,6 +76,7 @@ class CostSummary:
         self._uses = {r.name: r.shared_with for r in records if r.calls==0 and r.shared_with}
         self.uncalled_params = sum(r.params for r in records if r.calls==0)
         self.uncounted = L(r.name for r in called if r.macs_src=='uncounted')
+        self.opaque = L(r.name for r in called if r.opaque)  # measured from outside, children not shown (TorchScript, `torch.export`)
         self.unknown_ops = _ops_rows(called, 'macs_src', 'unknown_ops')
         self.bwd_unknown_ops = _ops_rows(called, 'bwd_src', 'bwd_unknown_ops')
         self.df = self._frame(called)

@@ -135,13 +135,12 @@ def weighted_se(med, se, min_ms=0.05):
     return se[big].sum()/med[big].sum() if big.any() else float('nan')
 
 # %% ../nbs/02_timing.ipynb #9c9cba0b
-_gtid = torch._C._current_graph_task_id  # -1 outside autograd's backward: `PhaseTracker.phase` is 'fwd'
 class TimeHooks:
     "Forward hooks on `mods` charging the time between consecutive hook events of the forward to the innermost running module; a recompute in backward goes to `bmarks`"
     def __init__(self, mods, clock): self.mods,self.clock,self.hs,self.tracker = list(mods),clock,[],PhaseTracker(); TimeHooks.start(self)
     def __enter__(self):
         try:
-            for i,m in enumerate(self.mods): self.hs += [m.register_forward_pre_hook(self._pre(i)), m.register_forward_hook(self._post_hook(i))]
+            for i,m in enumerate(self.mods): self.hs.append(add_hooks(m, self._pre(i), self._post_hook(i)))  # an opaque module's go on its stand-in
         except BaseException: self.remove(); raise
         return self
     def __exit__(self, *args): self.remove()
@@ -155,19 +154,19 @@ class TimeHooks:
     def stack(self): return self.tracker.fstack
 
     def _pre(self, i):
-        stamp,tr,fs = self.clock.stamp,self.tracker,self.tracker.fstack
+        stamp,push = self.clock.stamp,self.tracker.push
         def f(m, args):
             t = stamp()
-            if _gtid()==-1: fs.append(i); self.marks.append((t, i)); self.calls[i] += 1  # the forward: `PhaseTracker.push`'s fast path inline
-            else: tr.push(i); self.bmarks.append((t, i, tr.n_rec))  # a recompute (activation checkpointing): backward-phase work
+            if push(i)=='fwd': self.marks.append((t, i)); self.calls[i] += 1
+            else: self.bmarks.append((t, i, self.tracker.n_rec))  # a recompute (activation checkpointing): backward-phase work
         return f
     def _post_hook(self, i): return self._post()  # module `i`'s post-hook: a subclass may do more around it
     def _post(self):
-        stamp,tr,fs = self.clock.stamp,self.tracker,self.tracker.fstack
+        stamp,tr = self.clock.stamp,self.tracker
         def f(m, args, out):
-            t = stamp()
-            if _gtid()==-1: fs.pop(); self.marks.append((t, fs[-1] if fs else -1))
-            else: ph = tr.pop(); i = tr.unit(ph); self.bmarks.append((t, -1 if i is None else i, tr.n_rec))
+            t = stamp(); ph = tr.pop(); i = tr.unit(ph)
+            if ph=='fwd': self.marks.append((t, -1 if i is None else i))
+            else: self.bmarks.append((t, -1 if i is None else i, tr.n_rec))
         return f
 
     def times(self):

@@ -184,3 +184,53 @@ def test_forward_only_backward_unknown(seed_summary):
     m = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     df = CostSummary(count_pass(m, (torch.randn(2, 4),), backward=True)).df
     assert df.bwd_macs.tolist()[:2] == [2*4*4, 0]   # the weight gradient only: the input needs none
+
+# Modules that take no hooks: TorchScript (scripted, traced) and `torch.export`, measured from outside as one row
+def _opaque(kind, inner_x):
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(8,8,3,padding=1), nn.ReLU(), nn.Sequential(nn.Conv2d(8,8,1)))
+    if kind=='script': return torch.jit.script(body)
+    if kind=='trace': return torch.jit.trace(body, inner_x)
+    return torch.export.export(body, (inner_x,)).module()
+
+def _params(m): return [(p, p.detach().clone()) for p in list(m.parameters())+list(m.buffers())]
+def _hooks(m): return sum(len(o._forward_hooks)+len(o._forward_pre_hooks) for o in m.modules())  # `hook_count` reads a ScriptModule's `_backward_pre_hooks` wrongly
+def _same(ps, m): return [id(p) for p,_ in ps] == [id(p) for p in list(m.parameters())+list(m.buffers())] and all(torch.equal(p, c) for p,c in ps)
+
+@pytest.mark.parametrize('kind', ['script', 'trace', 'export'])
+@pytest.mark.parametrize('where', ['nested', 'root'])
+def test_opaque_module_one_row(kind, where):
+    "One row for the module, children not shown, its MACs from its ops (FlopCounterMode agrees), its time measured; nothing left behind"
+    x = torch.randn(4,8,12,12)
+    inner = _opaque(kind, x)
+    m = nn.Sequential(nn.Conv2d(8,8,1), nn.Sequential(nn.ReLU(), inner), nn.Flatten()) if where=='nested' else inner
+    ps,modes,h0 = _params(m),[o.training for o in m.modules()],_hooks(m)   # `torch.export`'s module has hooks of its own
+    with FlopCounterMode(display=False) as fc, torch.no_grad(): m(x)
+    if kind=='script' and where=='root':  # nothing to measure it from: refused up front, with what to do
+        with pytest.raises(ValueError, match=r'takes no module hooks.*nn\.Sequential\(model\)'): model_cost(m, x, n_repeat=1)
+    else:
+        cs = model_cost(m, x)
+        row = cs.df[cs.df.opaque!='']
+        assert len(row) == 1 and row.name.iloc[0] == ('1.1' if where=='nested' else '') and list(cs.opaque) == list(row.name)
+        assert not any(n.startswith(row.name.iloc[0]+'.') for n in cs.df.name if row.name.iloc[0])   # its children not shown
+        assert cs.total_macs == fc.get_total_flops()//2 and row.macs.iloc[0] == 4*12*12*8*(8*9+8) and row.macs_src.iloc[0] == 'ops'
+        assert row.time_ms.iloc[0] > 0 and row.output_shape.iloc[0] == '4 x 8 x 12 x 12'
+    assert _hooks(m) == h0
+    assert _same(ps, m) and [o.training for o in m.modules()] == modes
+    if where=='nested': assert m[1][1] is inner                                              # the stand-in taken out again
+
+def test_opaque_module_in_learner_and_profiler():
+    "`learn.cost_summary()` and a `CostProfiler` fit with a scripted submodule: one row with forward and backward work; the model as it was"
+    from fastai.vision.all import Learner, DataLoaders, ProgressCallback, noop
+    from cnn_cost.callback import CostProfiler
+    inner = _opaque('script', None)
+    m = nn.Sequential(nn.Conv2d(3,8,3,padding=1), inner, nn.Flatten(), nn.Linear(8*16*16,10))
+    x,y = torch.randn(64,3,16,16),torch.randint(0,10,(64,))
+    dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:16], bs=8, device='cpu')
+    learn = Learner(dls, m, loss_func=nn.CrossEntropyLoss()); learn.remove_cb(ProgressCallback); learn.logger = noop
+    cs = learn.cost_summary(n_repeat=2)
+    assert list(cs.opaque) == ['1'] and cs.df.set_index('name').macs['1'] == 8*16*16*8*(8*9+8)
+    learn.fit(1, 1e-3, cbs=CostProfiler(skip=2, n_batches=3))
+    s = learn.cost_profile.summary().df.set_index('name')
+    assert s.bwd_macs['1'] > 0 and s.time_ms['1'] > 0 and s.bwd_ms['1'] > 0 and m[1] is inner
+    assert _hooks(m) == 0
