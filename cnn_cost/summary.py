@@ -37,6 +37,18 @@ def stage_label(shape, block='', chan_first=False, seq_blocks=False):
     return '.'.join(block.split('.')[-2:]) if block else f'seq {shape[1]}'
 
 # %% ../nbs/03_summary.ipynb #b76a4b87
+def _filed(recs, labels):
+    """`labels` with the row of a module called several times (a block's shared `ReLU x3`, listed once, at its first call's shape) filed with
+    the rows around it in its parent: the label of the nearest row before it in that parent that ran once, else after it; its own if none"""
+    res = list(labels)
+    for i,r in enumerate(recs):
+        if r.calls<2: continue
+        p = r.name.rpartition('.')[0]
+        def near(j): return recs[j].calls==1 and (not p or recs[j].name==p or recs[j].name.startswith(p+'.'))
+        j = next((j for j in [*range(i-1, -1, -1), *range(i+1, len(recs))] if near(j)), None)
+        if j is not None: res[i] = labels[j]
+    return res
+
 def _stages(labels):
     "Index of the stage of each row: consecutive rows with the same label share a stage"
     res,cur,prev = [],-1,None
@@ -105,7 +117,7 @@ class CostSummary:
         chan_first = any(r.type in ('Conv1d','ConvTranspose1d') for r in recs)
         shp = [r.shapes[0] if r.shapes else None for r in recs]
         seq = not chan_first and any(r.block and s is not None and len(s)==3 for r,s in zip(recs, shp))  # blocks that map sequences
-        labels = [stage_label(s, r.block, chan_first, seq) for r,s in zip(recs, shp)]
+        labels = _filed(recs, [stage_label(s, r.block, chan_first, seq) for r,s in zip(recs, shp)])
         df['stage'] = _stages(labels)
         df['stage_label'] = labels
         return df

@@ -234,3 +234,18 @@ def test_opaque_module_in_learner_and_profiler():
     s = learn.cost_profile.summary().df.set_index('name')
     assert s.bwd_macs['1'] > 0 and s.time_ms['1'] > 0 and s.bwd_ms['1'] > 0 and m[1] is inner
     assert _hooks(m) == 0
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet50'])
+def test_stages_are_the_networks(arch):
+    "A block's shared `ReLU xN` row (listed at its first call's shape) is filed with its block's rows: each stage label once, in the network's order"
+    import torchvision
+    torch.manual_seed(0)
+    m = getattr(torchvision.models, arch)()
+    cs = model_cost(m, torch.randn(1,3,64,64), n_repeat=1)
+    st = cs.stages()
+    assert st.stage_label.tolist() == ['32x32', '16x16', '8x8', '4x4', '2x2', '1x1', 'flat']
+    assert st.layers.sum() == (cs.df.kind=='leaf').sum() and st.macs.sum() == cs.total_macs
+    df = cs.df.reset_index(drop=True)
+    for i in df.index[df.calls>1]:                          # each reused row sits in the stage of the row before it in its block
+        assert df.stage[i] == df.stage[i-1] and df.name[i-1].rpartition('.')[0] == df.name[i].rpartition('.')[0]
+    assert (df.calls>1).sum() == (16 if arch=='resnet50' else 8)
