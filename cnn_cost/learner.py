@@ -65,16 +65,14 @@ def run_eager(model:nn.Module):
     return torch.compiler.set_stance('force_eager') if is_compiled(model) else contextlib.nullcontext()
 
 # %% ../nbs/05_learner.ipynb #c16l0003
-CostSummary.compiled,CostSummary.compiled_ms,CostSummary.compiled_speedup = False,(),np.nan  # a summary of an eager model
-
 def _frames():
     "Frames dynamo has compiled so far in this process"
     from torch._dynamo.utils import counters
     return counters['frames'].get('ok', 0)
 
-def _time_compiled(res, comp, eager, xb, kw, clock, n_warmup, n_repeat, autocast=None):
-    "Plain passes of the compiled `comp`, each back to back with a plain pass of its `eager` module: attributes and a note on `res`"
-    dev,n_repeat = batch_device(eager, xb),n_repeat or max(n_min_repeat, len(res.hooked_ms))  # adaptive (`None`): as many pairs as the eager rounds took
+def _time_compiled(comp, eager, xb, kw, clock, n_warmup, n_repeat, autocast=None):
+    "Plain passes of the compiled `comp`, each back to back with a plain pass of its `eager` module: `CostSummary`'s `compiled*` arguments"
+    dev = batch_device(eager, xb)
     def cf(): return comp(*xb, **kw)
     def ef():
         with run_eager(comp): return eager(*xb, **kw)
@@ -86,12 +84,8 @@ def _time_compiled(res, comp, eager, xb, kw, clock, n_warmup, n_repeat, autocast
         for i in range(n_repeat):
             if i%2: es.append(timed(ef, clock)); cs.append(timed(cf, clock))
             else:   cs.append(timed(cf, clock)); es.append(timed(ef, clock))
-    res.compiled,res.compiled_ms,res.compiled_eager_ms,res.compiled_first_ms,res.compiled_frames = True,cs,es,first,frames
-    res.compiled_speedup = float(np.median(np.array(es)/np.array(cs)))
-    res.notes.append(f"Compiled model: hooks cannot see inside compiled code, so rows, MACs and per-layer times are of the eager module "
-                     f"(`{type(eager).__name__}`, hooked passes run under `torch.compiler.set_stance('force_eager')`). The compiled forward "
-                     f"takes {np.median(cs):.2f} ms against {np.median(es):.2f} ms eager (plain passes, median of {n_repeat} back-to-back pairs): "
-                     f"speed-up x{res.compiled_speedup:.2f}; its first call here took {first:.0f} ms ({frames} frame{'s'*(frames!=1)} compiled)")
+    return dict(compiled=True, compiled_ms=cs, compiled_eager_ms=es, compiled_first_ms=first, compiled_frames=frames)
+
 
 # %% ../nbs/05_learner.ipynb #d5814f41
 def costed(units, recs):
@@ -191,11 +185,11 @@ def model_cost(model:nn.Module, # Any PyTorch model
             for r,t,l in zip(recs, ts, ln): r.times.append(t); r.launch_times.append(l)
             if n_repeat is None and i+1>=n_min_repeat and settled(recs, precision): break
         cw.stop()
-    res = CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup,
-                      n_count+n_warmup+len(hooked)+len(plain), cpu_wait=cw.share)  # counting, and the op passes
-    res.notes += notes + [o for o in [path is not None and path_note(*path, res.total_macs, plain)] if o]
-    if is_compiled(comp): _time_compiled(res, comp, model, xb, kw, clock, n_warmup, n_repeat, autocast)
-    return res
+    comp = _time_compiled(comp, model, xb, kw, clock, n_warmup, n_repeat or max(n_min_repeat, len(hooked)), autocast) if is_compiled(comp) else {}  # adaptive: as many pairs as rounds
+    macs = sum(r.macs for r in recs if r.calls)  # the rows' total, as `CostSummary.total_macs` sums it
+    return CostSummary(recs, type(model).__name__, [t.shape for t in flat_tensors(xb)], dev, plain, hooked, n_warmup,
+                       n_count+n_warmup+len(hooked)+len(plain), cpu_wait=cw.share, notes=notes,  # counting, and the op passes
+                       path_changed=path_note(*path, macs, plain) if path is not None else '', **comp)
 
 # %% ../nbs/05_learner.ipynb #7c0929f5
 def _learner_autocast(learn, dev):
