@@ -321,6 +321,7 @@ def _text_table(self:CostSummary):
 
 # %% ../nbs/03_summary.ipynb #10344e5a
 def _pct_s(v): return '?' if v is None or v!=v else f"{100*v:.1f}%"
+def _ms(v): return 'not timed' if v is None or v!=v else f"{v:.2f} ms"  # never 'nan ms'
 
 @patch
 def facts(self:CostSummary):
@@ -331,9 +332,9 @@ def facts(self:CostSummary):
                + (f"; {sh:,} shared between rows, counted once (^)" if sh else ''))
     res.append(f"Total MACs: {human(self.total_macs)} ({self.total_macs:,.0f}){' or more' if self.unknown_ops else ''}; elementwise ops: "
                f"{human(self.total_elem_ops)}; activations: {human(self.total_act_bytes,'B')} in {len(df)} rows")
-    if self.hooked_ms: res.append(f"Forward on {self.device}: {self.total_time_ms:.2f} ms over rows; whole pass {self.hooked_forward_ms:.2f} ms hooked, "
-                                  f"{self.plain_forward_ms:.2f} ms plain; {self.n_passes} passes")
-    if self.has_bwd: res.append(f"Backward on {self.device}: {self.total_bwd_ms:.2f} ms over rows; MACs {human(df.bwd_macs.sum())}"
+    if self.hooked_ms: res.append(f"Forward on {self.device}: {_ms(self.total_time_ms)} over rows; whole pass {_ms(self.hooked_forward_ms)} hooked, "
+                                  f"{_ms(self.plain_forward_ms)} plain; {self.n_passes} passes")
+    if self.has_bwd: res.append(f"Backward on {self.device}: {_ms(self.total_bwd_ms)} over rows; MACs {human(df.bwd_macs.sum())}"
                                 + (f"; saved {human(df.saved_bytes.sum(),'B')} by the rows" if df.saved_bytes.notna().any() else ''))
     timed = df.time_ms.notna().any()
     if timed or self.cpu_wait is not None:

@@ -50,7 +50,7 @@ def test_times_measured_and_add_up(seed_summary):
     assert abs(coverage[len(coverage)//2] - 1) <= 0.03   # median over rounds: one round preempted by another process does not decide
     # how much the hooks cost is a speed (bench/hook_overhead.py measures it: 1.03x on an idle machine); under load it reads
     # 2-3.5x here (three test runs on 2 cores), so what a test can hold is that the summary says so whenever it is large
-    assert math.isfinite(cs.hook_overhead) and (cs.hook_overhead > 1.5) == ('took x' in str(cs))
+    assert math.isfinite(cs.hook_overhead) and cs.hooks_slow == (cs.hook_overhead > hooks_slow_max) and f'hooks x{cs.hook_overhead:.2f}' in str(cs)
     assert cs.n_passes == 2 + 2*7   # the counting pass and the unhooked op pass (`plain_ops`, names only; both also warm up), 7 hooked and 7 plain
 
 class Sleep(nn.Module):
@@ -125,7 +125,7 @@ def test_mha_fast_path_reported():
         def __init__(self): super().__init__(); self.mha = mha
         def forward(self, x): return self.mha(x, x, x, need_weights=False)[0]
     cs = model_cost(Wrap(), x, n_repeat=2)
-    assert 'mha.out_proj' in cs.uncalled and 'Never called' in str(cs)
+    assert 'mha.out_proj' in cs.uncalled and 'mha.out_proj' not in cs.df.name.tolist()
     assert cs.total_macs == 2*(10*32*32*4 + 2*10*10*32)
 
 # Errors leave nothing broken
@@ -165,13 +165,18 @@ def test_uncounted_layer_flagged():
         def forward(self, x): return torch.cdist(x, self.w)
     cs = model_cost(nn.Sequential(Fused()), torch.randn(5, 3, 4), n_repeat=1)
     assert cs.uncounted == ['0'] and list(cs.unknown_ops.values()) == [['0']]
-    op = list(cs.unknown_ops)[0]
-    assert f'1 op uncounted in the forward' in str(cs) and f'? {op}' in str(cs) and '0?' in str(cs)
+    assert cs.df.macs_src.tolist()[0] == 'uncounted' and any(l.split()[:2] == ['Fused', '0'] and '?' in l for l in str(cs).splitlines())   # marked `?` on its row
 
 def test_renderings(seed_summary, tmp_path):
     cs = seed_summary
     s = str(cs)
-    assert s.startswith('Sequential (Input shape: 64 x 3 x 28 x 28)') and 'Per stage' in s and 'Total params: 11,708,992' in s
+    assert s.startswith('Sequential (Input shape: 64 x 3 x 28 x 28)') and 'Total params: 11,708,992' in s
+    lines = s.splitlines()   # fastai's layout with a name column: type, name, then the output shape's group line, one row per module
+    assert lines[2].split()[:5] == ['Layer', '(type)', 'Name', 'Output', 'Shape'] and lines[4].strip() == '64 x 64 x 14 x 14'
+    assert [l.split()[:2] for l in lines if l.startswith('Conv2d')][1] == ['Conv2d', '0.4.0.conv1']
+    foot = lines[lines.index('', lines.index('')+1)+1:]   # after the rows and the stages: the facts, then one sentence per condition
+    assert len(cs.facts()) <= 8 and all(len(l) <= 110 for l in cs.facts()) and sum(l.startswith('Timing:') for l in foot) == 1
+    assert foot == cs.facts() + cs.conditions() and len(cs.conditions()) == cs.disturbed + cs.hooks_slow + bool(cs.loose and not cs.disturbed)
     assert cs._repr_html_().count('<table') == 2
     cs.to_csv(tmp_path/'a.csv'); assert (tmp_path/'a.csv').read_text().count('\n') == len(cs.df)+1
     assert cs.to_markdown().count('| Conv2d ') == 20

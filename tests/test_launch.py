@@ -33,7 +33,7 @@ def test_model_cost_starved(gpu):
     sims = s.df[s.df.type=='SimLayer']
     np.testing.assert_allclose(sims.launch_ms, sims.time_ms)  # every stretch ended with the GPU waiting: all launch time
     assert s.launch_share > 0.9
-    assert any(l.startswith('GPU waiting for the host in the forward') for l in s._totals_lines())
+    assert s.launch_bound and any(n.startswith('GPU waiting for the host in the forward') for n in s.notes)
 
 def test_model_cost_ahead(gpu):
     s = model_cost(sim_model(gpu, [0.1, 2., 2., 0.5, 0.002]), torch.zeros(2, 4), n_repeat=3)
@@ -41,7 +41,7 @@ def test_model_cost_ahead(gpu):
     np.testing.assert_allclose(sims.time_ms.iloc[1:], [2., 2., 0.5, 0.002], atol=1e-9)  # GPU time of each kernel
     # flagged: the Linear (a CPU op, nothing queued) and the first kernel's row, which began with nothing queued (it holds its launch: 0.05 ms)
     np.testing.assert_allclose(sims.launch_ms, [0.15, 0., 0., 0., 0.], atol=1e-9); assert s.launch_share < 0.05
-    assert any(l.startswith('GPU ahead of the host in the forward') for l in s._totals_lines())
+    assert not s.launch_bound and any(n.startswith('GPU ahead of the host in the forward') for n in s.notes)
 
 def test_model_cost_waits_inside_rows(gpu):
     "Rows that each end with a long kernel queued but launch for longer than the work queued before them: the GPU waited inside them (found in review)"
@@ -50,7 +50,7 @@ def test_model_cost_waits_inside_rows(gpu):
             for _ in range(50): gpu.launch(0.001, 0.02)
             gpu.launch(0.5); return x
     s = model_cost(nn.Sequential(*[Many() for _ in range(4)]), torch.zeros(1), n_repeat=3)
-    assert s.launch_share > 0.99 and any(l.startswith('GPU waiting for the host in the forward') for l in s._totals_lines())
+    assert s.launch_share > 0.99 and s.launch_bound and any(n.startswith('GPU waiting for the host in the forward') for n in s.notes)
 
 def _learner(gpu, kernels):
     x = torch.randn(64, 4)
@@ -69,17 +69,16 @@ def test_cost_profiler(gpu, kernels, starved):
     if starved:
         np.testing.assert_allclose(sims.launch_ms, sims.time_ms); np.testing.assert_allclose(sims.bwd_launch_ms, sims.bwd_ms)
         assert s.launch_share > 0.5 and s.bwd_launch_share > 0.5
-        assert {l.split(':')[0] for l in s.notes + s._totals_lines() if l.startswith('GPU')} == {'GPU waiting for the host in the forward',
-                                                                                                 'GPU waiting for the host in the backward'}
+        assert s.launch_bound and {l.split(':')[0] for l in s._launch_lines()} == {'GPU waiting for the host in the forward', 'GPU waiting for the host in the backward'}
     else:  # only the first kernel's row began with nothing queued; the backward starts behind the forward's queued kernels
         assert (sims.launch_ms.iloc[1:]==0).all() and sims.launch_ms.iloc[0]>0 and (sims.bwd_launch_ms==0).all()
         np.testing.assert_allclose(sims.bwd_ms.iloc[1:], [4., 4.], atol=0.06)  # each layer's backward kernel
-        assert {l.split(':')[0] for l in s._totals_lines() if l.startswith('GPU')} == {'GPU ahead of the host in the forward', 'GPU ahead of the host in the backward'}
+        assert not s.launch_bound and {l.split(':')[0] for l in s._launch_lines()} == {'GPU ahead of the host in the forward', 'GPU ahead of the host in the backward'}
 
 def test_cpu_has_no_launch_time(seed_summary):
     "A CPU has no launch queue: no column, no line, and NaN shares; not 0"
     assert 'launch_ms' not in seed_summary.df and np.isnan(seed_summary.launch_share)
-    assert not [l for l in seed_summary._totals_lines() if l.startswith('GPU')]
+    assert not seed_summary.launch_bound and not seed_summary._launch_lines() and 'GPU may wait' not in seed_summary.facts()[-1]
 
 def _busy_share(m, x):
     "GPU busy time / wall time of one plain forward of `m`, from `torch.profiler`'s kernel intervals (device activities only)"
@@ -102,8 +101,8 @@ def test_launch_bound_on_a_gpu():
     bt,bb = _busy_share(tiny, xt),_busy_share(big, xb)
     print(f"tiny: launch share {st.launch_share:.3f}, GPU busy {bt:.3f}; big: launch share {sb.launch_share:.3f}, GPU busy {bb:.3f}")
     assert bt < 0.5 and bb > 0.9  # the reference: the tiny model leaves the GPU idle most of the time, the big one does not
-    assert st.launch_share > 0.8 and any(l.startswith('GPU waiting for the host in the forward') for l in st._totals_lines())
-    assert sb.launch_share < 0.05 and any(l.startswith('GPU ahead of the host in the forward') for l in sb._totals_lines())
+    assert st.launch_share > 0.8 and st.launch_bound and any(n.startswith('GPU waiting for the host in the forward') for n in st.notes)
+    assert sb.launch_share < 0.05 and not sb.launch_bound and any(n.startswith('GPU ahead of the host in the forward') for n in sb.notes)
     assert (sb.df.launch_ms.iloc[1:]==0).all()  # every row after the first (which began after the synchronize, nothing queued) is GPU time for certain
 
 def test_busy_needs_one_stream_and_a_margin():
