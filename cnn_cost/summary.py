@@ -443,6 +443,8 @@ def to_json(self:CostSummary, path=None):
     d = dict(model=self.model_name, input_shapes=[list(s) for s in self.input_shapes], device=str(self.device),
              totals={k: float(v) for k,v in tot.items()}, uncalled=list(self.uncalled), uncounted=list(self.uncounted),
              unknown_ops=self.unknown_ops, bwd_unknown_ops=self.bwd_unknown_ops, notes=self.notes,
+             conditions=dict(disturbed=self.disturbed, hooks_slow=self.hooks_slow, launch_bound=self.launch_bound, path_changed=bool(self.path_changed),
+                             loose=list(self.loose), not_timed=list(self.not_timed), opaque=list(self.opaque)),
              layers=json.loads(self.df.to_json(orient='records')), stages=json.loads(self.stages().to_json(orient='records')))
     res = json.dumps(d, indent=1)
     if path: Path(path).write_text(res)
