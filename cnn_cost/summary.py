@@ -338,9 +338,9 @@ def facts(self:CostSummary):
                                 + (f"; saved {human(df.saved_bytes.sum(),'B')} by the rows" if df.saved_bytes.notna().any() else ''))
     timed = df.time_ms.notna().any()
     if timed or self.cpu_wait is not None:
-        p = 'not stated (disturbed)' if self.disturbed else f"±{_pct_s(self.precision)}" if self.precision==self.precision else '? (one pass)'
-        n = len(self.hooked_ms) or self.n_passes
-        t = [f"Timing: rows {p}, median of {n} after {self.n_warmup} warm-up"]
+        p = ('precision not stated, disturbed' if self.disturbed else f"rows known to ±{_pct_s(self.precision)}" if self.precision==self.precision
+             else 'precision unknown')
+        t = [f"Timing: {p} (median of {len(self.hooked_ms) or self.n_passes} after {self.n_warmup} warm-up)"]
         if self.cpu_wait is not None: t.append(f"CPU wait {_pct_s(self.cpu_wait) if self.cpu_wait==self.cpu_wait else 'n/a (not Linux)'}")
         if self.hook_overhead==self.hook_overhead: t.append(f"hooks x{self.hook_overhead:.2f}")
         ls = [s for s in (self.launch_share, self.bwd_launch_share) if s==s]
