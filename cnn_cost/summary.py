@@ -358,7 +358,7 @@ def conditions(self:CostSummary):
     if self.disturbed: res.append(f"Disturbed: this process waited for a CPU {100*self.cpu_wait:.0f}% of the timed time, so every row is slowed: rerun on an idle machine.")
     if self.hooks_slow: res.append(f"Hooks slow: hooked passes took x{self.hook_overhead:.2f} the plain ones, a disturbance the row times carry.")
     if self.launch_bound: res.append("Launch-bound: the GPU waited for the host in part of the rows' time (`launch_ms`): those times are upper bounds.")
-    if self.uncounted: res.append(f"Uncounted: ops without a MAC formula ({_names(list(self.unknown_ops) + list(self.bwd_unknown_ops), 3)}) ran: those MACs are a lower bound (?).")
+    if self.unknown_ops or self.bwd_unknown_ops: res.append(f"Uncounted: ops without a MAC formula ({_names(list(self.unknown_ops) + list(self.bwd_unknown_ops), 3)}) ran: those MACs are a lower bound (?).")
     if self.path_changed: res.append("Hooks change the path: without them this model runs other ops (a fast path); the rows describe the hooked path.")
     if self.loose and not self.disturbed: res.append(f"Loose: {_names(self.loose, 3)} known only to worse than ±{100*loose_tol:.0f}%: compare with care, or time more passes.")
     if self.not_timed: res.append(f"Not timed (blank, out of the sums): {_names(self.not_timed, 3)}: their hooks never fired.")
