@@ -8,12 +8,13 @@ Docs: https://cnn-cost.github.io/cnn_cost/callback.html.md"""
 __all__ = ['TrainHooks', 'CostProfiler', 'TrainProfile', 'StepHooks']
 
 # %% ../nbs/06_callback.ipynb #e254e163
-import time, numpy as np, pandas as pd, torch, torch.nn as nn, torch.distributed as dist
+import time, contextlib, numpy as np, pandas as pd, torch, torch.nn as nn, torch.distributed as dist
 from copy import deepcopy
 from fastcore.basics import *
 from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.callback.core import *
+from fastai.callback.schedule import LRFinder
 from fastai.torch_core import rank_distrib, num_distrib
 from .core import *
 from .counting import *
@@ -132,12 +133,14 @@ def saved(self:TrainHooks, skip=()):
 
 # %% ../nbs/06_callback.ipynb #b95c81ff
 _step_cols = ['data','forward','loss','backward','optimizer','other','total']
+_in_batch = {'after_pred','after_loss','before_backward','after_cancel_backward','after_backward','before_step','after_cancel_step','after_step',
+             'after_cancel_batch','after_batch','after_cancel_train','after_cancel_epoch'}  # the events that find a training batch open, or close it
 
 # %% ../nbs/06_callback.ipynb #253f3f53
 class CostProfiler(Callback):
     "Profile per-layer forward and backward time, saved-for-backward bytes, memory and MACs of training batches"
     order,run_valid,remove_on_fetch = 5,False,True
-    _stateattrs = ('hooks','units','recs','batches','rank_tables','skip_ptrs','_ev','_orig','patterns')
+    _stateattrs = ('hooks','units','recs','batches','rank_tables','skip_ptrs','_ev','_cm','_c','_cw','patterns')
     def __init__(self,
         skip:int=2, # Training batches of each `fit` left unprofiled first (warm-up); the last of them is counted (the first batch if `skip=0`)
         n_batches:int|None=10, # How many batches to profile at most (`None`: no limit)
@@ -145,10 +148,23 @@ class CostProfiler(Callback):
     ): store_attr(); self._init_state()
 
     def _init_state(self):
-        self.hooks,self.units,self.recs,self.batches,self.rank_tables,self.skip_ptrs,self._ev,self._orig = None,None,None,[],None,set(),{},None
+        self.hooks,self.units,self.recs,self.batches,self.rank_tables,self.skip_ptrs,self._ev = None,None,None,[],None,set(),{}
+        self._cm,self._c,self._cw,self._counting = None,None,None,False  # the open batch: its `ExitStack`, its `Counting`, its `CPUWait`
         self._on,self._t_end,self.model_name,self.counted_iter,self._bwd_seen = False,None,'',None,False
         self.patterns,self._tries,self._label,self._n_pred,self._n_rc = [],0,'',0,0  # the sets of modules the batches ran, and their counts
         self.compiled = False
+
+    @property
+    def learn(self): return self.__dict__.get('learn')
+    @learn.setter
+    def learn(self, l):
+        if l is None: self._end_batch('abort')  # fastai removes a callback passed to `fit(cbs=...)` in a `finally`: whatever killed the fit, the batch closes
+        self.__dict__['learn'] = l
+
+    def __call__(self, event_name):
+        if event_name not in _in_batch: self._end_batch('abort')  # a batch left open: its fit died of an error fastai calls no event for
+        if event_name=='before_fit': self.run = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)  # `lr_find`: no profile, the last one stays
+        return super().__call__(event_name)
 
     def _pattern(self, key, recs=None, it=None):
         "Index of the batch pattern `key` (the batch's label and each unit's number of forward calls); a new one is added"
@@ -166,18 +182,21 @@ class CostProfiler(Callback):
 
 # %% ../nbs/06_callback.ipynb #0a8b8772
 @patch
-def before_fit(self:CostProfiler):
-    self._init_state()
-    l = self.learn
-    if l.__dict__.get('_do_one_batch') is not None: del l.__dict__['_do_one_batch']  # left by a fit that died outside a batch
-    self._orig,l._do_one_batch = l._do_one_batch,self._one_batch
+def before_fit(self:CostProfiler): self._init_state()
 
 @patch
-def _unwrap(self:CostProfiler):
-    l = self.learn
-    if l is not None and l.__dict__.get('_do_one_batch') == self._one_batch: del l.__dict__['_do_one_batch']
-    if self.hooks is not None: self.hooks.remove(); self.hooks.start()
-    self._on = False
+def _end_batch(self:CostProfiler, how='done'):
+    "Leave the open batch's count or hooks. `how` it ended: 'done'; 'cancel' or 'stop' (batch or epoch cancelled, the fit goes on); 'abort' (the fit stops or died)"
+    cm,self._cm = getattr(self, '_cm', None),None
+    if cm is None: return
+    if self._counting:  # a batch cancelled after its backward (`GradientAccumulation` skips the step) is counted; one cancelled before is not
+        cm.close()
+        if how=='done' or (how in ('cancel','stop') and self._bwd_seen): self._finish_count(self._c)
+        return
+    try:
+        if how!='abort': self._ev['end'] = self.hooks.clock.stamp(); self._wait = self._cw.stop()
+    finally: cm.close()
+    if how!='done' and how!='cancel': self._on = False; self.hooks.start()  # not collected: drop the armed graph nodes now
 
 @patch
 def _stamp(self:CostProfiler, ev):
@@ -193,6 +212,17 @@ def before_batch(self:CostProfiler):
     gm = getattr(self.learn.model, 'gen_mode', None)  # fastai's `GANModule`: the generator's or the critic's step
     self._label = '' if gm is None else 'generator' if gm else 'critic'
     if self._on: self._ev,self._data_ms = {},(t-self._t_end)/1e6 if self._t_end else np.nan
+    kind = self._batch_kind()
+    if kind is None: return
+    self._cm,self._counting = contextlib.ExitStack(),kind=='count'
+    try:
+        if self._counting:
+            self._bwd_seen,m = False,self.learn.model
+            self._cm.enter_context(run_eager(m)); self._c = self._cm.enter_context(Counting(eager_module(m)))  # a compiled model: this batch runs eagerly
+        else:
+            h = self._cm.enter_context(self.hooks); self._cw = CPUWait()  # run-queue wait over the batch, read before and after it, never in a hook
+            h.start(); self._cw.start(); self._ev['start'] = h.clock.stamp()
+    except BaseException: self._end_batch('abort'); raise
 @patch
 def after_pred(self:CostProfiler):
     self._stamp('after_pred')
@@ -206,27 +236,36 @@ def after_backward(self:CostProfiler): self._bwd_seen = True; self._stamp('after
 @patch
 def before_step(self:CostProfiler): self._stamp('before_step')
 @patch
+def after_cancel_batch(self:CostProfiler): self._end_batch('cancel')
+@patch
 def after_batch(self:CostProfiler):
+    self._end_batch()
     if self._on and 'end' in self._ev: self._collect()
     self._on,self._t_end = False,time.perf_counter_ns()
 @patch
+def after_cancel_train(self:CostProfiler): self._end_batch('stop')
+@patch
+def after_cancel_epoch(self:CostProfiler): self._end_batch('stop')
+@patch
+def after_cancel_fit(self:CostProfiler): self._end_batch('abort')
+@patch
 def after_fit(self:CostProfiler):
-    self._unwrap()
+    self._end_batch('abort'); self._on = False
     if num_distrib()>1 and dist.is_available() and dist.is_initialized(): self._gather()  # collective: every rank calls it
-    if self.batches or self.rank_tables: self.learn.cost_profile = self.profile
+    if self.batches or self.rank_tables: self.learn.train_profile = self.profile
 
 # %% ../nbs/06_callback.ipynb #c3f13d47
-_keep_on = (CancelBatchException, CancelTrainException, CancelEpochException)  # fit goes on after these
 @patch
-def _count(self:CostProfiler):
-    "Run this training batch under `Counting`: MACs of its forward and backward, shapes and parameters of every unit"
-    self._bwd_seen = False
-    try:
-        with run_eager(self.learn.model), Counting(eager_module(self.learn.model)) as c: self._orig()  # a compiled model: this batch runs eagerly
-    except _keep_on:  # a batch cancelled after its backward (`GradientAccumulation` skips the step) is counted; one cancelled before is not
-        if not self._bwd_seen: raise
-        self._finish_count(c); raise
-    self._finish_count(c)
+def _batch_kind(self:CostProfiler):
+    "What this training batch runs under: 'count' (`Counting`: MACs of its forward and backward, shapes and parameters), 'time' (the hooks) or `None`"
+    if self.recs is None: return 'count' if self._iter>=self.skip-1 and self.n_batches!=0 else None  # 0: nothing to count for
+    if not self._on: return None
+    need = {p['label'] for p in self.patterns if p['recs'] is None}
+    new = self._label and self._label not in {p['label'] for p in self.patterns}  # a labelled phase met for the first time (a GAN's generator)
+    if (new or self._label in need or (need and self._tries)) and self._n_rc<8:  # count, untimed, a batch of a labelled pattern not counted, or the next few
+        self._tries,self._n_rc,self._on = max(self._tries-1, 0),self._n_rc+1,False  # at most 8 counts more: batches that always differ (routing) stay timed
+        return 'count'
+    return 'time'
 
 @patch
 def _finish_count(self:CostProfiler, c):
@@ -235,35 +274,17 @@ def _finish_count(self:CostProfiler, c):
     if self.recs is not None:  # a batch of a pattern not counted yet: the units (and hooks) stay those of the first count
         by = {r.name: r for r in c.records()}
         recs = [by[n] for n,m,k in self.units]
-        self._pattern((self._label, tuple(r.calls for r in recs)), recs, self.train_iter); return
+        self._pattern((self._label, tuple(r.calls for r in recs)), recs, self._iter); return
     dev = batch_device(model, xb)
     self.units,self.recs = costed(c.units, c.records())
-    self.counted_iter = self.train_iter
-    self._pattern((self._label, tuple(r.calls for r in self.recs)), self.recs, self.train_iter)
+    self.counted_iter = self._iter
+    self._pattern((self._label, tuple(r.calls for r in self.recs)), self.recs, self._iter)
     self.input_shapes,self.device,self.model_name = [t.shape for t in flat_tensors(xb)],dev,type(eager_module(model)).__name__
     self.amp_note = learner_amp(self.learn, dev)[1]  # `to_fp16()` on a CPU: the batches ran in float32, and the summary says why
     self.skip_ptrs = {_ptr(t) for t in list(model.parameters())+list(model.buffers())}
     self.compiled = is_compiled(model)  # compiled code runs no hook, or compiles ours in: the step split only (`StepHooks`)
     self.hooks = (StepHooks if self.compiled else TrainHooks)(self.units.itemgot(1), [k=='leaf' for n,m,k in self.units], clock_for(dev))
 
-@patch
-def _one_batch(self:CostProfiler):
-    try:
-        if not self.training: return self._orig()
-        if self.recs is None: return self._count() if self.train_iter>=self.skip-1 and self.n_batches!=0 else self._orig()  # 0: nothing to count for
-        if not self._on: return self._orig()
-        need = {p['label'] for p in self.patterns if p['recs'] is None}
-        new = self._label and self._label not in {p['label'] for p in self.patterns}  # a labelled phase met for the first time (a GAN's generator)
-        if (new or self._label in need or (need and self._tries)) and self._n_rc<8:  # count, untimed, a batch of a labelled pattern not counted, or the next few
-            self._tries,self._n_rc,self._on = max(self._tries-1, 0),self._n_rc+1,False  # at most 8 counts more: batches that always differ (routing) stay timed
-            return self._count()
-        cw = CPUWait()  # run-queue wait over the batch, read before and after it, never in a hook
-        with self.hooks as h:
-            h.start(); ev = self._ev; cw.start(); ev['start'] = h.clock.stamp()
-            try: self._orig()
-            finally: ev['end'] = h.clock.stamp(); self._wait = cw.stop()
-    except _keep_on: raise
-    except BaseException: self._unwrap(); raise
 
 # %% ../nbs/06_callback.ipynb #c7b294ac
 @patch
@@ -456,12 +477,12 @@ def plot(self:CostProfiler, k=20, figsize=(11,4)):
     return self.profile.plot(k, figsize)
 
 # %% ../nbs/06_callback.ipynb #cb000001
-def _cost_profile(self):
-    res = self.__dict__.get('_cost_profile')
-    if res is None: raise ValueError("No cost profile on this learner yet: train with a `CostProfiler`, e.g. `learn.fit(1, cbs=CostProfiler())`")
+def _train_profile(self):
+    res = self.__dict__.get('_train_profile')
+    if res is None: raise ValueError("No training profile on this learner yet: train with a `CostProfiler`, e.g. `learn.fit(1, cbs=CostProfiler())`")
     return res
-def _set_cost_profile(self, v): self.__dict__['_cost_profile'] = v
-Learner.cost_profile = property(_cost_profile, _set_cost_profile, doc="The `TrainProfile` of the last `fit` with a `CostProfiler`")
+def _set_train_profile(self, v): self.__dict__['_train_profile'] = v
+Learner.train_profile = property(_train_profile, _set_train_profile, doc="The `TrainProfile` of the last `fit` with a `CostProfiler`")
 
 # %% ../nbs/06_callback.ipynb #c16c0002
 class StepHooks:
