@@ -26,6 +26,10 @@ from .learner import costed, batch_device, is_compiled, run_eager, _frames
 def _ptr(t):
     try: return t.untyped_storage().data_ptr()
     except Exception: return id(t)
+def _held(t):
+    "Bytes `t` keeps alive: its whole storage (a view such as `hidden[:, 0]` holds all of it, an expanded tensor only its real storage)"
+    try: return t.untyped_storage().nbytes()
+    except Exception: return t.numel()*t.element_size()  # no plain storage (a sparse or nested tensor): its elements
 def _unpack(t): return t
 
 # %% ../nbs/06_callback.ipynb #9ccb9fd0
@@ -80,12 +84,12 @@ class TrainHooks(TimeHooks):
         return f
 
     def _pack(self, t):
-        "Record a saved tensor's module, storage and bytes; on the CPU its own time (`pack_ns`) is taken out of the module's row by `times`"
+        "Record a saved tensor's module, storage and the bytes that storage holds; on the CPU its own time (`pack_ns`) is taken out of the module's row by `times`"
         if self.tracker.phase()!='fwd': return t.detach()  # what the forward keeps; a recompute's saves live inside the backward
         a = time.perf_counter_ns()
         with torch._C.DisableTorchFunctionSubclass():
             s = self.stack; i = s[-1] if s else -1
-            self.saves.append((i, _ptr(t), t.numel()*t.element_size()))
+            self.saves.append((i, _ptr(t), _held(t)))
             res = t.detach()  # not `t`: a saved output would then hold its own grad_fn, a reference cycle
         if i>=0: self.pack_ns[i] += time.perf_counter_ns()-a
         return res
@@ -124,11 +128,11 @@ def bwd_times(self:TrainHooks, t_end):
 
 @patch
 def saved(self:TrainHooks, skip=()):
-    "Bytes saved for backward by each module, and by all modules together, each storage once; storages in `skip` left out"
+    "Bytes kept alive for backward by each module, and by all modules together: each storage once, whole (a saved view holds all of it); storages in `skip` left out"
     per,tot = [{} for _ in self.mods],{}
     for i,p,n in self.saves:
         if i<0 or p in skip: continue
-        per[i][p] = max(per[i].get(p,0), n); tot[p] = max(tot.get(p,0), n)
+        per[i][p] = tot[p] = n
     return [sum(d.values()) for d in per], sum(tot.values())
 
 # %% ../nbs/06_callback.ipynb #b95c81ff

@@ -248,3 +248,64 @@ def test_pairs_compose(kind):
         inb = df.index.str.startswith(_blk[kind]+'.')
         assert (df.recompute_macs[inb]>0).any()==rec and (df.recompute_macs[~inb]==0).all(), (kind, df.recompute_macs.to_dict())
         if rec and kind!='gan': assert df.recompute_macs[inb].sum()==df.macs[inb].sum()  # the whole block runs again, once
+
+# ---- saved bytes: each storage kept alive once, whole ----
+def saved_ref(model, xb):
+    "Reference: saved-tensor hooks over a training forward of `model`, keyed by storage: {storage: bytes it holds}, {storage: bytes of the largest view saved}; parameters and buffers left out"
+    skip = {t.untyped_storage().data_ptr() for t in list(model.parameters())+list(model.buffers())}
+    held,views = {},{}
+    def pack(t):
+        s = t.untyped_storage(); p = s.data_ptr()
+        if p not in skip: held[p] = s.nbytes(); views[p] = max(views.get(p, 0), t.numel()*t.element_size())
+        return t
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): model(*xb)
+    return held,views
+
+class Pooled(nn.Module):
+    "BERT's two views: an index tensor expanded to the batch (`token_type_ids`) and the pooler's `hidden[:, 0]`, which keeps all of `hidden` alive"
+    def __init__(self):
+        super().__init__()
+        self.emb,self.tt,self.lin,self.dense,self.act,self.out = nn.Embedding(50,16),nn.Embedding(2,16),nn.Linear(16,16),nn.Linear(16,16),nn.Tanh(),nn.Linear(16,2)
+    def forward(self, x):
+        tt = torch.zeros(1, x.shape[1], dtype=torch.long, device=x.device).expand_as(x)  # 64 B of storage, 1 KiB as a tensor
+        h = self.lin(self.emb(x)+self.tt(tt))
+        return self.out(self.act(self.dense(h[:, 0])))
+
+def saved_fit(model, x, y, bs=16):
+    dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:bs], bs=bs, device='cpu')
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat())
+    with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=(cp:=CostProfiler(skip=1, n_batches=2)))
+    return learn,cp
+
+def test_saved_bytes_count_storages():
+    "Hand count: a saved view counts the whole storage it keeps alive, an expanded tensor its real storage; each storage once in the total"
+    set_seed(0); x = torch.randint(0, 50, (64, 8)); y = torch.randint(0, 2, (64,))
+    learn,cp = saved_fit(Pooled(), x, y)
+    df = cp.summary().df.set_index('name')
+    bs,h = 16,16*8*16*4  # `hidden`: bs x 8 x 16 floats
+    assert df.loc[['emb','tt','lin','dense','act','out'],'saved_bytes'].tolist()==[bs*8*8, 8*8, h, h, bs*16*4, bs*16*4]
+    assert {b['saved_total'] for b in cp.batches}=={bs*8*8 + 8*8 + h + h + bs*16*4}  # `lin`'s input, `hidden`, tanh's output: each once
+    held,views = saved_ref(learn.model, learn.dls.one_batch()[:1])
+    assert {b['saved_total'] for b in cp.batches}=={sum(held.values())} and sum(views.values())<sum(held.values())
+
+def test_saved_bytes_bert_against_references():
+    """A tiny Hugging Face BERT (from a config, nothing downloaded): the profiler's saved total equals saved-tensor hooks keyed by storage, and
+    `memory_summary`'s rows plus the batch's own storage that the embedding saves (the batch is an input there, not a saved activation)"""
+    tr = pytest.importorskip('transformers')
+    class Wrap(nn.Module):
+        def __init__(self, m): super().__init__(); self.m = m
+        def forward(self, x): return self.m(input_ids=x).logits
+    set_seed(0)
+    cfg = tr.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    x,y = torch.randint(0, 100, (64, 16)),torch.randint(0, 2, (64,))
+    learn,cp = saved_fit(Wrap(tr.BertForSequenceClassification(cfg)), x, y)
+    xb = learn.dls.one_batch()[:1]
+    held,views = saved_ref(learn.model, xb)
+    tot = {b['saved_total'] for b in cp.batches}
+    assert tot=={sum(held.values())} and sum(views.values())<sum(held.values())  # the pooler's view and the expanded ids differ from their storages
+    ms = learn.memory_summary()
+    batch = sum(n for p,n in held.items() if p in {t.untyped_storage().data_ptr() for t in xb})
+    assert tot=={int(ms.df.saved_bytes.sum())+batch}, (tot, ms.df.saved_bytes.sum(), batch)
+    df = cp.summary().df.set_index('name')
+    assert df.loc['m.bert.pooler.dense','saved_bytes']==16*16*32*4  # `hidden[:, 0]` keeps the whole last hidden state alive
