@@ -416,12 +416,13 @@ def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
     f_ms,f_what = (med.forward+med.loss,'forward and loss (modules also ran inside the loss)') if in_loss else (med.forward,'forward')
     res.forward_ms = f_ms
     its = sorted({p['counted_iter'] for p in ([P[q]] if q is not None else P) if p['counted_iter'] is not None})
+    bk = _book(ts, sel)
     res.notes = [f"Training step on {self.device}, median of {len(st)} profiled batches: " +
                  ', '.join(f"{c} {med[c]:.2f}" for c in _step_cols[:-1]) + f"; total {med.total:.2f} ms (data: host time since the previous batch)",
                  (f"Rows sum to {res.total_time_ms:.2f} ms of the {f_ms:.2f} ms {f_what} ({100*res.total_time_ms/f_ms:.1f}%) and "
                   f"{res.total_bwd_ms:.2f} ms of the {med.backward:.2f} ms backward ({100*res.total_bwd_ms/med.backward:.1f}%)" +
                   (f"; cnn_cost's own bookkeeping in the forward, in no row: {bk:.2f} ms (arming the gradient hooks; on the CPU also the "
-                   "saved-tensor hooks, taken out of the rows they ran in)" if (bk:=_book(ts, sel))==bk else '') if q is not None or len(P)==1 else
+                   "saved-tensor hooks, taken out of the rows they ran in)" if bk==bk else '') if q is not None or len(P)==1 else
                   "Rows sum the medians of each module over the batches that ran it; per pattern, rows sum to " +
                   ', '.join(f"{p['label']}: {_sums(self.summary(i))}" for i,p in enumerate(P) if w[i])),
                  f"Saved for backward: {human(np.median([t['saved_total'][b] for t,b in sel]),'B')} (each storage once); "
@@ -429,17 +430,41 @@ def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
     if self.compiled_frames is not None: res.notes[1:2] = _compiled_notes(self, len(st))
     if self.amp_note: res.notes.append(self.amp_note)
     rm = res.df.recompute_macs.sum()
-    if rm or 'recompute_ms' in res.df:
-        res.notes.append(f"Activation checkpointing: the backward recomputed {human(rm)} MACs" + (f" in {res.df.recompute_ms.sum():.2f} ms" if 'recompute_ms' in res.df else '') +
-                         " of the forward; they are in the backward columns (`recompute_macs`, `recompute_ms`), the forward is counted once")
+    rc_ms = f" in {res.df.recompute_ms.sum():.2f} ms" if 'recompute_ms' in res.df else ''
+    if rm or rc_ms:
+        res.notes.append(f"Activation checkpointing: the backward recomputed {human(rm)} MACs{rc_ms} of the forward; they are in the backward columns "
+                         "(`recompute_macs`, `recompute_ms`), the forward is counted once")
     if len(P)>1:
         desc = '; '.join(f"{p['label']}: {n_all[i]} batches" + ('' if p['recs'] is not None else ' (not counted: MACs from the others)') for i,p in enumerate(P))
         res.notes.append(f"The profiled batches ran {len(P)} different patterns of modules ({desc}). " +
                          (f"This table: {P[q]['label']} only; what it lists as never called ran in the others." if q is not None else
                           "This table: MACs averaged over the profiled batches, times the median over the batches in which each module ran; "
                           "`summary(pattern=...)` shows one pattern, whose rows sum to its step"))
+    # conditions as attributes; the printed lines short (`facts_extra`), the full text above in `notes`
+    res.saved_total,res.bookkeeping_ms,res.in_loss = float(np.median([t['saved_total'][b] for t,b in sel])),bk,in_loss
+    res.n_patterns,res.recomputed,res.amp_fp32,res.n_ranks = len(P),bool(rm or rc_ms),bool(self.amp_note),len(ts)
+    res.facts_extra = _profile_facts(self, res, med, len(st), its, q)
     if len(ts)>1: _add_rank_cols(res, ts)
     return res
+
+def _profile_facts(prof, res, med, n, its, q):
+    "The training profile's lines after the table, about 100 characters each: step split, rows' cover, saved bytes; one sentence per condition that holds"
+    P,f = prof.patterns,lambda v: '?' if v!=v else f"{v:.0f}" if abs(v)>=100 else f"{v:.3g}"  # 3 digits: the line stays short
+    res_ = [f"Step ms (median of {n}): " + ', '.join(f"{a} {f(med[c])}" for a,c in zip('data fwd loss bwd opt other total'.split(), _step_cols))]
+    if prof.compiled_frames is not None: res_.append("Compiled model: per-layer times and saved bytes blank; rows and MACs from an eager batch.")
+    elif q is not None or len(P)==1:
+        res_.append(f"Rows: {100*res.total_time_ms/res.forward_ms:.1f}% of the {'forward+loss' if res.in_loss else 'forward'}, "
+                    f"{100*res.total_bwd_ms/med.backward:.1f}% of the backward" + (f"; own bookkeeping {f(res.bookkeeping_ms)} ms" if res.bookkeeping_ms==res.bookkeeping_ms else ''))
+    res_.append(f"Saved for backward: {human(res.saved_total,'B')} (each storage once); MACs counted on batch {', '.join(map(str, its))}")
+    fs = prof.compiled_frames or []
+    if any(fs): res_.append(f"Dynamo compiled {sum(fs)} frames in {sum(x>0 for x in fs)} of {len(fs)} batches: their times include it (raise `skip`).")
+    if res.in_loss: res_.append("Modules also ran inside the loss: the forward here is forward + loss.")
+    if res.recomputed: res_.append(f"Checkpointing: the backward recomputed {human(res.df.recompute_macs.sum())} MACs of the forward (in the backward columns).")
+    if res.amp_fp32: res_.append(f"Mixed precision has no effect on {prof.device}: these batches ran in float32.")
+    if len(P)>1: res_.append(f"{len(P)} batch patterns ({', '.join(p['label'] for p in P)}): " +
+                             (f"this table is {P[q]['label']} only." if q is not None else "times per module, `summary(pattern=...)` for one."))
+    if res.n_ranks>1: res_.append(f"{res.n_ranks} ranks: rows are medians over all ranks' batches; `*_rank_min/_max`: their spread.")
+    return res_
 
 @patch
 def summary(self:CostProfiler, pattern:int|str|None=None)->CostSummary:

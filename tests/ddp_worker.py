@@ -27,7 +27,7 @@ def profiled(rank):
     if rank: return None
     s = learn.cost_profiler.summary()
     return dict(by_rank=s.by_rank.to_dict(orient='records'), df=s.df[['name','kind','time_ms','bwd_ms','time_ms_rank_min','time_ms_rank_max',
-                'bwd_ms_rank_min','bwd_ms_rank_max']].to_dict(orient='records'), n_passes=s.n_passes, steps=s.steps.to_dict(orient='records'), text=str(s))
+                'bwd_ms_rank_min','bwd_ms_rank_max']].to_dict(orient='records'), n_passes=s.n_passes, steps=s.steps.to_dict(orient='records'), n_ranks=s.n_ranks)
 
 def pair(rank, ckpt, prof):
     set_seed(0, reproducible=True)

@@ -64,7 +64,8 @@ def test_seed_backward_positive(seed_profile):
     conv = leaves[leaves.type=='Conv2d']
     assert (conv.bwd_macs.iloc[1:]==2*conv.macs.iloc[1:]).all() and conv.bwd_macs.iloc[0]==conv.macs.iloc[0]  # first conv: no input gradient
     assert no_hooks(learn.model) and learn.__dict__.get('_do_one_batch') is None
-    assert 'bwd ms' in str(s) and 'Training step' in str(s)
+    assert 'bwd_ms' in s.df and len(s.steps)==3 and s.saved_total>0 and s.n_patterns==1 and s.n_ranks==1
+    assert not (s.recomputed or s.in_loss or s.amp_fp32) and all(len(l)<=100 for l in s.facts_extra) and len(s.facts_extra)==3  # step, rows, saved
 
 def test_seed_sums_cover_passes(seed_profile):
     "Per batch, per-layer forward plus backward times sum to within 15% of the measured forward and backward passes"
@@ -248,6 +249,9 @@ def test_pairs_compose(kind):
         inb = df.index.str.startswith(_blk[kind]+'.')
         assert (df.recompute_macs[inb]>0).any()==rec and (df.recompute_macs[~inb]==0).all(), (kind, df.recompute_macs.to_dict())
         if rec and kind!='gan': assert df.recompute_macs[inb].sum()==df.macs[inb].sum()  # the whole block runs again, once
+        s = res[3].summary()  # the conditions, as attributes; each printed line short
+        assert s.recomputed==rec and s.amp_fp32==(kind=='fp16') and s.in_loss==(kind=='gan') and s.n_patterns==(2 if kind=='gan' else 1)
+        assert all(len(l)<=100 for l in s.facts_extra), [l for l in s.facts_extra if len(l)>100]
 
 # ---- saved bytes: each storage kept alive once, whole ----
 def saved_ref(model, xb):
