@@ -155,6 +155,8 @@ def plot_roofline(self:CostSummary,
     ax.axvline(c.ridge, color='k', ls=':', lw=0.8)
     for b,g in e.groupby('bound'):
         ax.scatter(g.intensity, g.gflops, s=20+30*g.pct_time, c=_bound_colors.get(b,'k'), alpha=0.6, edgecolors='k', lw=0.5, label=f'{b}-bound ({len(g)})')
+    o = e[e.over_roof]
+    if len(o): ax.scatter(o.intensity, o.gflops, s=60, marker='x', c='k', lw=0.8, label=f'faster than its roof ({len(o)}): no %')
     for r in e.nlargest(n_label, 'time_ms').itertuples():
         ax.annotate(f'{r.name} {r.type}', (r.intensity, r.gflops), fontsize=7, xytext=(4,4), textcoords='offset points')
     ax.set(xscale='log', yscale='log', xlabel='arithmetic intensity (FLOP/byte; FLOP = 2·MAC + elementwise op)', ylabel='achieved GFLOP/s',
@@ -211,9 +213,9 @@ class CostSweep:
         self.common = set.intersection(*ran) if ran else set()
         self.only_some = {(sz,bs): sorted(r-self.common) for r,sz,bs in zip(ran, sizes, bss) if r-self.common}
         self.layers_differ = bool(self.only_some)
-        self.notes = [f"Layers differ between runs: {sum(map(len, self.only_some.values()))} rows ran at some sizes only "
-                      f"(e.g. {next(iter(self.only_some.values()))[0]}); exponents fit the {len(self.common)} rows every run ran, and not forward_ms"
-                     ] if self.layers_differ else []
+        some = sorted(set().union(*self.only_some.values()))
+        self.notes = [f"Layers differ between runs: {len(some)} row{'s'*(len(some)>1)} ran in some runs only ({', '.join(some[:3])}{', ...'*(len(some)>3)}); "
+                      f"exponents fit the {len(self.common)} rows every run ran, and not forward_ms"] if self.layers_differ else []
         rows,st = [],[]
         for cs,sz,bs in zip(summaries, sizes, bss):
             body,same = cs.df.stage_label!='flat',cs.df.name.isin(self.common)

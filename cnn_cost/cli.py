@@ -8,7 +8,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/cli.html.md"""
 __all__ = ['arch_names', 'build_learner', 'render', 'render_sweep', 'memory_report', 'UsageError', 'cost_report', 'main']
 
 # %% ../nbs/09_cli.ipynb #2dfb81c5
-import sys, math, contextlib, warnings
+import os, sys, math, contextlib, warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')  # fastai's import-time deprecation: noise for a command-line user
 import torch, torchvision
 from pathlib import Path
@@ -155,6 +155,10 @@ def _size_error(arch, size):
     try: run(m, size)
     except Exception as e: return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
+def _ram_bytes():
+    try: return os.sysconf('SC_PHYS_PAGES')*os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError): return None  # not told: no check
+
 def check_args(arch='resnet18', size=28, bs=64, device=None, path=None, format='text', plot=None, roofline=None, sweep=None,
                n_repeat=None, n_warmup=0, memory=False, max_batch_gib=None, dtype='fp32'):
     "Raise `UsageError`, saying what to pass, for the first argument of `cost_report` it cannot use; checked before any work starts"
@@ -174,7 +178,10 @@ def check_args(arch='resnet18', size=28, bs=64, device=None, path=None, format='
     if device is not None: _check_device(device)
     for opt,f in [('--plot',plot), ('--roofline',roofline)]:
         if f is not None: _check_image_file(opt, f)
-    for sz in (_sweep_sizes(sweep) if sweep is not None else [size]):
+    sizes,ram = (_sweep_sizes(sweep) if sweep is not None else [size]),_ram_bytes()
+    n = 4*3*max(sizes)**2*(min(bs, 8) if mem else bs)  # the float32 batch alone, before any activation
+    _need(ram is None or n<=ram/4, f"{'--sweep size' if sweep is not None else '--size'} {max(sizes)} with --bs {bs}: one batch alone takes {n/2**30:,.1f} GiB of this machine's {ram/2**30:,.0f} GiB: pass a smaller --size or --bs")
+    for sz in sizes:
         err = _size_error(arch, sz)
         _need(err is None, f"{arch} cannot take {sz} x {sz} images ({err}): pass a --size it takes, e.g. --size 224")
     if path is not None: check_data(path, min(bs, 8) if mem else bs)

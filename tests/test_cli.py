@@ -50,7 +50,7 @@ def main_exit(args, capsys):
     return SimpleNamespace(returncode=e.value.code, stdout=out, stderr=err)
 
 BAD_ARGS = [['--bs', '0'], ['--bs', '-3'], ['--bs', 'x'], ['--memory', '--bs', '0'], ['--max-batch-gib', '1', '--bs', '-1'],
-            ['--size', '0'], ['--size', '-28'], ['--arch', 'vit_b_16', '--size', '28'], ['--arch', 'resnet19'], ['--format', 'xml'],
+            ['--size', '0'], ['--size', '-28'], ['--size', '100000'], ['--sweep', '28,100000', '--bs', '4'], ['--arch', 'vit_b_16', '--size', '28'], ['--arch', 'resnet19'], ['--format', 'xml'],
             ['--n-repeat', '0'], ['--n-warmup', '-1'], ['--max-batch-gib', '0'], ['--max-batch-gib', '-2'], ['--max-batch-gib', 'nan'],
             ['--max-batch-gib', 'inf'], ['--dtype', 'int8', '--memory'], ['--dtype', 'fp16'], ['--sweep', '28,x'], ['--sweep', '0,28'],
             ['--sweep', '28', '--memory'], ['--roofline', 'r.png', '--memory'], ['--device', 'gpu'], ['--device', 'meta'],
