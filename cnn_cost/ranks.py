@@ -7,7 +7,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/ranks.html.md"""
 # %% auto #0
 __all__ = ['ddp_buckets', 'grad_order', 'RankMemory', 'rank_memory']
 
-# %% ../nbs/03d_ranks.ipynb #e307d8f4
+# %% ../nbs/03d_ranks.ipynb #fd7f8bab
 import torch, torch.nn as nn, math
 from fastcore.basics import *
 from fastcore.foundation import L
@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten
 
-# %% ../nbs/03d_ranks.ipynb #9bc95758
+# %% ../nbs/03d_ranks.ipynb #913a2eb8
 _first_bucket = 1024*1024  # `torch.distributed._DEFAULT_FIRST_BUCKET_BYTES`, the first bucket's cap when `bucket_cap_mb` is left to its default
 
 def ddp_buckets(model:nn.Module, # The model DDP wraps
@@ -26,6 +26,7 @@ def ddp_buckets(model:nn.Module, # The model DDP wraps
                 order=None, # The parameters in the order their gradients are ready (default: the reverse of `model.parameters()`)
                )->list:
     "Bytes of each gradient bucket DDP's `Reducer` holds for `model` after its first step, when it has rebuilt them in the order gradients are ready"
+    if bucket_cap_mb is not None and not bucket_cap_mb>0: raise ValueError(f"`bucket_cap_mb` must be a positive number of MiB, not {bucket_cap_mb!r}: leave it None for DDP's default")
     ps = L(ifnone(order, reversed(list(model.parameters())))).filter(lambda p: p.requires_grad)
     cap = 25*2**20 if bucket_cap_mb is None else int(bucket_cap_mb*2**20)
     first = _first_bucket if bucket_cap_mb is None else cap  # an explicit `bucket_cap_mb` caps the first bucket too
@@ -36,7 +37,7 @@ def ddp_buckets(model:nn.Module, # The model DDP wraps
         if cur[k] >= (first if not n_done.get(k) else cap): res.append(cur.pop(k)); n_done[k] = n_done.get(k, 0)+1
     return res + list(cur.values())
 
-# %% ../nbs/03d_ranks.ipynb #683f997c
+# %% ../nbs/03d_ranks.ipynb #be472c7c
 def grad_order(model:nn.Module, xb)->list:
     "The parameters of `model` in the order a backward through `model(*xb)` makes their gradients, found on fake tensors (`model` is not touched)"
     ps,order = dict(model.named_parameters()),[]
@@ -50,7 +51,7 @@ def grad_order(model:nn.Module, xb)->list:
         sum(o.float().sum() for o in outs).backward()  # the loss is one node after the outputs: it does not change the order
     return [ps[n] for n in order]
 
-# %% ../nbs/03d_ranks.ipynb #4659b527
+# %% ../nbs/03d_ranks.ipynb #f211dab3
 class RankMemory:
     "One DDP rank's predicted step: the single-process `summary` at the per-rank batch, DDP's `buckets` and the rank's `peak` (NaN, with its `reason`, when DDP cannot run it)"
     def __init__(self, summary:MemorySummary, buckets:list, gradient_as_bucket_view=False, reason:str=None):
@@ -64,12 +65,12 @@ class RankMemory:
                           f"DDP buckets: {len(self.buckets)}, {h(self.bucket_bytes)} ({'views of the gradients' if self.gradient_as_bucket_view else 'a copy of the gradients'})"]
                          + ([f"Cannot predict: {self.reason}"] if self.reason else []))
 
-# %% ../nbs/03d_ranks.ipynb #7aad0a92
+# %% ../nbs/03d_ranks.ipynb #636750c4
 def _has_bn(model): return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 def rank_memory(model:nn.Module, # The model as each rank gets it, before DDP wraps it
                 summary:MemorySummary, # Its single-process step at the per-rank batch (`predict_memory`, `Learner.memory_summary`)
-                bucket_cap_mb:float=None, # DDP's `bucket_cap_mb` (default: DDP's own, as accelerate passes it)
+                bucket_cap_mb:float=None, # DDP's `bucket_cap_mb` as DDP gets it (default: DDP's own; accelerate drops a value equal to its default, 25)
                 gradient_as_bucket_view:bool=False, # DDP's `gradient_as_bucket_view` (accelerate's default: False)
                 sync_bn:bool=True, # Whether BatchNorm layers become `SyncBatchNorm` (fastai's `distrib_ctx` default)
                 fastai_opt:bool=True, # Whether the optimizer is fastai's (its `zero_grad` keeps the gradients, with `detach_`)
@@ -85,7 +86,7 @@ def rank_memory(model:nn.Module, # The model as each rank gets it, before DDP wr
         reason = "the memory of `SyncBatchNorm` (which `distrib_ctx(sync_bn=True)` makes of BatchNorm layers) is not predicted yet: pass `sync_bn=False`"
     return RankMemory(summary, ddp_buckets(model, bucket_cap_mb, order), gradient_as_bucket_view, reason)
 
-# %% ../nbs/03d_ranks.ipynb #4371a1a3
+# %% ../nbs/03d_ranks.ipynb #398ea791
 @patch
 def rank_memory(self:Learner,
                 bs:int=None, # Batch size of each rank (default: the data's, as each rank's `DistributedDL` keeps it)

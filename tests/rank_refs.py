@@ -3,10 +3,12 @@ and each kind of memory at that peak, to the byte. `run_ranks` launches `rank_wo
 `rank_step`, which runs the step as `memory_refs._steps` does (fastai's loop: `pred`, loss and its clone kept until the next step's replace
 them, backward, `opt.step`, `opt.zero_grad`) under `StorageTracker`, a `TorchDispatchMode` that sees every storage an op makes, the ones made
 inside DDP's C++ `Reducer` included (its gradient buckets), from before the model is built. FSDP2 steps are also read by torch's own
-`FSDPMemTracker` for its kinds (sharded/unsharded parameters and gradients, all-gather and reduce-scatter buffers)."""
+`FSDPMemTracker` for its kinds (sharded/unsharded parameters and gradients, all-gather and reduce-scatter buffers).
+Not seen, as by torch's own trackers: what a collective's backend allocates outside torch's ops (gloo's own buffers), ops run on other threads, and
+the temporaries inside a tensor subclass's dispatch (a `DTensor` op's local intermediates: only its outputs' local shards are counted)."""
 import os, sys, json, subprocess, weakref, tempfile, torch, torch.nn as nn
 from pathlib import Path
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 KINDS = ('param', 'buffer', 'grad', 'opt', 'batch', 'saved', 'state', 'rest')  # `state`: alive before the step and none of the others (DDP's buckets)
@@ -34,8 +36,10 @@ class StorageTracker(TorchDispatchMode):
     def keys(self, ts): return {self.ids.get(_local(t).untyped_storage()._cdata) for t in ts if isinstance(t, torch.Tensor)} - {None}
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_meta and t.device.type=='cpu': self.track(t.untyped_storage(), str(func))
+        for t in _plain(tree_flatten(out)[0]):
+            if t.is_meta or t.device.type!='cpu': continue
+            st = t.untyped_storage(); i = self.track(st, str(func))
+            if self.live.get(i)!=st.nbytes(): self._set(i, st.nbytes())  # `aten.resize_` and the like grow a storage in place
         return out
     def __enter__(self):
         self._resize,tr = torch.UntypedStorage.resize_,self
@@ -50,6 +54,13 @@ class StorageTracker(TorchDispatchMode):
         return super().__exit__(*a)
 
 def _local(t): return t.to_local() if hasattr(t, 'to_local') else t
+
+def _plain(ts):
+    "The plain tensors in `ts`, those inside a wrapper subclass (`DTensor`'s local shard) in its place: a wrapper's own storage holds no memory"
+    for t in ts:
+        if not isinstance(t, torch.Tensor): continue
+        if is_traceable_wrapper_subclass(t): yield from _plain(getattr(t, a) for a in t.__tensor_flatten__()[0])
+        else: yield t
 
 # --- models: tiny ones for CI, torchvision's resnet18 and a small ViT-like block stack for the corpus
 class Blocks(nn.Module):
@@ -93,8 +104,8 @@ def _torch_opt(name, params):
     if name=='adamw': return torch.optim.AdamW(params, lr=1e-3)
     raise ValueError(f"Unknown optimizer {name!r}: use 'sgd', 'adam' (fastai's), 'tsgd' or 'adamw' (torch's)")
 
-def _wrap(model, cfg):
-    "`model` as `cfg['strategy']` trains it: 'none', 'ddp' (DDP's kwargs from `cfg`) or 'fsdp' (`fully_shard` per unit, then the root)"
+def _wrap(model, cfg, mesh=None):
+    "`model` as `cfg['strategy']` trains it: 'none', 'ddp' (DDP's kwargs from `cfg`) or 'fsdp' (`fully_shard` per unit, then the root, on `mesh`)"
     s = cfg.get('strategy', 'none')
     if cfg.get('sync_bn'): model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if s=='none': return model
@@ -103,7 +114,7 @@ def _wrap(model, cfg):
         return DDP(model, gradient_as_bucket_view=cfg.get('view', False), **({'bucket_cap_mb': cfg['bucket_cap_mb']} if cfg.get('bucket_cap_mb') else {}))
     if s=='fsdp':
         from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-        kw = dict(reshard_after_forward=cfg.get('reshard', True))
+        kw = dict(reshard_after_forward=cfg.get('reshard', True), mesh=mesh)
         if cfg.get('mp'): kw['mp_policy'] = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg['mp']), reduce_dtype=torch.float32)
         for u in units(model): fully_shard(u, **kw)
         return fully_shard(model, **kw)
@@ -142,16 +153,17 @@ def rank_step(cfg, rank=0):
             ft.track_inputs((*xb, *yb))
             with ft: r = step(r, (pack, lambda t: t))
             snap = ft.get_tracker_snapshot('peak')[torch.device('cpu')]
-            res.update(fsdp_peak=snap['Total'], fsdp_kinds={k: v for k,v in snap.items() if k!='Total'})
+            res.update(fsdp_peak=snap['Total'], fsdp_kinds={str(k.value): v for k,v in snap.items() if k!='Total'})
         else: r = step(r, (pack, lambda t: t))
         sets = dict(param=tr.keys(model.parameters()), buffer=tr.keys(model.buffers()), grad=grads | tr.keys(p.grad for p in model.parameters()),
                     opt=tr.keys(mr._opt_tensors(opt)), batch=tr.keys((*xb, *yb)), saved=saved)
-    kinds,state = dict.fromkeys(KINDS, 0),[]
+    kinds,state,rest = dict.fromkeys(KINDS, 0),[],[]
     for k,n in tr.at_peak.items():  # ids
         kind = next((c for c,s in sets.items() if k in s), 'state' if k in pre else 'rest')
         kinds[kind] += n
         if kind=='state': state.append((n, *tr.made.get(k, ('', ''))))
-    res.update(peak=tr.peak, kinds=kinds, state=sorted(state, reverse=True), phase=tr.peak_phase, base=base, rank=rank, torch=torch.__version__,
+        if kind=='rest': rest.append((n, *tr.made.get(k, ('', ''))))
+    res.update(peak=tr.peak, kinds=kinds, state=sorted(state, reverse=True), rest=sorted(rest, reverse=True), phase=tr.peak_phase, base=base, rank=rank, torch=torch.__version__,
                param_bytes=sum(_local(p).untyped_storage().nbytes() for p in model.parameters()))
     if cfg.get('strategy')=='ddp':
         res['buckets'] = [b.buffer().nbytes for b in model.reducer._get_zeros_like_grad_buckets()]
@@ -167,6 +179,33 @@ def run_ranks(cfgs, n=2, timeout=240):
         if r.returncode: raise RuntimeError(f"The {n} ranks failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
         res = [json.loads((Path(d)/f'rank{i}.json').read_text()) for i in range(n)]
     return [[res[i][j] for i in range(n)] for j in range(len(cfgs))]
+
+def fake_fsdp_step(cfg, world_size=2):
+    """`FSDPMemTracker`'s peak and kinds of one rank of `cfg`'s FSDP2 step, in this process, without ranks: a fake process group of `world_size`
+    (`FakeStore`), the model, batch and optimizer on fake tensors. The device mesh is made before the fake mode: `DeviceMesh` reads its rank map's
+    values (`tolist`, `aten._local_scalar_dense`), which fake tensors do not have"""
+    import torch.distributed as dist, memory_refs as mr
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    dist.init_process_group('fake', store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        mesh = init_device_mesh('cpu', (world_size,))
+        with FakeTensorMode():
+            torch.manual_seed(0)
+            model = _wrap(make_model(cfg['model']), cfg, mesh)
+            xb,yb = batch(cfg['bs'], cfg['size'])
+            opt,lf = _torch_opt(cfg.get('opt', 'adamw'), model.parameters()),nn.CrossEntropyLoss()
+            def step(prev=None):
+                r = mr._fwd(model, xb, yb, lf, prev); r[1].backward(); opt.step(); opt.zero_grad(); return r
+            r = None
+            for _ in range(cfg.get('n_warm', 2)): r = step(r)
+            ft = FSDPMemTracker(model, opt); ft.track_inputs((*xb, *yb))
+            with ft: r = step(r)
+        snap = ft.get_tracker_snapshot('peak')[torch.device('cpu')]
+        return dict(fsdp_peak=snap['Total'], fsdp_kinds={str(k.value): v for k,v in snap.items() if k!='Total'})
+    finally: dist.destroy_process_group()
 
 def single_step(cfg):
     "`rank_step` of `cfg` in this process, without ranks or a process group (strategy 'none')"

@@ -14,6 +14,10 @@ CFGS = dict(ddp=CNN, ddp_tsgd={**CNN, 'opt': 'tsgd'}, ddp_small={**CNN, 'bucket_
 @pytest.fixture(scope='module')
 def real(): return dict(zip(CFGS, rr.run_ranks(list(CFGS.values()), n=2)))
 
+# DDP's all-reduce runs on gloo's own thread while the backward goes on: once in about 20 runs on a loaded machine a 16-byte tensor of that path
+# was alive at the peak too. The peak is checked to the byte with that slack; buckets and every other kind are exact
+SLACK = 64
+
 def _pred(cfg, **kw):
     m = rr.make_model(cfg['model']); xb,yb = rr.batch(cfg['bs'], cfg['size'])
     return rank_memory(m, predict_memory(m, xb, yb, nn.CrossEntropyLoss(), rr.opt_func(cfg['opt'])), cfg.get('bucket_cap_mb'), cfg.get('view', False),
@@ -31,8 +35,9 @@ def test_ddp_buckets_extra(real, name):
     for r in real[name]:
         assert 'error' not in r, r
         assert sum(r['buckets'])==r['param_bytes']==r['kinds']['state']
-        assert r['peak']==one['peak']+sum(r['buckets'])
-        assert {k: v for k,v in r['kinds'].items() if k!='state'}=={k: v for k,v in one['kinds'].items() if k!='state'}
+        assert 0 <= r['peak']-(one['peak']+sum(r['buckets'])) <= SLACK
+        assert {k: v for k,v in r['kinds'].items() if k not in ('state', 'rest')}=={k: v for k,v in one['kinds'].items() if k not in ('state', 'rest')}
+        assert 0 <= r['kinds']['rest']-one['kinds']['rest'] <= SLACK
     assert real[name][0]['peak']==real[name][1]['peak']
 
 @pytest.mark.parametrize('name', ['ddp', 'ddp_small', 'vit_ddp'])
@@ -40,7 +45,7 @@ def test_ddp_prediction(real, name):
     "`rank_memory` (single-process prediction + `ddp_buckets`) equals each real rank's peak, and its buckets the `Reducer`'s"
     cfg = CFGS[name]; p = _pred(cfg, sync_bn=False)
     for r in real[name]:
-        assert p.peak==r['peak']
+        assert 0 <= r['peak']-p.peak <= SLACK
         assert p.buckets==r['buckets']
     if name=='ddp_small': assert len(p.buckets)>1
 
@@ -66,3 +71,12 @@ def test_fsdp2(real, name):
         assert r['param_bytes']==r['fsdp_kinds']['Sharded Param']
         assert one['param_bytes']/2 <= r['param_bytes'] < one['param_bytes']
     assert real[name][0]['peak']==real[name][1]['peak'] and real[name][0]['fsdp_peak']==real[name][1]['fsdp_peak']
+
+@pytest.mark.parametrize('name', ['fsdp', 'fsdp_keep'])
+def test_fsdp2_fake(real, name):
+    """One process with a fake process group and fake tensors gives each real rank's `FSDPMemTracker` peak and kinds, to the byte; the storage-level
+    peak is above it by exactly the bytes alive before the step that `FSDPMemTracker` does not track (FSDP2's own small tensors, the last step's outputs)"""
+    f = rr.fake_fsdp_step(CFGS[name], 2)
+    for r in real[name]:
+        assert (r['fsdp_peak'], r['fsdp_kinds'])==(f['fsdp_peak'], f['fsdp_kinds'])
+        assert r['peak']-r['fsdp_peak']==r['kinds']['state']
