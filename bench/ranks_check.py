@@ -25,11 +25,12 @@ def main(ns=(2, 4)):
             name = ' '.join(f"{k}={v}" for k,v in cfg.items())
             if cfg['strategy']=='ddp':
                 p,one = ddp_pred(cfg),rr.single_step(cfg)
-                for r in rs: print(f"{n} ranks, {name}, rank {r['rank']}: predicted {p.peak} real {r['peak']} diff {r['peak']-p.peak} | single real {one['peak']} "
+                for r in rs: print(f"{n} ranks, {name}, rank {r['rank']}: predicted {p.peak}..{p.peak_max} real {r['peak']} diff {r['peak']-p.peak} | single real {one['peak']} "
                                    f"predicted {p.summary.peak} | buckets predicted {p.buckets} real {r['buckets']}")
             else:
-                f = rr.fake_fsdp_step(cfg, n)
-                for r in rs: print(f"{n} ranks, {name}, rank {r['rank']}: fake FSDPMemTracker {f['fsdp_peak']} real FSDPMemTracker {r['fsdp_peak']} "
-                                   f"diff {r['fsdp_peak']-f['fsdp_peak']} | real storages {r['peak']} (+{r['peak']-r['fsdp_peak']}, before the step: {r['kinds']['state']})")
+                for r in rs:
+                    f = rr.fake_fsdp_step(cfg, n, r['rank'])
+                    print(f"{n} ranks, {name}, rank {r['rank']}: fake FSDPMemTracker {f['fsdp_peak']} real FSDPMemTracker {r['fsdp_peak']} "
+                          f"diff {r['fsdp_peak']-f['fsdp_peak']} | real storages {r['peak']} (+{r['peak']-r['fsdp_peak']}, before the step: {r['kinds']['state']})")
 
 if __name__ == '__main__': main(tuple(int(a) for a in sys.argv[1:]) or (2, 4))

@@ -7,7 +7,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/ranks.html.md"""
 # %% auto #0
 __all__ = ['ddp_buckets', 'grad_order', 'RankMemory', 'rank_memory']
 
-# %% ../nbs/03d_ranks.ipynb #fd7f8bab
+# %% ../nbs/03d_ranks.ipynb #8e3eb793
 import torch, torch.nn as nn, math
 from fastcore.basics import *
 from fastcore.foundation import L
@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten
 
-# %% ../nbs/03d_ranks.ipynb #913a2eb8
+# %% ../nbs/03d_ranks.ipynb #3b6d9845
 _first_bucket = 1024*1024  # `torch.distributed._DEFAULT_FIRST_BUCKET_BYTES`, the first bucket's cap when `bucket_cap_mb` is left to its default
 
 def ddp_buckets(model:nn.Module, # The model DDP wraps
@@ -37,7 +37,7 @@ def ddp_buckets(model:nn.Module, # The model DDP wraps
         if cur[k] >= (first if not n_done.get(k) else cap): res.append(cur.pop(k)); n_done[k] = n_done.get(k, 0)+1
     return res + list(cur.values())
 
-# %% ../nbs/03d_ranks.ipynb #be472c7c
+# %% ../nbs/03d_ranks.ipynb #e70eae6f
 def grad_order(model:nn.Module, xb)->list:
     "The parameters of `model` in the order a backward through `model(*xb)` makes their gradients, found on fake tensors (`model` is not touched)"
     ps,order = dict(model.named_parameters()),[]
@@ -51,21 +51,25 @@ def grad_order(model:nn.Module, xb)->list:
         sum(o.float().sum() for o in outs).backward()  # the loss is one node after the outputs: it does not change the order
     return [ps[n] for n in order]
 
-# %% ../nbs/03d_ranks.ipynb #f211dab3
+# %% ../nbs/03d_ranks.ipynb #cbefc31a
 class RankMemory:
-    "One DDP rank's predicted step: the single-process `summary` at the per-rank batch, DDP's `buckets` and the rank's `peak` (NaN, with its `reason`, when DDP cannot run it)"
-    def __init__(self, summary:MemorySummary, buckets:list, gradient_as_bucket_view=False, reason:str=None):
-        store_attr('summary,buckets,gradient_as_bucket_view,reason')
+    """One DDP rank's predicted step: the single-process `summary` at the per-rank batch, DDP's `buckets` and the rank's `peak` (NaN, with its
+    `reason`, when DDP cannot run it). `peak_max` adds `broadcast`, the flat copy of the buffers DDP broadcasts before each forward, which the
+    collective's own thread may still hold at the peak: whether it does depends on the timing, so the real peak lies between the two"""
+    def __init__(self, summary:MemorySummary, buckets:list, gradient_as_bucket_view=False, broadcast:int=0, reason:str=None):
+        store_attr('summary,buckets,gradient_as_bucket_view,broadcast,reason')
         self.bucket_bytes = sum(buckets)
         self.extra = math.nan if reason else 0 if gradient_as_bucket_view else self.bucket_bytes  # bucket views are the gradients the summary has
         self.peak = summary.peak + self.extra
+        self.peak_max = self.peak + broadcast
     def __repr__(self):
         h = lambda n: 'unknown' if n!=n else human(n, 'B')
-        return '\n'.join([f"Per-rank peak: {h(self.peak)} = single-process {h(self.summary.peak)} + DDP {h(self.extra)}",
-                          f"DDP buckets: {len(self.buckets)}, {h(self.bucket_bytes)} ({'views of the gradients' if self.gradient_as_bucket_view else 'a copy of the gradients'})"]
-                         + ([f"Cannot predict: {self.reason}"] if self.reason else []))
+        return '\n'.join([f"Per-rank peak: {h(self.peak)} = single-process {h(self.summary.peak)} + DDP {h(self.extra)}" +
+                           (f" (up to {h(self.peak_max)} with the buffers' broadcast)" if self.broadcast and self.peak==self.peak else ''),
+                           f"DDP buckets: {len(self.buckets)}, {h(self.bucket_bytes)} ({'views of the gradients' if self.gradient_as_bucket_view else 'a copy of the gradients'})"]
+                          + ([f"Cannot predict: {self.reason}"] if self.reason else []))
 
-# %% ../nbs/03d_ranks.ipynb #636750c4
+# %% ../nbs/03d_ranks.ipynb #2ada0580
 def _has_bn(model): return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 def rank_memory(model:nn.Module, # The model as each rank gets it, before DDP wraps it
@@ -75,6 +79,7 @@ def rank_memory(model:nn.Module, # The model as each rank gets it, before DDP wr
                 sync_bn:bool=True, # Whether BatchNorm layers become `SyncBatchNorm` (fastai's `distrib_ctx` default)
                 fastai_opt:bool=True, # Whether the optimizer is fastai's (its `zero_grad` keeps the gradients, with `detach_`)
                 order=None, # The parameters in the order their gradients are ready (`grad_order`; default: the reverse of `model.parameters()`)
+                broadcast_buffers:bool=True, # DDP's `broadcast_buffers` (its default and accelerate's)
                )->RankMemory:
     "Predicted memory of one rank of `model` under `DistributedDataParallel`: `summary`'s step plus DDP's gradient buckets"
     reason = None
@@ -84,9 +89,10 @@ def rank_memory(model:nn.Module, # The model as each rank gets it, before DDP wr
     elif gradient_as_bucket_view: reason = "a step whose optimizer sets gradients to None is not predicted yet: pass `gradient_as_bucket_view=False`"
     elif sync_bn and _has_bn(model):
         reason = "the memory of `SyncBatchNorm` (which `distrib_ctx(sync_bn=True)` makes of BatchNorm layers) is not predicted yet: pass `sync_bn=False`"
-    return RankMemory(summary, ddp_buckets(model, bucket_cap_mb, order), gradient_as_bucket_view, reason)
+    bc = sum(b.numel()*b.element_size() for b in model.buffers()) if broadcast_buffers else 0
+    return RankMemory(summary, ddp_buckets(model, bucket_cap_mb, order), gradient_as_bucket_view, bc, reason)
 
-# %% ../nbs/03d_ranks.ipynb #398ea791
+# %% ../nbs/03d_ranks.ipynb #104f911a
 @patch
 def rank_memory(self:Learner,
                 bs:int=None, # Batch size of each rank (default: the data's, as each rank's `DistributedDL` keeps it)

@@ -180,8 +180,8 @@ def run_ranks(cfgs, n=2, timeout=240):
         res = [json.loads((Path(d)/f'rank{i}.json').read_text()) for i in range(n)]
     return [[res[i][j] for i in range(n)] for j in range(len(cfgs))]
 
-def fake_fsdp_step(cfg, world_size=2):
-    """`FSDPMemTracker`'s peak and kinds of one rank of `cfg`'s FSDP2 step, in this process, without ranks: a fake process group of `world_size`
+def fake_fsdp_step(cfg, world_size=2, rank=0):
+    """`FSDPMemTracker`'s peak and kinds of `rank`'s FSDP2 step of `cfg` (the last rank's shards are smaller when a dim 0 does not divide), in this process, without ranks: a fake process group of `world_size`
     (`FakeStore`), the model, batch and optimizer on fake tensors. The device mesh is made before the fake mode: `DeviceMesh` reads its rank map's
     values (`tolist`, `aten._local_scalar_dense`), which fake tensors do not have"""
     import torch.distributed as dist, memory_refs as mr
@@ -189,7 +189,7 @@ def fake_fsdp_step(cfg, world_size=2):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    dist.init_process_group('fake', store=FakeStore(), rank=0, world_size=world_size)
+    dist.init_process_group('fake', store=FakeStore(), rank=rank, world_size=world_size)
     try:
         mesh = init_device_mesh('cpu', (world_size,))
         with FakeTensorMode():

@@ -14,9 +14,7 @@ CFGS = dict(ddp=CNN, ddp_tsgd={**CNN, 'opt': 'tsgd'}, ddp_small={**CNN, 'bucket_
 @pytest.fixture(scope='module')
 def real(): return dict(zip(CFGS, rr.run_ranks(list(CFGS.values()), n=2)))
 
-# DDP's all-reduce runs on gloo's own thread while the backward goes on: once in about 20 runs on a loaded machine a 16-byte tensor of that path
-# was alive at the peak too. The peak is checked to the byte with that slack; buckets and every other kind are exact
-SLACK = 64
+def _broadcast(cfg): return sum(b.numel()*b.element_size() for b in rr.make_model(cfg['model']).buffers())
 
 def _pred(cfg, **kw):
     m = rr.make_model(cfg['model']); xb,yb = rr.batch(cfg['bs'], cfg['size'])
@@ -30,22 +28,23 @@ def test_tracker_is_memtracker():
 
 @pytest.mark.parametrize('name', ['ddp', 'ddp_tsgd', 'ddp_small', 'vit_ddp'])
 def test_ddp_buckets_extra(real, name):
-    "Without bucket views each rank holds the single-process step plus DDP's buckets, a copy of every gradient, the whole step long"
-    cfg = CFGS[name]; one = rr.single_step(cfg)
+    """Without bucket views each rank holds the single-process step plus DDP's buckets, a copy of every gradient, the whole step long; and, some
+    of the time, the flat copy of the buffers DDP broadcast before the forward (`aten.cat`), which gloo's thread had not yet dropped at the peak"""
+    cfg = CFGS[name]; one = rr.single_step(cfg); bc = _broadcast(cfg)
     for r in real[name]:
         assert 'error' not in r, r
         assert sum(r['buckets'])==r['param_bytes']==r['kinds']['state']
-        assert 0 <= r['peak']-(one['peak']+sum(r['buckets'])) <= SLACK
+        assert 0 <= r['peak']-(one['peak']+sum(r['buckets'])) <= bc
         assert {k: v for k,v in r['kinds'].items() if k not in ('state', 'rest')}=={k: v for k,v in one['kinds'].items() if k not in ('state', 'rest')}
-        assert 0 <= r['kinds']['rest']-one['kinds']['rest'] <= SLACK
+        assert 0 <= r['kinds']['rest']-one['kinds']['rest'] <= bc
     assert real[name][0]['peak']==real[name][1]['peak']
 
 @pytest.mark.parametrize('name', ['ddp', 'ddp_small', 'vit_ddp'])
 def test_ddp_prediction(real, name):
-    "`rank_memory` (single-process prediction + `ddp_buckets`) equals each real rank's peak, and its buckets the `Reducer`'s"
+    "Each real rank's peak lies in `rank_memory`'s `[peak, peak_max]` (single-process prediction + `ddp_buckets`, + the buffers' broadcast); its buckets are the `Reducer`'s"
     cfg = CFGS[name]; p = _pred(cfg, sync_bn=False)
     for r in real[name]:
-        assert 0 <= r['peak']-p.peak <= SLACK
+        assert p.peak <= r['peak'] <= p.peak_max
         assert p.buckets==r['buckets']
     if name=='ddp_small': assert len(p.buckets)>1
 
