@@ -5,6 +5,7 @@ from .timing import *
 from .summary import *
 from .memory import *
 from .plan import *
+from .ranks import *
 from .data import *
 from .learner import *
 from .analysis import *

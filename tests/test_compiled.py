@@ -109,7 +109,7 @@ def test_profiler_compiled_fit(compile):
     learn,lb,fb,gb = compiled_fit(compile, CostProfiler(skip=2, n_batches=3))
     assert (fb, gb) == (fa, ga) and fa['ok'] == fa['total'] and ga >= 1
     assert torch.equal(la, lb)
-    s = learn.cost_profile.summary()
+    s = learn.train_profile.summary()
     assert s.df.name.tolist()[:3] == ['0', '1', '2'] and s.model_name == 'Sequential' and hook_count(learn.model) == 0
     assert s.df.time_ms.isna().all() and s.df.bwd_ms.isna().all() and s.df.saved_bytes.isna().all()
     assert np.isnan(s.total_time_ms) and np.isnan(s.total_bwd_ms)
@@ -117,7 +117,7 @@ def test_profiler_compiled_fit(compile):
     assert 'nan' not in str(s) and any(n.startswith('Compiled model') for n in s.notes) and not any(n.startswith('Rows sum to') for n in s.notes)
     # MACs: the eager reference, forward and backward of the same training step
     ref = tiny_learner(); ref.fit(1, 1e-2, cbs=CostProfiler(skip=2, n_batches=1))
-    r = ref.cost_profile.summary()
+    r = ref.train_profile.summary()
     assert s.total_macs == r.total_macs and s.df.bwd_macs.sum() == r.df.bwd_macs.sum()
     xb = learn.dls.train.one_batch()[0]
     assert s.total_macs == flops_macs(eager_module(learn.model).eval(), xb)
@@ -127,8 +127,8 @@ def test_profiler_compile_in_profiled_batch_noted():
     learn,_,f,g = compiled_fit('eager', CostProfiler(skip=1, n_batches=3))
     _,_,f0,g0 = compiled_fit('eager')
     assert (f, g) == (f0, g0)
-    s = learn.cost_profile.summary()
-    assert learn.cost_profile.compiled_frames[0] >= 1 and not any(learn.cost_profile.compiled_frames[1:])
+    s = learn.train_profile.summary()
+    assert learn.train_profile.compiled_frames[0] >= 1 and not any(learn.train_profile.compiled_frames[1:])
     assert any('during 1 of the 3 profiled batches' in n for n in s.notes)
 
 @pytest.mark.slow  # about 35 s on 2 busy cores: inductor compiles forward and backward
@@ -141,7 +141,7 @@ def test_profiler_compiled_fit_inductor():
     l1 = tiny_learner(); l1.model = torch.compile(l1.model)
     l1.fit(1, 1e-2, cbs=CostProfiler(skip=2, n_batches=3)); fb = frames()
     assert fa == fb
-    s = l1.cost_profile.summary()
+    s = l1.train_profile.summary()
     assert s.df.time_ms.isna().all() and (s.steps.forward > 0).all() and s.df.name.iloc[0] == '0'
 
 def test_learner_cost_summary_and_plot_compiled():
@@ -150,8 +150,8 @@ def test_learner_cost_summary_and_plot_compiled():
     cs = learn.cost_summary(n_repeat=2)
     assert cs.compiled and cs.model_name == 'Sequential' and cs.df.name.iloc[0] == '0' and (cs.df.time_ms > 0).all()
     learn.fit(1, 1e-2, cbs=CostProfiler(skip=2, n_batches=2))
-    fig = learn.cost_profile.plot(k=5)
-    assert fig is not None and learn.cost_profile.compiled_frames is not None
+    fig = learn.train_profile.plot(k=5)
+    assert fig is not None and learn.train_profile.compiled_frames is not None
 
 def test_compiled_defaults():
     "Every public entry point with its defaults on a compiled model (the adaptive `n_repeat=None` included): `model_cost`, `learn.cost_summary()`"

@@ -236,7 +236,7 @@ def test_opaque_module_in_learner_and_profiler():
     cs = learn.cost_summary(n_repeat=2)
     assert list(cs.opaque) == ['1'] and cs.df.set_index('name').macs['1'] == 8*16*16*8*(8*9+8)
     learn.fit(1, 1e-3, cbs=CostProfiler(skip=2, n_batches=3))
-    s = learn.cost_profile.summary().df.set_index('name')
+    s = learn.train_profile.summary().df.set_index('name')
     assert s.bwd_macs['1'] > 0 and s.time_ms['1'] > 0 and s.bwd_ms['1'] > 0 and m[1] is inner
     assert _hooks(m) == 0
 

@@ -43,7 +43,7 @@ def fit_profiled(learn, n_batches=3, skip=1):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn.fit(1, 1e-3, cbs=CostProfiler(skip=skip, n_batches=n_batches))
-    return learn.cost_profile
+    return learn.train_profile
 
 def test_plain():
     "A plain MLP: one pattern, rows = FlopCounterMode per phase, one call each"

@@ -51,7 +51,7 @@ def test_busy_cpu_flagged_in_training():
     dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:16], bs=16, device='cpu')
     learn = Learner(dls, _cnn(), loss_func=nn.CrossEntropyLoss())
     with one_core(n_busy=3), learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=CostProfiler(skip=1))
-    s = learn.cost_profile.summary()
+    s = learn.train_profile.summary()
     assert s.cpu_wait > cpu_wait_max and s.disturbed
 
 def test_unavailable_off_linux(monkeypatch):
