@@ -45,7 +45,7 @@ class TrainHooks(TimeHooks):
     def __enter__(self):
         try:
             for i,(m,lf) in enumerate(zip(self.mods, self.leaf)):
-                if lf and self.cuda: self.hs += [m.register_forward_pre_hook(self._mem_pre), m.register_forward_hook(self._mem_post(i))]
+                if lf and self.cuda: self.hs.append(add_hooks(m, self._mem_pre, self._mem_post(i)))  # a module that takes no hooks: on its `Outside`
             super().__enter__()
             self.sth = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack); self.sth.__enter__()
         except BaseException: self.remove(); raise
@@ -406,65 +406,66 @@ def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
         r.recompute_times = rec if np.nansum(rec) else []
         if all('launch' in t for t in ts): r.launch_times,r.bwd_launch_times = cat('launch', j),(cat('bwd_launch', j) if r.bwd_times else [])
         r.saved_bytes,r.mem_bytes = (np.nan,np.nan) if self.compiled_frames is not None else (_med0(cat('saved', j)),_med0(cat('mem', j)))  # compiled: not measured
-    res = CostSummary(recs, self.model_name, self.input_shapes, self.device, n_warmup=self.skip, n_passes=len(sel),
-                      cpu_wait=wait_share(w for t,b in sel for w in [t.get('wait', [(None,0)]*len(t['fwd']))[b]]))
+    rows = CostSummary(recs, self.model_name, self.input_shapes, self.device)  # the rows' totals, for the notes and facts below
     st = self.steps()
     if q is not None: st = st[[x==q for t in ts for x in pb(t)]]
-    res.steps = st
     med = st[_step_cols].median()
     in_loss = any(t.get('in_loss', [False]*len(t['fwd']))[b] for t,b in sel)
     f_ms,f_what = (med.forward+med.loss,'forward and loss (modules also ran inside the loss)') if in_loss else (med.forward,'forward')
-    res.forward_ms = f_ms
     its = sorted({p['counted_iter'] for p in ([P[q]] if q is not None else P) if p['counted_iter'] is not None})
     bk = _book(ts, sel)
-    res.notes = [f"Training step on {self.device}, median of {len(st)} profiled batches: " +
+    notes = [f"Training step on {self.device}, median of {len(st)} profiled batches: " +
                  ', '.join(f"{c} {med[c]:.2f}" for c in _step_cols[:-1]) + f"; total {med.total:.2f} ms (data: host time since the previous batch)",
-                 (f"Rows sum to {res.total_time_ms:.2f} ms of the {f_ms:.2f} ms {f_what} ({100*res.total_time_ms/f_ms:.1f}%) and "
-                  f"{res.total_bwd_ms:.2f} ms of the {med.backward:.2f} ms backward ({100*res.total_bwd_ms/med.backward:.1f}%)" +
+                 (f"Rows sum to {rows.total_time_ms:.2f} ms of the {f_ms:.2f} ms {f_what} ({100*rows.total_time_ms/f_ms:.1f}%) and "
+                  f"{rows.total_bwd_ms:.2f} ms of the {med.backward:.2f} ms backward ({100*rows.total_bwd_ms/med.backward:.1f}%)" +
                   (f"; cnn_cost's own bookkeeping in the forward, in no row: {bk:.2f} ms (arming the gradient hooks; on the CPU also the "
                    "saved-tensor hooks, taken out of the rows they ran in)" if bk==bk else '') if q is not None or len(P)==1 else
                   "Rows sum the medians of each module over the batches that ran it; per pattern, rows sum to " +
                   ', '.join(f"{p['label']}: {_sums(self.summary(i))}" for i,p in enumerate(P) if w[i])),
                  f"Saved for backward: {human(np.median([t['saved_total'][b] for t,b in sel]),'B')} (each storage once); "
-                 f"MACs forward {human(res.total_macs)}, backward {human(res.df.bwd_macs.sum())}, counted op by op on training batch {', '.join(map(str, its))}"]
-    if self.compiled_frames is not None: res.notes[1:2] = _compiled_notes(self, len(st))
-    if self.amp_note: res.notes.append(self.amp_note)
-    rm = res.df.recompute_macs.sum()
-    rc_ms = f" in {res.df.recompute_ms.sum():.2f} ms" if 'recompute_ms' in res.df else ''
+                 f"MACs forward {human(rows.total_macs)}, backward {human(rows.df.bwd_macs.sum())}, counted op by op on training batch {', '.join(map(str, its))}"]
+    if self.compiled_frames is not None: notes[1:2] = _compiled_notes(self, len(st))
+    if self.amp_note: notes.append(self.amp_note)
+    rm = rows.df.recompute_macs.sum()
+    rc_ms = f" in {rows.df.recompute_ms.sum():.2f} ms" if 'recompute_ms' in rows.df else ''
     if rm or rc_ms:
-        res.notes.append(f"Activation checkpointing: the backward recomputed {human(rm)} MACs{rc_ms} of the forward; they are in the backward columns "
+        notes.append(f"Activation checkpointing: the backward recomputed {human(rm)} MACs{rc_ms} of the forward; they are in the backward columns "
                          "(`recompute_macs`, `recompute_ms`), the forward is counted once")
     if len(P)>1:
         desc = '; '.join(f"{p['label']}: {n_all[i]} batches" + ('' if p['recs'] is not None else ' (not counted: MACs from the others)') for i,p in enumerate(P))
-        res.notes.append(f"The profiled batches ran {len(P)} different patterns of modules ({desc}). " +
+        notes.append(f"The profiled batches ran {len(P)} different patterns of modules ({desc}). " +
                          (f"This table: {P[q]['label']} only; what it lists as never called ran in the others." if q is not None else
                           "This table: MACs averaged over the profiled batches, times the median over the batches in which each module ran; "
                           "`summary(pattern=...)` shows one pattern, whose rows sum to its step"))
-    # conditions as attributes; the printed lines short (`facts_extra`), the full text above in `notes`
-    res.saved_total,res.bookkeeping_ms,res.in_loss = float(np.median([t['saved_total'][b] for t,b in sel])),bk,in_loss
-    res.n_patterns,res.recomputed,res.amp_fp32,res.n_ranks = len(P),bool(rm or rc_ms),bool(self.amp_note),len(ts)
-    res.facts_extra = _profile_facts(self, res, med, len(st), its, q)
-    if len(ts)>1: _add_rank_cols(res, ts)
+    if len(ts)>1: notes.append(f"{len(ts)} ranks: rows are medians over all ranks' batches; *_rank_min/_rank_max the spread of the ranks' medians")
+    # conditions as attributes; the printed lines short (`facts`, `conditions`), the full text above in `notes`
+    tr = dict(saved_total=float(np.median([t['saved_total'][b] for t,b in sel])), bookkeeping_ms=bk, in_loss=in_loss, n_patterns=len(P),
+              recomputed=bool(rm or rc_ms), amp_fp32=bool(self.amp_note), n_ranks=len(ts))
+    fs,cs = _profile_facts(self, rows, tr, f_ms, med, len(st), its, q)
+    res = CostSummary(recs, self.model_name, self.input_shapes, self.device, n_warmup=self.skip, n_passes=len(sel),
+                      cpu_wait=wait_share(w for t,b in sel for w in [t.get('wait', [(None,0)]*len(t['fwd']))[b]]),
+                      notes=notes, facts=fs, conditions=cs, steps=st, forward_ms=f_ms, by_rank=_by_rank(ts, rows) if len(ts)>1 else None)
+    res.__dict__.update(tr)  # what only a training profile knows
     return res
 
-def _profile_facts(prof, res, med, n, its, q):
-    "The training profile's lines after the table, about 100 characters each: step split, rows' cover, saved bytes; one sentence per condition that holds"
-    P,f = prof.patterns,lambda v: '?' if v!=v else f"{v:.0f}" if abs(v)>=100 else f"{v:.3g}"  # 3 digits: the line stays short
-    res_ = [f"Step ms (median of {n}): " + ', '.join(f"{a} {f(med[c])}" for a,c in zip('data fwd loss bwd opt other total'.split(), _step_cols))]
-    if prof.compiled_frames is not None: res_.append("Compiled model: per-layer times and saved bytes blank; rows and MACs from an eager batch.")
+def _profile_facts(prof, rows, tr, f_ms, med, n, its, q):
+    "The training profile's lines after the table, about 100 characters each: facts (step split, rows' cover, saved bytes) and one sentence per condition that holds"
+    P,f = prof.patterns,lambda v: '?' if v!=v else f"{v:.0f}" if abs(v)>=100 else f"{v:.1f}" if abs(v)>=10 else f"{v:.2f}"  # 4 characters below 10 s: the step line stays under 100
+    fs = [f"Step ms (median of {n}): " + ', '.join(f"{a} {f(med[c])}" for a,c in zip('data fwd loss bwd opt other total'.split(), _step_cols))]
+    if prof.compiled_frames is not None: fs.append("Compiled model: per-layer times and saved bytes blank; rows and MACs from an eager batch.")
     elif q is not None or len(P)==1:
-        res_.append(f"Rows: {100*res.total_time_ms/res.forward_ms:.1f}% of the {'forward+loss' if res.in_loss else 'forward'}, "
-                    f"{100*res.total_bwd_ms/med.backward:.1f}% of the backward" + (f"; own bookkeeping {f(res.bookkeeping_ms)} ms" if res.bookkeeping_ms==res.bookkeeping_ms else ''))
-    res_.append(f"Saved for backward: {human(res.saved_total,'B')} (each storage once); MACs counted on batch {', '.join(map(str, its))}")
-    fs = prof.compiled_frames or []
-    if any(fs): res_.append(f"Dynamo compiled {sum(fs)} frames in {sum(x>0 for x in fs)} of {len(fs)} batches: their times include it (raise `skip`).")
-    if res.in_loss: res_.append("Modules also ran inside the loss: the forward here is forward + loss.")
-    if res.recomputed: res_.append(f"Checkpointing: the backward recomputed {human(res.df.recompute_macs.sum())} MACs of the forward (in the backward columns).")
-    if res.amp_fp32: res_.append(f"Mixed precision has no effect on {prof.device}: these batches ran in float32.")
-    if len(P)>1: res_.append(f"{len(P)} batch patterns ({', '.join(p['label'] for p in P)}): " +
-                             (f"this table is {P[q]['label']} only." if q is not None else "times per module, `summary(pattern=...)` for one."))
-    if res.n_ranks>1: res_.append(f"{res.n_ranks} ranks: rows are medians over all ranks' batches; `*_rank_min/_max`: their spread.")
-    return res_
+        fs.append(f"Rows: {100*rows.total_time_ms/f_ms:.1f}% of the {'forward+loss' if tr['in_loss'] else 'forward'}, {100*rows.total_bwd_ms/med.backward:.1f}% "
+                  "of the backward" + (f"; own bookkeeping {f(tr['bookkeeping_ms'])} ms" if tr['bookkeeping_ms']==tr['bookkeeping_ms'] else ''))
+    fs.append(f"Saved for backward: {human(tr['saved_total'],'B')} (each storage once); MACs counted on batch {', '.join(map(str, its))}")
+    cs,frames = [],prof.compiled_frames or []
+    if any(frames): cs.append(f"Dynamo compiled {sum(frames)} frames in {sum(x>0 for x in frames)} of {len(frames)} batches: their times include it (raise `skip`).")
+    if tr['in_loss']: cs.append("Modules also ran inside the loss: the forward here is forward + loss.")
+    if tr['recomputed']: cs.append(f"Checkpointing: the backward recomputed {human(rows.df.recompute_macs.sum())} MACs of the forward (in the backward columns).")
+    if tr['amp_fp32']: cs.append(f"Mixed precision has no effect on {prof.device}: these batches ran in float32.")
+    if len(P)>1: cs.append(f"{len(P)} batch patterns ({', '.join(p['label'] for p in P)}): " +
+                           (f"this table is {P[q]['label']} only." if q is not None else "times per module, `summary(pattern=...)` for one."))
+    if tr['n_ranks']>1: cs.append(f"{tr['n_ranks']} ranks: rows are medians over all ranks' batches; `*_rank_min/_max`: their spread.")
+    return fs,cs
 
 @patch
 def summary(self:CostProfiler, pattern:int|str|None=None)->CostSummary:
@@ -473,16 +474,11 @@ def summary(self:CostProfiler, pattern:int|str|None=None)->CostSummary:
     return self.profile.summary(pattern)
 
 # %% ../nbs/06_callback.ipynb #becf0fea
-def _add_rank_cols(res, ts):
-    "Per-layer min and max over ranks of each rank's median, and `by_rank`: every rank's rows"
-    names = list(res.df.name)
-    rows = [dict(rank=t['rank'], name=nm, time_ms=np.median([b[j] for b in t['fwd']]), bwd_ms=np.median([b[j] for b in t['bwd']]))
-            for t in ts for j,nm in enumerate(t['names']) if nm in names]
-    res.by_rank = pd.DataFrame(rows)
-    g = res.by_rank.groupby('name', sort=False)
-    for c in ['time_ms','bwd_ms']:
-        res.df[c+'_rank_min'],res.df[c+'_rank_max'] = res.df.name.map(g[c].min()),res.df.name.map(g[c].max())
-    res.notes.append(f"{len(ts)} ranks: rows are medians over all ranks' batches; *_rank_min/_rank_max the spread of the ranks' medians")
+def _by_rank(ts, rows):
+    "Every rank's median per layer of `rows` (one row per rank and layer): `CostSummary`'s `by_rank`, from which it adds the spread over ranks"
+    names = set(rows.df.name)
+    return pd.DataFrame([dict(rank=t['rank'], name=nm, time_ms=np.median([b[j] for b in t['fwd']]), bwd_ms=np.median([b[j] for b in t['bwd']]))
+                         for t in ts for j,nm in enumerate(t['names']) if nm in names])
 
 # %% ../nbs/06_callback.ipynb #e8746628
 @patch

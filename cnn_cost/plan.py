@@ -48,6 +48,9 @@ def checkpointed(model:nn.Module, names):
     mods,names = dict(model.named_modules()),list(dict.fromkeys(names))
     bad = [n for n in names if n not in mods or n=='']
     if bad: raise ValueError(f"No submodule {', '.join(map(repr, bad))} in {type(model).__name__}: use names from `block_names(model)`, e.g. {block_names(model)[:3]}")
+    ts = [n for n in names if isinstance(mods[n], torch.jit.ScriptModule)]
+    if ts: raise ValueError(f"{', '.join(map(repr, ts))}: TorchScript, which activation checkpointing cannot run (its forward runs in the TorchScript "
+                            "interpreter): checkpoint the eager module it was scripted from, or a block around it")
     old = [(mods[n], mods[n].__dict__.get('forward')) for n in names]
     try:
         for m,_ in old: m.forward = _ckpt_forward(m, m.forward)
@@ -127,8 +130,11 @@ def _inputs(model, names):
     def pre(n):
         def f(m, args, kw): res.setdefault(n, sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in flat_tensors((args, kw))}.values()))
         return f
-    hs = [mods[n].register_forward_pre_hook(pre(n), with_kwargs=True) for n in names]
-    try: yield res
+    cost_units(model)  # where `add_hooks` measures a module that takes no hooks (TorchScript, `torch.export`) from: its parent
+    hs = []
+    try:
+        for n in names: hs.append(add_hooks(mods[n], pre(n), with_kwargs=True))
+        yield res
     finally:
         for h in hs: h.remove()
 

@@ -87,7 +87,8 @@ class CostSummary:
     def __init__(self, records, model_name='', input_shapes=(), device='cpu', plain_ms=(), hooked_ms=(), n_warmup=0, n_passes=0,
                  cpu_wait=None, # run-queue wait / wall time of the timed passes (`CPUWait.share`): NaN off Linux, None if not measured
                  notes=(), # the caller's explanations, in full (`.notes`, after the summary's own); printed shortened
-                 facts=(), # the caller's short fact lines (about 100 characters), printed after the summary's own
+                 facts=(), # the caller's short fact lines (about 100 characters), printed after the summary's own; they stand for the caller's `notes`
+                 conditions=(), # the caller's one sentence per condition that holds, printed after the summary's own `conditions()`
                  path_changed='', # `path_note`: the hooked pass ran other aten ops than the plain one; '' if the same
                  compiled=False, compiled_ms=(), compiled_eager_ms=(), compiled_first_ms=np.nan, compiled_frames=None, # a compiled model (`model_cost`)
                  steps=None, forward_ms=np.nan, by_rank=None, # a training profile's step split, forward ms and per-rank rows (`TrainProfile.summary`)
@@ -109,7 +110,14 @@ class CostSummary:
         self.disturbed = bool(self.cpu_wait is not None and self.cpu_wait > cpu_wait_max)   # NaN (not Linux): not known, not disturbed
         self.hooks_slow = bool(self.hook_overhead > hooks_slow_max)
         self.launch_bound = bool(self.launch_share > launch_share_max or self.bwd_launch_share > launch_share_max)
-        self.facts_extra,self.notes = list(facts),self._explain() + list(notes)
+        if by_rank is not None: self._rank_cols()
+        self.facts_extra,self.conditions_extra,self.notes = list(facts),list(conditions),self._explain() + list(notes)
+
+    def _rank_cols(self):
+        "Per row, min and max over ranks of each rank's median (`by_rank`: one row per rank and layer, columns `rank`, `name`, `time_ms`, `bwd_ms`)"
+        g = self.by_rank.groupby('name', sort=False)
+        for c in [c for c in ('time_ms','bwd_ms') if c in self.by_rank]:
+            self.df[c+'_rank_min'],self.df[c+'_rank_max'] = self.df.name.map(g[c].min()),self.df.name.map(g[c].max())
 
     def _frame(self, recs):
         cols = [f.name for f in fields(LayerRecord) if f.name not in ('times','shapes','bwd_times','recompute_times','launch_times','bwd_launch_times')]
@@ -364,15 +372,15 @@ def conditions(self:CostSummary):
     if self.not_timed: res.append(f"Not timed (blank, out of the sums): {_names(self.not_timed, 3)}: their hooks never fired.")
     if self.opaque: res.append(f"Measured from outside as one row (TorchScript, torch.export): {_names(self.opaque, 3)}; children not shown.")
     if self.uncalled: res.append(self._uncalled_line() + '.')
-    return res
+    return res + self.conditions_extra
 
 def _short(s, n=100): return s if len(s)<=n else s[:n-1].rstrip() + '…'
 
 @patch
 def _totals_lines(self:CostSummary):
-    "What follows the table: `facts`, `conditions`, and the caller's notes shortened to one line each (in full in `.notes`)"
+    "What follows the table: `facts`, `conditions`, and the caller's notes shortened to one line each (in full in `.notes`) unless its `facts` stand for them"
     own = set(self._explain())
-    return self.facts() + self.conditions() + [_short(n) for n in self.notes if n not in own]
+    return self.facts() + self.conditions() + ([] if self.facts_extra else [_short(n) for n in self.notes if n not in own])
 
 # %% ../nbs/03_summary.ipynb #25ee0e47
 @patch

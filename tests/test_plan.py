@@ -84,3 +84,12 @@ def test_checkpoint_needs_blocks():
     assert plan.suggestion.name == 'gradient accumulation' and plan.blocks == ()
     with pytest.raises(ValueError, match='GradientAccumulation'): learn.checkpoint(plan)
     assert not [cb for cb in learn.cbs if isinstance(cb, CheckpointBlocks)]
+
+def test_scripted_block():
+    "A TorchScript block: `checkpointed` names it and says what to do instead of running into the TorchScript interpreter's error, and changes no forward"
+    m = torch.nn.Sequential(torch.nn.Conv2d(3,8,3,padding=1), torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(8,8,3,padding=1), torch.nn.ReLU())), torch.nn.Conv2d(8,8,3))
+    with pytest.raises(ValueError, match='TorchScript'):
+        with checkpointed(m, ['2', '1']): pass
+    assert 'forward' not in vars(m[2]) and type(m[1]).__name__=='RecursiveScriptModule'
+    with checkpointed(m, ['2']): m(torch.randn(2,3,8,8)).sum().backward()  # the eager one still checkpoints
+    assert 'forward' not in vars(m[2])
