@@ -1,21 +1,37 @@
 """Worker of `test_callback_ddp.py`: one rank of 2-process CPU/gloo fits; rank 0 writes the results to argv[1].
-fastai's `distrib_ctx` calls `torch.cuda.set_device` and initialises NCCL, and its `DistributedTrainer` needs `accelerate` (not installed here),
-so on CPU we start gloo ourselves and wrap the model in `DistributedDataParallel` directly, as `DistributedTrainer` does in its `before_fit`;
-each rank trains on its own shard of the data.
+Each fit runs in fastai's `learn.distrib_ctx(sync_bn=False, cpu=True)`: its `DistributedTrainer` (through `accelerate`, which starts gloo with `cpu=True`) wraps the
+model in `DistributedDataParallel` in `before_fit` and the loaders in `DistributedDL` (here `CPUDistributedDL`, see below), so each rank trains on its own shard of the data.
+`sync_bn=False`: `SyncBatchNorm` does not run on the CPU.
 1. A `CostProfiler` fit: rank 0 gathers both ranks' tables.
 2. Pairs: the same fit plain, profiled, with a checkpointed block, and both: losses, the block's forward calls, its recompute MACs."""
-import sys, json, random, torch, torch.nn as nn, torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from fastai.vision.all import Learner, DataLoaders, set_seed
+import sys, json, torch, torch.nn as nn, torch.distributed as dist
+from fastai.vision.all import Learner, DataLoaders, Callback, set_seed
+from fastai.torch_core import rank_distrib
+from fastai.distributed import DistributedDL, teardown_distrib  # and `Learner.distrib_ctx`
 from cnn_cost.callback import CostProfiler
 from cnn_cost.plan import CheckpointBlocks
 
+class CPUDistributedDL(DistributedDL):
+    "fastai's `DistributedDL` with its shuffled indices broadcast from rank 0 over gloo: fastai's own puts them on CUDA (NCCL takes CUDA tensors only)"
+    def _broadcast(self, t, rank): t = torch.tensor(t, dtype=torch.long); dist.broadcast(t, rank); return t.tolist()
+
 def _learner(rank, m):
-    set_seed(rank, reproducible=True)
-    x = torch.randn(96,3,12,12); y = (x.mean((1,2,3))>0).long()
-    dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:16], bs=16, device='cpu')
-    dls.train.rng = random.Random(rank)
-    return Learner(dls, DDP(m), loss_func=nn.CrossEntropyLoss())
+    set_seed(0, reproducible=True)  # the same data on both ranks: `DistributedDL` gives each its shard
+    x = torch.randn(192,3,12,12); y = (x.mean((1,2,3))>0).long()
+    dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:32], bs=16, device='cpu')
+    learn = Learner(dls, m, loss_func=nn.CrossEntropyLoss())
+    learn.dls.loaders = [CPUDistributedDL(dl) for dl in learn.dls.loaders]  # `DistributedTrainer` keeps a loader that is a `DistributedDL` already
+    return learn
+
+class _Wrapped(Callback):
+    "Whether every training batch ran the model wrapped in `DistributedDataParallel` (by `DistributedTrainer`, order 11, in `before_fit`)"
+    order,ddp = 12,None
+    def before_batch(self):
+        w = isinstance(self.learn.model, nn.parallel.DistributedDataParallel); self.ddp = w if self.ddp is None else self.ddp and w
+
+def _fit(learn, cbs=None):
+    with learn.no_bar(), learn.no_logging(), learn.distrib_ctx(sync_bn=False, cpu=True): learn.fit(1, 1e-2, cbs=list(cbs or [])+[w:=_Wrapped()])
+    return w.ddp
 
 def profiled(rank):
     set_seed(0, reproducible=True)  # the same initial weights on both ranks
@@ -23,11 +39,11 @@ def profiled(rank):
                       nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16,2))
     learn = _learner(rank, m)
     learn.add_cb(CostProfiler(skip=1, n_batches=3))
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2)
+    ddp = _fit(learn)
     if rank: return None
     s = learn.cost_profiler.summary()
     return dict(by_rank=s.by_rank.to_dict(orient='records'), df=s.df[['name','kind','time_ms','bwd_ms','time_ms_rank_min','time_ms_rank_max',
-                'bwd_ms_rank_min','bwd_ms_rank_max']].to_dict(orient='records'), n_passes=s.n_passes, steps=s.steps.to_dict(orient='records'), n_ranks=s.n_ranks)
+                'bwd_ms_rank_min','bwd_ms_rank_max']].to_dict(orient='records'), n_passes=s.n_passes, steps=s.steps.to_dict(orient='records'), n_ranks=s.n_ranks, ddp=ddp)
 
 def pair(rank, ckpt, prof):
     set_seed(0, reproducible=True)
@@ -37,7 +53,8 @@ def pair(rank, ckpt, prof):
     n = [0]
     h = m[1][0].register_forward_hook(lambda mo,a,o: n.__setitem__(0, n[0]+(learn.training and torch.is_grad_enabled())))
     cbs = ([CheckpointBlocks(['1'])] if ckpt else []) + ([cp:=CostProfiler(skip=1, n_batches=2)] if prof else [])  # '1' of the module DDP wraps
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=cbs)
+    ddp = _fit(learn, cbs)
+    assert not isinstance(learn.model, nn.parallel.DistributedDataParallel)  # `DistributedTrainer` unwrapped it in `after_fit`
     h.remove()
     left = any(mo._forward_hooks or mo._forward_pre_hooks or 'forward' in vars(mo) for mo in learn.model.modules())
     rec = None
@@ -45,15 +62,14 @@ def pair(rank, ckpt, prof):
         df = learn.train_profile.summary().df
         inb = df.name.str.startswith(('1.', 'module.1.'))
         rec = dict(block=float(df.recompute_macs[inb].sum()), block_fwd=float(df.macs[inb].sum()), others=float(df.recompute_macs[~inb].sum()))
-    return dict(losses=[float(l) for l in learn.recorder.losses], calls=n[0], left=left, rec=rec)
+    return dict(losses=[float(l) for l in learn.recorder.losses], calls=n[0], left=left, rec=rec, ddp=ddp)
 
 def main(out):
-    dist.init_process_group('gloo')
-    rank = dist.get_rank()
+    rank = rank_distrib()
     torch.set_num_threads(1)
     res = profiled(rank)
     pairs = {f'{int(c)}{int(p)}': pair(rank, c, p) for c,p in [(0,0), (0,1), (1,0), (1,1)]}
     if rank==0: json.dump(dict(res, pairs=pairs), open(out, 'w'))
-    dist.destroy_process_group()
+    teardown_distrib()
 
 if __name__ == '__main__': main(sys.argv[1])

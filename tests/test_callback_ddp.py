@@ -1,4 +1,4 @@
-"Two processes on CPU/gloo, each profiling its own batches of a `DistributedDataParallel` model; rank 0 gathers both ranks' tables"
+"Two processes on CPU/gloo, each profiling its own batches of a model that fastai's `DistributedTrainer` (`learn.distrib_ctx`) wraps in `DistributedDataParallel`; rank 0 gathers both ranks' tables"
 import json, subprocess, sys, os, numpy as np
 from pathlib import Path
 
@@ -19,7 +19,7 @@ def test_two_rank_gloo(tmp_path):
         assert o['bwd_ms']>0 and o['time_ms_rank_min'] <= o['time_ms_rank_max'] and o['bwd_ms_rank_min'] <= o['bwd_ms_rank_max']
         mine = sorted(b['time_ms'] for b in by_rank if b['name']==o['name'])
         assert mine[0]==o['time_ms_rank_min'] and mine[-1]==o['time_ms_rank_max']
-    assert d['n_ranks']==2
+    assert d['n_ranks']==2 and d['ddp'] and all(p['ddp'] for p in d['pairs'].values())  # every batch ran the wrapped model
     # pairs under DDP: the profiler and checkpointing change no loss; the block recomputes, profiled or not
     P = d['pairs']
     base = np.array(P['00']['losses'])
