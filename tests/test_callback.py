@@ -67,6 +67,16 @@ def test_seed_backward_positive(seed_profile):
     assert 'bwd_ms' in s.df and len(s.steps)==3 and s.saved_total>0 and s.n_patterns==1 and s.n_ranks==1
     assert not (s.recomputed or s.in_loss or s.amp_fp32) and all(len(l)<=100 for l in s.facts_extra) and len(s.facts_extra)==3  # step, rows, saved
 
+def test_seed_summary_lines(seed_profile):
+    "The training summary keeps `CostSummary`'s own notes beside its own; prints the table, at most 8 fact lines, then only the conditions that hold"
+    s = seed_profile.train_profile.summary()
+    own = s._explain()
+    assert s.notes[:len(own)]==own and any(n.startswith(('Precision:', 'The row times are disturbed', 'CPU run-queue wait')) for n in own)
+    assert any(n.startswith('Training step on') for n in s.notes[len(own):]) and s.forward_ms==s.steps.forward.median()
+    foot = s._totals_lines()
+    assert foot==s.facts()+s.conditions() and len(s.facts())<=8 and sum(l.startswith('Timing:') for l in foot)==1
+    assert not set(foot) & set(s.notes) and s.conditions_extra==[] and all(len(l)<=110 for l in foot)  # no note printed again, none that does not hold
+
 def test_seed_sums_cover_passes(seed_profile):
     "Per batch, per-layer forward plus backward times sum to within 15% of the measured forward and backward passes"
     cp = seed_profile.cost_profiler
