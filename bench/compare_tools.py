@@ -10,13 +10,17 @@ For the tools that time layers (cnn_cost, DeepSpeed, torch.profiler): the extra 
 (paired, interleaved in the same way), per module call they time. That extra time does not depend on the batch, but on this shared
 2-core machine it drowns in the noise of a large batch's forward, so it is measured on a forward that is mostly per-module work: the first sample of
 the batch, resized to at most `--overhead-size` pixels (`--overhead-rounds` pairs); the instrumented/plain ratio is reported on both.
-Run: python bench/compare_tools.py [--rounds 5] [--setups seed,resnet50,mobilenet_v2]; writes bench/out/compare_tools.{json,md}"""
+cnn_cost's instrumented forward is its own: `model_cost(..., n_repeat=k)` times a hooked and a plain pass back to back in every round
+(`hooked_ms`, `plain_ms`), the pairs this script makes for the other tools.
+Run: python bench/compare_tools.py [--rounds 5] [--setups seed,resnet50,mobilenet_v2] [--out DIR]; writes DIR/compare_tools.{json,md} (default bench/out).
+A smoke run (a few minutes, numbers meaningless): --setups seed --rounds 1 --overhead-rounds 2 --out /tmp/ct
+The other tools: pip install torchinfo fvcore ptflops (deepspeed optional); a tool that does not import is listed as failed."""
 import argparse, inspect, io, json, time, contextlib, warnings, logging, platform
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torchvision
 from torch.utils.flop_counter import FlopCounterMode
-from cnn_cost.all import *
-from cnn_cost.learner import _hooked, costed
+from cnn_cost.learner import model_cost   # public names from their modules: no private helper, whatever `cnn_cost.all` exports
+from cnn_cost.data import digits_dls
 
 warnings.filterwarnings('ignore')
 OUT = Path(__file__).parent/'out'
@@ -36,8 +40,8 @@ def quiet():
 
 # ---- the tools: each runs as a user would, on `model` and batch `x`, and returns what it reports ----
 def t_cnn_cost(model, x):
-    s = model_cost(model, x)
-    return {'macs': int(s.total_macs), 'note': f'{s.n_passes} forward passes (1 counting, {s.n_passes-1} timing)'}
+    s = model_cost(model, x)  # its defaults, as a user calls it: timed rounds until the row times settle
+    return {'macs': int(s.total_macs), 'n_passes': s.n_passes, 'note': f'{s.n_passes} forward passes in all (counting, timed rounds)'}
 
 def t_torchinfo(model, x):
     from torchinfo import summary
@@ -90,13 +94,15 @@ def module_calls(model, x):
         for h in hs: h.remove()
     return n[0]
 
+def cnn_cost_pairs(model, x, n):
+    "cnn_cost's hooked and plain forwards, timed back to back by `model_cost` itself over `n` rounds: (extra ms, plain ms) per round, timed module calls"
+    s = model_cost(model, x, n_repeat=n)
+    h,p = np.array(s.hooked_ms),np.array(s.plain_ms)
+    return list(zip(h-p, p)), int(s.df.calls.sum())
+
 def instrumented(model, x):
-    "name -> (fn() returning the ms of one instrumented forward, module calls it times)"
-    fwd, clock = (lambda: model(x)), CPUClock()
-    units = cost_units(model)
-    units, recs = costed(units, count_pass(model, (x,), units))
-    mods = units.itemgot(1)
-    res = {'cnn_cost': (lambda: _hooked(fwd, mods, clock)[0], sum(r.calls for r in recs))}
+    "name -> (fn() returning the ms of one instrumented forward, module calls it times), for the tools other than cnn_cost"
+    fwd, res = (lambda: model(x)), {}
     n_all = module_calls(model, x)
     try:
         from deepspeed.profiling.flops_profiler import FlopsProfiler
@@ -141,6 +147,8 @@ def bench(name, model, x, rounds, overhead_rounds=40, overhead_size=32):
         for r in range(max(rounds, 5)):
             for k,(f,n) in (list(ins.items()) if r%2 else list(ins.items())[::-1]):
                 p = plain_ms(model, x); extra[k].append((f()-p, p))
+    pairs,n = cnn_cost_pairs(model, x, max(rounds, 5))
+    extra['cnn_cost'],ins = pairs,{'cnn_cost': (None, n), **ins}
     for k,(f,n) in ins.items():
         d = np.array([e for e,_ in extra[k]]); p = np.array([p for _,p in extra[k]])
         res['tools'][k]['timed_module_calls'] = n
@@ -154,6 +162,8 @@ def bench(name, model, x, rounds, overhead_rounds=40, overhead_size=32):
         for r in range(overhead_rounds):
             for k,(f,n) in (list(ins.items()) if r%2 else list(ins.items())[::-1]):
                 p = plain_ms(model, x1); extra[k].append((f()-p, p))
+    pairs,n = cnn_cost_pairs(model, x1, overhead_rounds)
+    extra['cnn_cost'],ins = pairs,{'cnn_cost': (None, n), **ins}
     for k,(f,n) in ins.items():
         d = np.array([e for e,_ in extra[k]]); p = np.array([p for _,p in extra[k]])
         res['tools'][k]['instrumented_fwd_x_plain_bs1'] = stats((d+p)/p)
@@ -178,6 +188,7 @@ def markdown(results):
             m = fmt_macs(t.get('macs'))
             if t.get('macs_x_bs') is not None: m += f" per sample; ×bs = {fmt_macs(t['macs_x_bs'])}"
             if t.get('macs_conv_matmul_only') is not None: m += f" (conv+matmul only {fmt_macs(t['macs_conv_matmul_only'])})"
+            if t.get('n_passes') is not None: m += f" ({t['n_passes']} forward passes)"
             calls = f" ({t['timed_module_calls']})" if 'timed_module_calls' in t else ''
             lines.append(f"| {k} | {m} | {fmt_s(t.get('wall_x_forward'))} | {fmt_s(t.get('instrumented_fwd_x_plain'), '{:.3f}')} | "
                          f"{fmt_s(t.get('instrumented_fwd_x_plain_bs1'), '{:.3f}')} | "
@@ -192,8 +203,10 @@ if __name__ == '__main__':
     ap.add_argument('--overhead-size', type=int, default=32)
     ap.add_argument('--setups', default='seed,resnet50,mobilenet_v2')
     ap.add_argument('--threads', type=int, default=1, help='torch threads: 1 keeps timings stable when the cores are shared')
+    ap.add_argument('--out', default=str(OUT), help='folder for compare_tools.json and .md')
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    OUT = Path(a.out)
     builders = {'seed': seed_setup, 'resnet50': lambda: tv_setup('resnet50', a.bs), 'mobilenet_v2': lambda: tv_setup('mobilenet_v2', a.bs)}
     f = OUT/'compare_tools.json'
     # setups run before and not re-run now are kept, so that one setup can be re-measured alone
@@ -202,7 +215,7 @@ if __name__ == '__main__':
         model, x = builders[s]()
         results.append(bench(s, model, x, a.rounds, a.overhead_rounds, a.overhead_size))
         results.sort(key=lambda r: list(builders).index(r['setup']))
-        OUT.mkdir(exist_ok=True)
+        OUT.mkdir(parents=True, exist_ok=True)
         (OUT/'compare_tools.json').write_text(json.dumps(results, indent=1))
         md = markdown(results); (OUT/'compare_tools.md').write_text(md)
     print(md)

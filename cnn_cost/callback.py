@@ -8,12 +8,13 @@ Docs: https://cnn-cost.github.io/cnn_cost/callback.html.md"""
 __all__ = ['TrainHooks', 'CostProfiler', 'TrainProfile', 'StepHooks']
 
 # %% ../nbs/06_callback.ipynb #e254e163
-import time, numpy as np, pandas as pd, torch, torch.nn as nn, torch.distributed as dist
+import time, contextlib, numpy as np, pandas as pd, torch, torch.nn as nn, torch.distributed as dist
 from copy import deepcopy
 from fastcore.basics import *
 from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.callback.core import *
+from fastai.callback.schedule import LRFinder
 from fastai.torch_core import rank_distrib, num_distrib
 from .core import *
 from .counting import *
@@ -25,6 +26,10 @@ from .learner import costed, batch_device, is_compiled, run_eager, _frames
 def _ptr(t):
     try: return t.untyped_storage().data_ptr()
     except Exception: return id(t)
+def _held(t):
+    "Bytes `t` keeps alive: its whole storage (a view such as `hidden[:, 0]` holds all of it, an expanded tensor only its real storage)"
+    try: return t.untyped_storage().nbytes()
+    except Exception: return t.numel()*t.element_size()  # no plain storage (a sparse or nested tensor): its elements
 def _unpack(t): return t
 
 # %% ../nbs/06_callback.ipynb #9ccb9fd0
@@ -79,12 +84,12 @@ class TrainHooks(TimeHooks):
         return f
 
     def _pack(self, t):
-        "Record a saved tensor's module, storage and bytes; on the CPU its own time (`pack_ns`) is taken out of the module's row by `times`"
+        "Record a saved tensor's module, storage and the bytes that storage holds; on the CPU its own time (`pack_ns`) is taken out of the module's row by `times`"
         if self.tracker.phase()!='fwd': return t.detach()  # what the forward keeps; a recompute's saves live inside the backward
         a = time.perf_counter_ns()
         with torch._C.DisableTorchFunctionSubclass():
             s = self.stack; i = s[-1] if s else -1
-            self.saves.append((i, _ptr(t), t.numel()*t.element_size()))
+            self.saves.append((i, _ptr(t), _held(t)))
             res = t.detach()  # not `t`: a saved output would then hold its own grad_fn, a reference cycle
         if i>=0: self.pack_ns[i] += time.perf_counter_ns()-a
         return res
@@ -123,21 +128,23 @@ def bwd_times(self:TrainHooks, t_end):
 
 @patch
 def saved(self:TrainHooks, skip=()):
-    "Bytes saved for backward by each module, and by all modules together, each storage once; storages in `skip` left out"
+    "Bytes kept alive for backward by each module, and by all modules together: each storage once, whole (a saved view holds all of it); storages in `skip` left out"
     per,tot = [{} for _ in self.mods],{}
     for i,p,n in self.saves:
         if i<0 or p in skip: continue
-        per[i][p] = max(per[i].get(p,0), n); tot[p] = max(tot.get(p,0), n)
+        per[i][p] = tot[p] = n
     return [sum(d.values()) for d in per], sum(tot.values())
 
 # %% ../nbs/06_callback.ipynb #b95c81ff
 _step_cols = ['data','forward','loss','backward','optimizer','other','total']
+_in_batch = {'after_pred','after_loss','before_backward','after_cancel_backward','after_backward','before_step','after_cancel_step','after_step',
+             'after_cancel_batch','after_batch','after_cancel_train','after_cancel_epoch'}  # the events that find a training batch open, or close it
 
 # %% ../nbs/06_callback.ipynb #253f3f53
 class CostProfiler(Callback):
     "Profile per-layer forward and backward time, saved-for-backward bytes, memory and MACs of training batches"
     order,run_valid,remove_on_fetch = 5,False,True
-    _stateattrs = ('hooks','units','recs','batches','rank_tables','skip_ptrs','_ev','_orig','patterns')
+    _stateattrs = ('hooks','units','recs','batches','rank_tables','skip_ptrs','_ev','_cm','_c','_cw','patterns')
     def __init__(self,
         skip:int=2, # Training batches of each `fit` left unprofiled first (warm-up); the last of them is counted (the first batch if `skip=0`)
         n_batches:int|None=10, # How many batches to profile at most (`None`: no limit)
@@ -145,10 +152,23 @@ class CostProfiler(Callback):
     ): store_attr(); self._init_state()
 
     def _init_state(self):
-        self.hooks,self.units,self.recs,self.batches,self.rank_tables,self.skip_ptrs,self._ev,self._orig = None,None,None,[],None,set(),{},None
+        self.hooks,self.units,self.recs,self.batches,self.rank_tables,self.skip_ptrs,self._ev = None,None,None,[],None,set(),{}
+        self._cm,self._c,self._cw,self._counting = None,None,None,False  # the open batch: its `ExitStack`, its `Counting`, its `CPUWait`
         self._on,self._t_end,self.model_name,self.counted_iter,self._bwd_seen = False,None,'',None,False
         self.patterns,self._tries,self._label,self._n_pred,self._n_rc = [],0,'',0,0  # the sets of modules the batches ran, and their counts
         self.compiled = False
+
+    @property
+    def learn(self): return self.__dict__.get('learn')
+    @learn.setter
+    def learn(self, l):
+        if l is None: self._end_batch('abort')  # fastai removes a callback passed to `fit(cbs=...)` in a `finally`: whatever killed the fit, the batch closes
+        self.__dict__['learn'] = l
+
+    def __call__(self, event_name):
+        if event_name not in _in_batch: self._end_batch('abort')  # a batch left open: its fit died of an error fastai calls no event for
+        if event_name=='before_fit': self.run = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)  # `lr_find`: no profile, the last one stays
+        return super().__call__(event_name)
 
     def _pattern(self, key, recs=None, it=None):
         "Index of the batch pattern `key` (the batch's label and each unit's number of forward calls); a new one is added"
@@ -166,18 +186,21 @@ class CostProfiler(Callback):
 
 # %% ../nbs/06_callback.ipynb #0a8b8772
 @patch
-def before_fit(self:CostProfiler):
-    self._init_state()
-    l = self.learn
-    if l.__dict__.get('_do_one_batch') is not None: del l.__dict__['_do_one_batch']  # left by a fit that died outside a batch
-    self._orig,l._do_one_batch = l._do_one_batch,self._one_batch
+def before_fit(self:CostProfiler): self._init_state()
 
 @patch
-def _unwrap(self:CostProfiler):
-    l = self.learn
-    if l is not None and l.__dict__.get('_do_one_batch') == self._one_batch: del l.__dict__['_do_one_batch']
-    if self.hooks is not None: self.hooks.remove(); self.hooks.start()
-    self._on = False
+def _end_batch(self:CostProfiler, how='done'):
+    "Leave the open batch's count or hooks. `how` it ended: 'done'; 'cancel' or 'stop' (batch or epoch cancelled, the fit goes on); 'abort' (the fit stops or died)"
+    cm,self._cm = getattr(self, '_cm', None),None
+    if cm is None: return
+    if self._counting:  # a batch cancelled after its backward (`GradientAccumulation` skips the step) is counted; one cancelled before is not
+        cm.close()
+        if how=='done' or (how in ('cancel','stop') and self._bwd_seen): self._finish_count(self._c)
+        return
+    try:
+        if how!='abort': self._ev['end'] = self.hooks.clock.stamp(); self._wait = self._cw.stop()
+    finally: cm.close()
+    if how!='done' and how!='cancel': self._on = False; self.hooks.start()  # not collected: drop the armed graph nodes now
 
 @patch
 def _stamp(self:CostProfiler, ev):
@@ -193,6 +216,17 @@ def before_batch(self:CostProfiler):
     gm = getattr(self.learn.model, 'gen_mode', None)  # fastai's `GANModule`: the generator's or the critic's step
     self._label = '' if gm is None else 'generator' if gm else 'critic'
     if self._on: self._ev,self._data_ms = {},(t-self._t_end)/1e6 if self._t_end else np.nan
+    kind = self._batch_kind()
+    if kind is None: return
+    self._cm,self._counting = contextlib.ExitStack(),kind=='count'
+    try:
+        if self._counting:
+            self._bwd_seen,m = False,self.learn.model
+            self._cm.enter_context(run_eager(m)); self._c = self._cm.enter_context(Counting(eager_module(m)))  # a compiled model: this batch runs eagerly
+        else:
+            h = self._cm.enter_context(self.hooks); self._cw = CPUWait()  # run-queue wait over the batch, read before and after it, never in a hook
+            h.start(); self._cw.start(); self._ev['start'] = h.clock.stamp()
+    except BaseException: self._end_batch('abort'); raise
 @patch
 def after_pred(self:CostProfiler):
     self._stamp('after_pred')
@@ -206,27 +240,36 @@ def after_backward(self:CostProfiler): self._bwd_seen = True; self._stamp('after
 @patch
 def before_step(self:CostProfiler): self._stamp('before_step')
 @patch
+def after_cancel_batch(self:CostProfiler): self._end_batch('cancel')
+@patch
 def after_batch(self:CostProfiler):
+    self._end_batch()
     if self._on and 'end' in self._ev: self._collect()
     self._on,self._t_end = False,time.perf_counter_ns()
 @patch
+def after_cancel_train(self:CostProfiler): self._end_batch('stop')
+@patch
+def after_cancel_epoch(self:CostProfiler): self._end_batch('stop')
+@patch
+def after_cancel_fit(self:CostProfiler): self._end_batch('abort')
+@patch
 def after_fit(self:CostProfiler):
-    self._unwrap()
+    self._end_batch('abort'); self._on = False
     if num_distrib()>1 and dist.is_available() and dist.is_initialized(): self._gather()  # collective: every rank calls it
-    if self.batches or self.rank_tables: self.learn.cost_profile = self.profile
+    if self.batches or self.rank_tables: self.learn.train_profile = self.profile
 
 # %% ../nbs/06_callback.ipynb #c3f13d47
-_keep_on = (CancelBatchException, CancelTrainException, CancelEpochException)  # fit goes on after these
 @patch
-def _count(self:CostProfiler):
-    "Run this training batch under `Counting`: MACs of its forward and backward, shapes and parameters of every unit"
-    self._bwd_seen = False
-    try:
-        with run_eager(self.learn.model), Counting(eager_module(self.learn.model)) as c: self._orig()  # a compiled model: this batch runs eagerly
-    except _keep_on:  # a batch cancelled after its backward (`GradientAccumulation` skips the step) is counted; one cancelled before is not
-        if not self._bwd_seen: raise
-        self._finish_count(c); raise
-    self._finish_count(c)
+def _batch_kind(self:CostProfiler):
+    "What this training batch runs under: 'count' (`Counting`: MACs of its forward and backward, shapes and parameters), 'time' (the hooks) or `None`"
+    if self.recs is None: return 'count' if self._iter>=self.skip-1 and self.n_batches!=0 else None  # 0: nothing to count for
+    if not self._on: return None
+    need = {p['label'] for p in self.patterns if p['recs'] is None}
+    new = self._label and self._label not in {p['label'] for p in self.patterns}  # a labelled phase met for the first time (a GAN's generator)
+    if (new or self._label in need or (need and self._tries)) and self._n_rc<8:  # count, untimed, a batch of a labelled pattern not counted, or the next few
+        self._tries,self._n_rc,self._on = max(self._tries-1, 0),self._n_rc+1,False  # at most 8 counts more: batches that always differ (routing) stay timed
+        return 'count'
+    return 'time'
 
 @patch
 def _finish_count(self:CostProfiler, c):
@@ -235,35 +278,17 @@ def _finish_count(self:CostProfiler, c):
     if self.recs is not None:  # a batch of a pattern not counted yet: the units (and hooks) stay those of the first count
         by = {r.name: r for r in c.records()}
         recs = [by[n] for n,m,k in self.units]
-        self._pattern((self._label, tuple(r.calls for r in recs)), recs, self.train_iter); return
+        self._pattern((self._label, tuple(r.calls for r in recs)), recs, self._iter); return
     dev = batch_device(model, xb)
     self.units,self.recs = costed(c.units, c.records())
-    self.counted_iter = self.train_iter
-    self._pattern((self._label, tuple(r.calls for r in self.recs)), self.recs, self.train_iter)
+    self.counted_iter = self._iter
+    self._pattern((self._label, tuple(r.calls for r in self.recs)), self.recs, self._iter)
     self.input_shapes,self.device,self.model_name = [t.shape for t in flat_tensors(xb)],dev,type(eager_module(model)).__name__
     self.amp_note = learner_amp(self.learn, dev)[1]  # `to_fp16()` on a CPU: the batches ran in float32, and the summary says why
     self.skip_ptrs = {_ptr(t) for t in list(model.parameters())+list(model.buffers())}
     self.compiled = is_compiled(model)  # compiled code runs no hook, or compiles ours in: the step split only (`StepHooks`)
     self.hooks = (StepHooks if self.compiled else TrainHooks)(self.units.itemgot(1), [k=='leaf' for n,m,k in self.units], clock_for(dev))
 
-@patch
-def _one_batch(self:CostProfiler):
-    try:
-        if not self.training: return self._orig()
-        if self.recs is None: return self._count() if self.train_iter>=self.skip-1 and self.n_batches!=0 else self._orig()  # 0: nothing to count for
-        if not self._on: return self._orig()
-        need = {p['label'] for p in self.patterns if p['recs'] is None}
-        new = self._label and self._label not in {p['label'] for p in self.patterns}  # a labelled phase met for the first time (a GAN's generator)
-        if (new or self._label in need or (need and self._tries)) and self._n_rc<8:  # count, untimed, a batch of a labelled pattern not counted, or the next few
-            self._tries,self._n_rc,self._on = max(self._tries-1, 0),self._n_rc+1,False  # at most 8 counts more: batches that always differ (routing) stay timed
-            return self._count()
-        cw = CPUWait()  # run-queue wait over the batch, read before and after it, never in a hook
-        with self.hooks as h:
-            h.start(); ev = self._ev; cw.start(); ev['start'] = h.clock.stamp()
-            try: self._orig()
-            finally: ev['end'] = h.clock.stamp(); self._wait = cw.stop()
-    except _keep_on: raise
-    except BaseException: self._unwrap(); raise
 
 # %% ../nbs/06_callback.ipynb #c7b294ac
 @patch
@@ -391,12 +416,13 @@ def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
     f_ms,f_what = (med.forward+med.loss,'forward and loss (modules also ran inside the loss)') if in_loss else (med.forward,'forward')
     res.forward_ms = f_ms
     its = sorted({p['counted_iter'] for p in ([P[q]] if q is not None else P) if p['counted_iter'] is not None})
+    bk = _book(ts, sel)
     res.notes = [f"Training step on {self.device}, median of {len(st)} profiled batches: " +
                  ', '.join(f"{c} {med[c]:.2f}" for c in _step_cols[:-1]) + f"; total {med.total:.2f} ms (data: host time since the previous batch)",
                  (f"Rows sum to {res.total_time_ms:.2f} ms of the {f_ms:.2f} ms {f_what} ({100*res.total_time_ms/f_ms:.1f}%) and "
                   f"{res.total_bwd_ms:.2f} ms of the {med.backward:.2f} ms backward ({100*res.total_bwd_ms/med.backward:.1f}%)" +
                   (f"; cnn_cost's own bookkeeping in the forward, in no row: {bk:.2f} ms (arming the gradient hooks; on the CPU also the "
-                   "saved-tensor hooks, taken out of the rows they ran in)" if (bk:=_book(ts, sel))==bk else '') if q is not None or len(P)==1 else
+                   "saved-tensor hooks, taken out of the rows they ran in)" if bk==bk else '') if q is not None or len(P)==1 else
                   "Rows sum the medians of each module over the batches that ran it; per pattern, rows sum to " +
                   ', '.join(f"{p['label']}: {_sums(self.summary(i))}" for i,p in enumerate(P) if w[i])),
                  f"Saved for backward: {human(np.median([t['saved_total'][b] for t,b in sel]),'B')} (each storage once); "
@@ -404,17 +430,41 @@ def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
     if self.compiled_frames is not None: res.notes[1:2] = _compiled_notes(self, len(st))
     if self.amp_note: res.notes.append(self.amp_note)
     rm = res.df.recompute_macs.sum()
-    if rm or 'recompute_ms' in res.df:
-        res.notes.append(f"Activation checkpointing: the backward recomputed {human(rm)} MACs" + (f" in {res.df.recompute_ms.sum():.2f} ms" if 'recompute_ms' in res.df else '') +
-                         " of the forward; they are in the backward columns (`recompute_macs`, `recompute_ms`), the forward is counted once")
+    rc_ms = f" in {res.df.recompute_ms.sum():.2f} ms" if 'recompute_ms' in res.df else ''
+    if rm or rc_ms:
+        res.notes.append(f"Activation checkpointing: the backward recomputed {human(rm)} MACs{rc_ms} of the forward; they are in the backward columns "
+                         "(`recompute_macs`, `recompute_ms`), the forward is counted once")
     if len(P)>1:
         desc = '; '.join(f"{p['label']}: {n_all[i]} batches" + ('' if p['recs'] is not None else ' (not counted: MACs from the others)') for i,p in enumerate(P))
         res.notes.append(f"The profiled batches ran {len(P)} different patterns of modules ({desc}). " +
                          (f"This table: {P[q]['label']} only; what it lists as never called ran in the others." if q is not None else
                           "This table: MACs averaged over the profiled batches, times the median over the batches in which each module ran; "
                           "`summary(pattern=...)` shows one pattern, whose rows sum to its step"))
+    # conditions as attributes; the printed lines short (`facts_extra`), the full text above in `notes`
+    res.saved_total,res.bookkeeping_ms,res.in_loss = float(np.median([t['saved_total'][b] for t,b in sel])),bk,in_loss
+    res.n_patterns,res.recomputed,res.amp_fp32,res.n_ranks = len(P),bool(rm or rc_ms),bool(self.amp_note),len(ts)
+    res.facts_extra = _profile_facts(self, res, med, len(st), its, q)
     if len(ts)>1: _add_rank_cols(res, ts)
     return res
+
+def _profile_facts(prof, res, med, n, its, q):
+    "The training profile's lines after the table, about 100 characters each: step split, rows' cover, saved bytes; one sentence per condition that holds"
+    P,f = prof.patterns,lambda v: '?' if v!=v else f"{v:.0f}" if abs(v)>=100 else f"{v:.3g}"  # 3 digits: the line stays short
+    res_ = [f"Step ms (median of {n}): " + ', '.join(f"{a} {f(med[c])}" for a,c in zip('data fwd loss bwd opt other total'.split(), _step_cols))]
+    if prof.compiled_frames is not None: res_.append("Compiled model: per-layer times and saved bytes blank; rows and MACs from an eager batch.")
+    elif q is not None or len(P)==1:
+        res_.append(f"Rows: {100*res.total_time_ms/res.forward_ms:.1f}% of the {'forward+loss' if res.in_loss else 'forward'}, "
+                    f"{100*res.total_bwd_ms/med.backward:.1f}% of the backward" + (f"; own bookkeeping {f(res.bookkeeping_ms)} ms" if res.bookkeeping_ms==res.bookkeeping_ms else ''))
+    res_.append(f"Saved for backward: {human(res.saved_total,'B')} (each storage once); MACs counted on batch {', '.join(map(str, its))}")
+    fs = prof.compiled_frames or []
+    if any(fs): res_.append(f"Dynamo compiled {sum(fs)} frames in {sum(x>0 for x in fs)} of {len(fs)} batches: their times include it (raise `skip`).")
+    if res.in_loss: res_.append("Modules also ran inside the loss: the forward here is forward + loss.")
+    if res.recomputed: res_.append(f"Checkpointing: the backward recomputed {human(res.df.recompute_macs.sum())} MACs of the forward (in the backward columns).")
+    if res.amp_fp32: res_.append(f"Mixed precision has no effect on {prof.device}: these batches ran in float32.")
+    if len(P)>1: res_.append(f"{len(P)} batch patterns ({', '.join(p['label'] for p in P)}): " +
+                             (f"this table is {P[q]['label']} only." if q is not None else "times per module, `summary(pattern=...)` for one."))
+    if res.n_ranks>1: res_.append(f"{res.n_ranks} ranks: rows are medians over all ranks' batches; `*_rank_min/_max`: their spread.")
+    return res_
 
 @patch
 def summary(self:CostProfiler, pattern:int|str|None=None)->CostSummary:
@@ -456,12 +506,12 @@ def plot(self:CostProfiler, k=20, figsize=(11,4)):
     return self.profile.plot(k, figsize)
 
 # %% ../nbs/06_callback.ipynb #cb000001
-def _cost_profile(self):
-    res = self.__dict__.get('_cost_profile')
-    if res is None: raise ValueError("No cost profile on this learner yet: train with a `CostProfiler`, e.g. `learn.fit(1, cbs=CostProfiler())`")
+def _train_profile(self):
+    res = self.__dict__.get('_train_profile')
+    if res is None: raise ValueError("No training profile on this learner yet: train with a `CostProfiler`, e.g. `learn.fit(1, cbs=CostProfiler())`")
     return res
-def _set_cost_profile(self, v): self.__dict__['_cost_profile'] = v
-Learner.cost_profile = property(_cost_profile, _set_cost_profile, doc="The `TrainProfile` of the last `fit` with a `CostProfiler`")
+def _set_train_profile(self, v): self.__dict__['_train_profile'] = v
+Learner.train_profile = property(_train_profile, _set_train_profile, doc="The `TrainProfile` of the last `fit` with a `CostProfiler`")
 
 # %% ../nbs/06_callback.ipynb #c16c0002
 class StepHooks:

@@ -58,31 +58,34 @@ def checkpointed(model:nn.Module, names):
             else: m.forward = f
 
 # %% ../nbs/03b_plan.ipynb #5792c172
-_keep_on = (CancelBatchException, CancelTrainException, CancelEpochException)  # fit goes on after these
+_in_batch = {'after_pred','after_loss','before_backward','after_cancel_backward','after_backward','before_step','after_cancel_step','after_step',
+             'after_cancel_batch','after_batch'}  # the events that find a training batch open
 class CheckpointBlocks(Callback):
     "Train with the submodules `names` (or a `MemoryPlan`'s blocks) under activation checkpointing: non-reentrant, RNG preserved, training batches only"
-    _stateattrs = ('_orig','_l')
-    def __init__(self, names): self.names,self._orig,self._l = list(getattr(names, 'blocks', names)),None,None
+    run_valid,_stateattrs = False,('_cm',)
+    def __init__(self, names): self.names,self._cm = list(getattr(names, 'blocks', names)),None
+    @property
+    def learn(self): return self.__dict__.get('learn')
+    @learn.setter
+    def learn(self, l):
+        if l is None: self._leave()  # fastai removes a callback passed to `fit(cbs=...)` in a `finally`: whatever killed the fit, the forwards are back
+        self.__dict__['learn'] = l
+    def __call__(self, event_name):
+        if event_name not in _in_batch: self._leave()  # a batch left open: its fit died of an error fastai calls no event for
+        return super().__call__(event_name)
+
+    def _model(self):
+        "The model `names` are in: the learner's, or the one `DistributedDataParallel` wraps (fastai's `DistributedTrainer` wraps it in `before_fit`)"
+        m = self.learn.model
+        return m.module if isinstance(getattr(m, 'module', None), nn.Module) and not set(self.names)<=dict(m.named_modules()).keys() else m
     def before_fit(self):
-        l = self._l = self.learn
-        old = l.__dict__.get('_do_one_batch')
-        if isinstance(getattr(old, '__self__', None), CheckpointBlocks): del l.__dict__['_do_one_batch']  # left by a fit that died outside a batch
-        with checkpointed(l.model, self.names): pass  # unknown names fail here, before training
-        self._orig,l._do_one_batch = l._do_one_batch,self._one_batch
-
-    def _one_batch(self):
-        l = self._l
-        if self.learn is not l: self._unwrap(); return l._do_one_batch()  # left behind: this callback is no longer on `l`
-        if not l.training: return self._orig()
-        try:
-            with checkpointed(l.model, self.names): return self._orig()
-        except _keep_on: raise
-        except BaseException: self._unwrap(); raise
-
-    def _unwrap(self):
-        l = self._l
-        if l is not None and l.__dict__.get('_do_one_batch') == self._one_batch: del l.__dict__['_do_one_batch']
-    def after_fit(self): self._unwrap()
+        with checkpointed(self._model(), self.names): pass  # unknown names fail here, before training
+    def before_batch(self):
+        cm = contextlib.ExitStack(); cm.enter_context(checkpointed(self._model(), self.names)); self._cm = cm
+    def after_batch(self): self._leave()
+    def _leave(self):
+        cm,self._cm = getattr(self, '_cm', None),None
+        if cm is not None: cm.close()
     @contextlib.contextmanager
     def as_trained(self, model):
         "Inside the block, `model` as this callback trains it (for `memory_summary` and `max_batch`); yields a note saying so"

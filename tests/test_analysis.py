@@ -1,5 +1,5 @@
 "Integration tests of `cnn_cost.analysis`: efficiency hand counts, calibration relations, cost_sweep exponents on resnet18, compare, plots to PNG"
-import math, pytest, numpy as np, torch, torch.nn as nn, matplotlib
+import os, math, pytest, numpy as np, torch, torch.nn as nn, matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from pathlib import Path
@@ -79,3 +79,57 @@ def test_plots_render(cs_learn, tmp_path):
     for f,name in [(cs_learn.plot_roofline, 'roofline_resnet18.png'), (cs_learn.plot_stages, 'stages_resnet18.png')]:
         fig = f(tmp_path/name); plt.close(fig)
         assert (tmp_path/name).stat().st_size > 10_000
+
+def test_cache_sizes_from_the_machine():
+    "The cache sizes read from sysfs agree with glibc's sysconf, an independent reader; calibrate measures a rate for each level it keeps"
+    from cnn_cost.analysis import cache_sizes
+    sizes = cache_sizes()
+    for lv,name in [('L1','SC_LEVEL1_DCACHE_SIZE'), ('L2','SC_LEVEL2_CACHE_SIZE'), ('L3','SC_LEVEL3_CACHE_SIZE')]:
+        ref = os.sysconf(name) if name in os.sysconf_names else 0
+        if ref > 0 and lv in sizes: assert sizes[lv] == ref, (lv, sizes[lv], ref)
+    c = calibrate()
+    assert all(sizes[n] == sz and b > 0 for n,sz,b in c.caches)
+
+def test_roof_from_the_level_that_holds_the_tensors(cs_learn):
+    "With a 1 MB cache at 5x DRAM's rate, rows whose tensors fit take the cache's rate, the others DRAM's; the compute roof is unchanged"
+    cc = Ceilings(1e10, 1e10, 1e-3, caches=(('L2', 2**20, 5e10),))
+    e,ec = cs_learn.efficiency(FIXED),cs_learn.efficiency(cc)
+    fits = e.bytes/e.calls.clip(lower=1) <= 2**20
+    assert fits.any() and (~fits).any()
+    assert (ec.level[fits] == 'L2').all() and (ec.level[~fits] == 'DRAM').all() and (e.level == 'DRAM').all()
+    assert np.allclose(ec.memory_ms[fits], e.memory_ms[fits]/5) and np.allclose(ec.memory_ms[~fits], e.memory_ms[~fits])
+    assert np.allclose(ec.compute_ms, e.compute_ms)
+
+def test_no_row_over_its_roof_unflagged(cs_learn):
+    "No row is reported above 100% of its roof: a row faster than its roof is `over_roof` with a NaN percentage (issue: 17 of 61 over 100%)"
+    from copy import copy
+    for c in (calibrate(), FIXED, Ceilings(1e8, 1e8, 1e-3)):  # the machine's, a fixed one, and one so low that most rows beat it
+        e = cs_learn.efficiency(c)
+        assert not (e.pct_roof > 100).any()
+        timed = e.time_ms.notna() & (e.time_ms > 0)
+        assert (e.over_roof == (e.roof_ms > e.time_ms)).all()
+        assert e.pct_roof[e.over_roof].isna().all() and e.pct_roof[timed & ~e.over_roof].notna().all()
+    assert cs_learn.efficiency(Ceilings(1e8, 1e8, 1e-3)).over_roof.sum() > 10   # the flag can fire
+
+class Routed(nn.Module):
+    "A stem conv every size runs, and a second conv only for images of 64 px or more: the layers differ by size"
+    def __init__(self):
+        super().__init__()
+        self.stem,self.big,self.head = nn.Conv2d(3,8,3,padding=1),nn.Conv2d(8,8,3,padding=1),nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8,10))
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(self.big(x) if x.shape[-1] >= 64 else x)
+
+def test_sweep_layers_differ():
+    "A model whose layers differ by size: the sweep says so (attribute and note) and fits the exponents over the rows every size ran"
+    sw = cost_sweep(Routed(), sizes=(32,64,128), bss=(1,), n_repeat=1, n_warmup=0, progress=False)
+    assert sw.layers_differ and set(sw.only_some) == {(64,1), (128,1)} and all(v == ['big'] for v in sw.only_some.values())
+    assert 'big' not in sw.common and 'stem' in sw.common and len(sw.notes) == 1
+    k = sw.exponents().iloc[0]
+    assert abs(k.body_macs - 2) < 1e-9          # the stem conv alone: exactly size^2
+    raw = fit_exponent(sw.df['size'], sw.df.body_macs)
+    assert raw > 2.2                            # what a fit over every row ran would have said
+    assert math.isnan(k.forward_ms)             # the whole forward cannot be split by rows: not fit
+    assert sw.notes[0] in str(sw)
+    same = cost_sweep(tiny_cnn(), sizes=(16,32), bss=(1,), n_repeat=1, n_warmup=0, progress=False)
+    assert not same.layers_differ and same.notes == [] and not math.isnan(same.exponents().iloc[0].forward_ms)

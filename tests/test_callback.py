@@ -64,7 +64,8 @@ def test_seed_backward_positive(seed_profile):
     conv = leaves[leaves.type=='Conv2d']
     assert (conv.bwd_macs.iloc[1:]==2*conv.macs.iloc[1:]).all() and conv.bwd_macs.iloc[0]==conv.macs.iloc[0]  # first conv: no input gradient
     assert no_hooks(learn.model) and learn.__dict__.get('_do_one_batch') is None
-    assert 'bwd ms' in str(s) and 'Training step' in str(s)
+    assert 'bwd_ms' in s.df and len(s.steps)==3 and s.saved_total>0 and s.n_patterns==1 and s.n_ranks==1
+    assert not (s.recomputed or s.in_loss or s.amp_fp32) and all(len(l)<=100 for l in s.facts_extra) and len(s.facts_extra)==3  # step, rows, saved
 
 def test_seed_sums_cover_passes(seed_profile):
     "Per batch, per-layer forward plus backward times sum to within 15% of the measured forward and backward passes"
@@ -97,21 +98,30 @@ def test_saved_bytes_hand_count():
     assert df.loc[['0','1','2'],'saved_bytes'].tolist() == [16*4*4, 16*8*4, 16*8*4]
     assert [b['saved_total'] for b in learn.cost_profiler.batches] == [16*4*4+16*8*4]*3  # ReLU's output and linear 2's input: one storage; batch 0 was the counting batch
 
+@pytest.mark.parametrize('attached', [True, False])
 @pytest.mark.parametrize('exc', [CancelFitException(), RuntimeError('boom in a batch')])
 @pytest.mark.parametrize('event', ['after_pred', 'before_backward', 'after_backward'])
-def test_hooks_gone_after_exceptions(exc, event):
+def test_hooks_gone_after_exceptions(exc, event, attached):
+    """A fit cancelled or killed inside a profiled batch leaves no hook, no saved-tensors hook and no wrapper. fastai calls no event for an error
+    that is not a `Cancel...Exception`: a profiler passed to `fit(cbs=...)` closes when fastai removes it in its `finally`; one attached to the
+    learner closes at the learner's next event (here `validate`)"""
     set_seed(0)
     x = torch.randn(96,3,8,8); y = (x.mean((1,2,3))>0).long()
     dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:32], bs=16, device='cpu')
     m = nn.Sequential(nn.Conv2d(3,8,3), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8,2))
-    learn = Learner(dls, m, loss_func=nn.CrossEntropyLoss(), cbs=CostProfiler(skip=0, n_batches=None))
-    if isinstance(exc, CancelFitException): learn.fit(1, 1e-2, cbs=StopAt(2, exc, event))
+    cp = CostProfiler(skip=0, n_batches=None)
+    learn = Learner(dls, m, loss_func=nn.CrossEntropyLoss(), cbs=cp if attached else None)
+    cbs = [StopAt(2, exc, event)] + ([] if attached else [cp])
+    if isinstance(exc, CancelFitException): learn.fit(1, 1e-2, cbs=cbs)
     else:
-        with pytest.raises(RuntimeError, match='boom'): learn.fit(1, 1e-2, cbs=StopAt(2, exc, event))
-    assert no_hooks(learn.model) and learn.__dict__.get('_do_one_batch') is None and learn.cost_profiler.hooks.sth is None
-    assert len(learn.cost_profiler.batches)==1  # batch 0 counted the MACs, batch 1 was profiled, batch 2 stopped
-    learn.fit(1, 1e-2)
-    assert len(learn.cost_profiler.batches)==5 and no_hooks(learn.model)
+        with pytest.raises(RuntimeError, match='boom'): learn.fit(1, 1e-2, cbs=cbs)
+    assert len(cp.batches)==1  # batch 0 counted the MACs, batch 1 was profiled, batch 2 stopped
+    h = cp.hooks
+    if attached and not isinstance(exc, CancelFitException): learn.validate()
+    assert no_hooks(learn.model) and learn.__dict__.get('_do_one_batch') is None and h.sth is None and cp._cm is None
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None and torch._C._len_torch_dispatch_stack()==0  # nothing global left either
+    learn.fit(1, 1e-2, cbs=None if attached else cp)
+    assert len(cp.batches)==5 and no_hooks(learn.model)
 
 def test_frozen_body_has_no_weight_gradient_work():
     """After `freeze()` the body's convs compute input gradients only: backward MACs = forward MACs (the first conv: none at all).
@@ -141,11 +151,16 @@ def test_alongside_fastai_callbacks(extra):
         conv = s.df[s.df.type=='Conv2d']
         assert cp.counted_iter==0 and (conv.bwd_macs>=conv.macs).all() and (conv.bwd_macs>0).all()
 
-def test_lr_find():
+def test_lr_find_keeps_the_profile():
+    "`lr_find` trains to pick a rate: a `CostProfiler` on the learner profiles none of it, and the last fit's profile stays on the learner and the callback"
     learn = tiny_learner()
-    learn.add_cb(CostProfiler(skip=1, n_batches=2))
+    learn.add_cb(cp:=CostProfiler(skip=1, n_batches=2))
+    learn.fit(1, 1e-3)
+    tp,bs = learn.train_profile,list(cp.batches)
     learn.lr_find(num_it=5, show_plot=False)
-    assert len(learn.cost_profiler.batches)==2 and no_hooks(learn.model)
+    assert learn.train_profile is tp and cp.batches==bs and len(bs)==2 and cp.run and no_hooks(learn.model)
+    learn.fit(1, 1e-3)  # the next fit profiles again
+    assert learn.train_profile is not tp and len(cp.batches)==2
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -174,3 +189,127 @@ def test_batch_without_backward_is_not_zero():
     assert not np.isnan(b[1]['bwd']).any() and b[1]['step']['backward'] > 0
     s = cp.summary(); leaves = s.df[s.df.kind=='leaf']
     np.testing.assert_allclose(leaves.bwd_ms, np.nanmedian([b[i]['bwd'] for i in (1, 3)], 0)[[i for i,(n,m,k) in enumerate(cp.units) if k=='leaf']])
+
+# ---- parts that compose: `CostProfiler` and `CheckpointBlocks` with each other and with fastai's callbacks, each pair trained ----
+from cnn_cost.plan import CheckpointBlocks
+from fastai.callback.training import GradientAccumulation
+from fastai.vision.gan import GANLearner
+
+def pair_learner(kind, seed=0, bs=16, n=64):
+    "A tiny learner whose block `blk` (conv, BN, ReLU; in a GAN the generator's) can be checkpointed; `kind` adds a fastai callback or a GAN"
+    set_seed(seed, reproducible=True)
+    if kind=='gan':
+        x,y = torch.randn(n,4),torch.randn(n,8)+1
+        dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:bs], bs=bs, device='cpu')
+        g = nn.Sequential(nn.Linear(4,16), nn.ReLU(), nn.Sequential(nn.Linear(16,16), nn.BatchNorm1d(16), nn.ReLU()), nn.Linear(16,8))
+        c = nn.Sequential(nn.Linear(8,16), nn.ReLU(), nn.Linear(16,1), nn.Flatten(0))
+        learn = GANLearner(dls, g, c, lambda fp,o,t: -fp.mean(), lambda rp,fp: fp.mean()-rp.mean(), show_img=False, opt_func=partial(Adam, mom=0.))
+    else:
+        x = torch.randn(n,3,8,8); y = (x.mean((1,2,3))>0).long()
+        dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:bs], bs=bs, device='cpu')
+        m = nn.Sequential(nn.Conv2d(3,8,3,padding=1), nn.Sequential(nn.Conv2d(8,8,3,padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8,2))
+        learn = Learner(dls, m, loss_func=CrossEntropyLossFlat())
+        if kind=='fp16': learn.to_fp16()
+    dls.train.rng = random.Random(seed)
+    return learn
+
+_blk = {'gan':'generator.2', 'fp16':'1', 'grad_acc':'1', 'mixup':'1', 'plain':'1'}
+_extra = {'gan':[], 'fp16':[], 'grad_acc':[GradientAccumulation(32)], 'mixup':[MixUp()], 'plain':[]}
+
+def pair_fit(kind, ckpt, prof):
+    "Train one epoch of `pair_learner(kind)` with a checkpointed block or not, profiled or not: losses, weights, forward calls of the block's first layer in training (a recompute calls it again), the profile"
+    learn = pair_learner(kind)
+    blk = learn.model.get_submodule(_blk[kind])
+    n = [0]
+    def probe(m, a, o): n[0] += learn.training and torch.is_grad_enabled()
+    h = blk[0].register_forward_hook(probe)
+    cbs = [cb.__class__(*([32] if isinstance(cb, GradientAccumulation) else [])) for cb in _extra[kind]]
+    if ckpt: cbs.append(CheckpointBlocks([_blk[kind]]))
+    if prof: cbs.append(cp:=CostProfiler(skip=1, n_batches=2))
+    with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-2, cbs=cbs)
+    h.remove()
+    assert no_hooks(learn.model) and not any('forward' in vars(m) for m in learn.model.modules()) and '_do_one_batch' not in vars(learn)
+    return torch.stack(learn.recorder.losses), [p.detach().clone() for p in learn.model.parameters()], n[0], (learn.train_profile if prof else None)
+
+def close(a, b): return torch.allclose(a[0], b[0], rtol=1e-5, atol=1e-6) and all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x,y in zip(a[1], b[1]))
+
+@pytest.mark.parametrize('kind', ['plain', 'fp16', 'grad_acc', 'mixup', 'gan'])
+def test_pairs_compose(kind):
+    """Each pair trains what it would alone: the profiler changes no loss or weight (with or without checkpointing), checkpointing changes none
+    either (non-reentrant, RNG and BN statistics kept), and the checkpointed block really recomputes, profiled or not: its first layer runs
+    again in backward, and the profile shows recompute MACs in that block's rows only"""
+    base,prof,ck,both = [pair_fit(kind, c, p) for c,p in [(False,False), (False,True), (True,False), (True,True)]]
+    assert close(base, prof) and close(ck, both) and close(base, ck), kind
+    n_train = len(base[0])
+    # one call a batch, two checkpointed; a GAN's generator recomputes in its own steps only (in the critic's it runs with no gradient)
+    assert base[2]==prof[2]==n_train and ck[2]==both[2] and ck[2]==(n_train+n_train//2 if kind=='gan' else 2*n_train), (kind, base[2], prof[2], ck[2], both[2])
+    for res,rec in [(prof,False), (both,True)]:
+        df = res[3].summary().df.set_index('name')
+        inb = df.index.str.startswith(_blk[kind]+'.')
+        assert (df.recompute_macs[inb]>0).any()==rec and (df.recompute_macs[~inb]==0).all(), (kind, df.recompute_macs.to_dict())
+        if rec and kind!='gan': assert df.recompute_macs[inb].sum()==df.macs[inb].sum()  # the whole block runs again, once
+        s = res[3].summary()  # the conditions, as attributes; each printed line short
+        assert s.recomputed==rec and s.amp_fp32==(kind=='fp16') and s.in_loss==(kind=='gan') and s.n_patterns==(2 if kind=='gan' else 1)
+        assert all(len(l)<=100 for l in s.facts_extra), [l for l in s.facts_extra if len(l)>100]
+
+# ---- saved bytes: each storage kept alive once, whole ----
+def saved_ref(model, xb):
+    "Reference: saved-tensor hooks over a training forward of `model`, keyed by storage: {storage: bytes it holds}, {storage: bytes of the largest view saved}; parameters and buffers left out"
+    skip = {t.untyped_storage().data_ptr() for t in list(model.parameters())+list(model.buffers())}
+    held,views = {},{}
+    def pack(t):
+        s = t.untyped_storage(); p = s.data_ptr()
+        if p not in skip: held[p] = s.nbytes(); views[p] = max(views.get(p, 0), t.numel()*t.element_size())
+        return t
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): model(*xb)
+    return held,views
+
+class Pooled(nn.Module):
+    "BERT's two views: an index tensor expanded to the batch (`token_type_ids`) and the pooler's `hidden[:, 0]`, which keeps all of `hidden` alive"
+    def __init__(self):
+        super().__init__()
+        self.emb,self.tt,self.lin,self.dense,self.act,self.out = nn.Embedding(50,16),nn.Embedding(2,16),nn.Linear(16,16),nn.Linear(16,16),nn.Tanh(),nn.Linear(16,2)
+    def forward(self, x):
+        tt = torch.zeros(1, x.shape[1], dtype=torch.long, device=x.device).expand_as(x)  # 64 B of storage, 1 KiB as a tensor
+        h = self.lin(self.emb(x)+self.tt(tt))
+        return self.out(self.act(self.dense(h[:, 0])))
+
+def saved_fit(model, x, y, bs=16):
+    dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:bs], bs=bs, device='cpu')
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat())
+    with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=(cp:=CostProfiler(skip=1, n_batches=2)))
+    return learn,cp
+
+def test_saved_bytes_count_storages():
+    "Hand count: a saved view counts the whole storage it keeps alive, an expanded tensor its real storage; each storage once in the total"
+    set_seed(0); x = torch.randint(0, 50, (64, 8)); y = torch.randint(0, 2, (64,))
+    learn,cp = saved_fit(Pooled(), x, y)
+    df = cp.summary().df.set_index('name')
+    bs,h = 16,16*8*16*4  # `hidden`: bs x 8 x 16 floats
+    assert df.loc[['emb','tt','lin','dense','act','out'],'saved_bytes'].tolist()==[bs*8*8, 8*8, h, h, bs*16*4, bs*16*4]
+    assert {b['saved_total'] for b in cp.batches}=={bs*8*8 + 8*8 + h + h + bs*16*4}  # `lin`'s input, `hidden`, tanh's output: each once
+    held,views = saved_ref(learn.model, learn.dls.one_batch()[:1])
+    assert {b['saved_total'] for b in cp.batches}=={sum(held.values())} and sum(views.values())<sum(held.values())
+
+def test_saved_bytes_bert_against_references():
+    """A tiny Hugging Face BERT (from a config, nothing downloaded): the profiler's saved total equals saved-tensor hooks keyed by storage, and
+    `memory_summary`'s rows plus the batch's own storage that the embedding saves (the batch is an input there, not a saved activation)"""
+    tr = pytest.importorskip('transformers')
+    class Wrap(nn.Module):
+        def __init__(self, m): super().__init__(); self.m = m
+        def forward(self, x): return self.m(input_ids=x).logits
+    set_seed(0)
+    cfg = tr.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    x,y = torch.randint(0, 100, (64, 16)),torch.randint(0, 2, (64,))
+    learn,cp = saved_fit(Wrap(tr.BertForSequenceClassification(cfg)), x, y)
+    xb = learn.dls.one_batch()[:1]
+    held,views = saved_ref(learn.model, xb)
+    tot = {b['saved_total'] for b in cp.batches}
+    assert tot=={sum(held.values())} and sum(views.values())<sum(held.values())  # the pooler's view and the expanded ids differ from their storages
+    ms = learn.memory_summary()
+    batch = sum(n for p,n in held.items() if p in {t.untyped_storage().data_ptr() for t in xb})
+    assert tot=={int(ms.df.saved_bytes.sum())+batch}, (tot, ms.df.saved_bytes.sum(), batch)
+    df = cp.summary().df.set_index('name')
+    assert df.loc['m.bert.pooler.dense','saved_bytes']==16*16*32*4  # `hidden[:, 0]` keeps the whole last hidden state alive

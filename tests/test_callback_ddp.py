@@ -1,5 +1,5 @@
 "Two processes on CPU/gloo, each profiling its own batches of a `DistributedDataParallel` model; rank 0 gathers both ranks' tables"
-import json, subprocess, sys, os
+import json, subprocess, sys, os, numpy as np
 from pathlib import Path
 
 def test_two_rank_gloo(tmp_path):
@@ -19,4 +19,12 @@ def test_two_rank_gloo(tmp_path):
         assert o['bwd_ms']>0 and o['time_ms_rank_min'] <= o['time_ms_rank_max'] and o['bwd_ms_rank_min'] <= o['bwd_ms_rank_max']
         mine = sorted(b['time_ms'] for b in by_rank if b['name']==o['name'])
         assert mine[0]==o['time_ms_rank_min'] and mine[-1]==o['time_ms_rank_max']
-    assert '2 ranks' in d['text']
+    assert d['n_ranks']==2
+    # pairs under DDP: the profiler and checkpointing change no loss; the block recomputes, profiled or not
+    P = d['pairs']
+    base = np.array(P['00']['losses'])
+    for k in ['01','10','11']: np.testing.assert_allclose(P[k]['losses'], base, rtol=1e-5, atol=1e-6)
+    n = len(base)
+    assert P['00']['calls']==P['01']['calls']==n and P['10']['calls']==P['11']['calls']==2*n
+    assert not any(p['left'] for p in P.values())
+    assert P['01']['rec']['block']==0 and P['11']['rec']['block']==P['11']['rec']['block_fwd']>0 and P['11']['rec']['others']==0

@@ -49,7 +49,7 @@ def profile(learn, **kw):
     "Fit one short epoch with a `CostProfiler` passed to `fit`, as a user would; the profile outlives the callback"
     learn.fit(1, 1e-3, cbs=CostProfiler(skip=1, n_batches=2, **kw))
     assert not hasattr(learn, 'cost_profiler')   # fastai removed it at the end of fit...
-    return learn.cost_profile.summary()          # ...the profile stays
+    return learn.train_profile.summary()          # ...the profile stays
 
 def test_tabular():
     learn = kinds.tabular()
