@@ -42,6 +42,10 @@ def _ckpt_forward(m, f):
         return tuc.checkpoint(partial(_run, m, f, [0]), *args, use_reentrant=False, preserve_rng_state=True, **kw)
     return forward
 
+def _put_forward(m, f):
+    if f is None: m.__dict__.pop('forward', None)
+    else: m.forward = f
+
 @contextlib.contextmanager
 def checkpointed(model:nn.Module, names):
     "Inside the block, the submodules of `model` called `names` run under activation checkpointing in training; their `forward` put back on exit"
@@ -52,10 +56,10 @@ def checkpointed(model:nn.Module, names):
     try:
         for m,_ in old: m.forward = _ckpt_forward(m, m.forward)
         yield model
-    finally:
-        for m,f in reversed(old):
-            if f is None: m.__dict__.pop('forward', None)
-            else: m.forward = f
+    finally:  # each module on its own, whatever fails
+        u = Undo()
+        for n,(m,f) in zip(reversed(names), reversed(old)): u(f"the forward of {n}", _put_forward, m, f)
+        u.check()
 
 # %% ../nbs/03b_plan.ipynb #5792c172
 _keep_on = (CancelBatchException, CancelTrainException, CancelEpochException)  # fit goes on after these

@@ -447,3 +447,99 @@ def test_lazy_modules_clear_error():
     assert isinstance(m[0].weight, nn.parameter.UninitializedParameter) and not m[0]._forward_hooks
     m(x)
     assert predict_memory(m, x, y, nn.CrossEntropyLoss()).peak > 0
+
+# --- Nothing left behind, whatever fails (issue 26 item 1) ---
+from fastai.learner import Learner
+from fastai.data.core import DataLoaders
+import cnn_cost.plan  # `Learner.memory_plan`
+
+def _state(m):
+    "Everything a call may change on `m`: each parameter and buffer (the object and a copy of its values), each module's mode, the hooks, torch's `as_subclass`"
+    return ([(n, t, t.detach().clone()) for n,t in [*m.named_parameters(), *m.named_buffers()]], [x.training for x in m.modules()], hook_count(m),
+            torch.Tensor.as_subclass)
+
+def _unchanged(m, before, stuck=()):
+    "Whether `m` is as `before` (`_state`), but for the tensors named in `stuck` (reported as not put back)"
+    ts,modes,hooks,asub = before
+    now = dict([*m.named_parameters(), *m.named_buffers()])
+    return (all(now[n] is t and not isinstance(t, FakeTensor) and t.equal(v) for n,t,v in ts if n not in stuck)
+            and [x.training for x in m.modules()] == modes and hook_count(m) == hooks and torch.Tensor.as_subclass is asub)
+
+def _learner(m, bs=8, shape=(3,16,16), n_cls=10):
+    torch.manual_seed(0)
+    x,y = torch.randn(2*bs, *shape),torch.randint(0, n_cls, (2*bs,))
+    return Learner(DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=bs), m, loss_func=CrossEntropyLossFlat())
+
+def _scripted():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3,8,3,padding=1), torch.jit.script(nn.Sequential(nn.Conv2d(8,8,3,padding=1), nn.ReLU())), nn.Flatten(), nn.Linear(8*16*16,10))
+
+def _exported():
+    torch.manual_seed(0)
+    e = torch.export.export(nn.Sequential(nn.Conv2d(8,8,3,padding=1), nn.ReLU()), (torch.randn(2,8,16,16),)).module()
+    return nn.Sequential(nn.Conv2d(3,8,3,padding=1), e, nn.Flatten(), nn.Linear(8*16*16,10))
+
+calls = {'memory_summary': lambda l: l.memory_summary(), 'max_batch': lambda l: l.max_batch(budget=1, show_plot=False),
+         'memory_plan': lambda l: l.memory_plan(0.001, show_plot=False),
+         'predict_memory': lambda l: predict_memory(l.model, torch.randn(8,3,16,16), torch.zeros(8).long(), l.loss_func, l.opt_func)}
+
+@pytest.mark.parametrize('call', list(calls))
+@pytest.mark.parametrize('make', [_scripted, _exported])
+def test_unhookable_refused_up_front(call, make):
+    "A TorchScript or exported submodule (their tensors in C++, no hooks or no `train()`): a `TypeError` naming it, before anything is changed"
+    l = _learner(make()); [setattr(x, 'training', False) for x in l.model.modules()]; before = _state(l.model)  # an exported module refuses `eval()`
+    assert unhookable(l.model) == ['1']
+    with pytest.raises(TypeError, match="'1'"): calls[call](l)
+    assert _unchanged(l.model, before)
+
+class _Boom(nn.Module):
+    "Raises where `at` says, on the call numbered `n` (the fake step runs a warm-up step, then the recorded one)"
+    calls = [0]
+    def __init__(self, at, n=1): super().__init__(); self.at,self.n,self.lin = at,n,nn.Linear(8, 4); self.register_buffer('b', torch.ones(4))
+    def forward(self, x):
+        _Boom.calls[0] += 1
+        if self.at=='fwd' and _Boom.calls[0]>=self.n: raise RuntimeError('forward fails')
+        y = self.lin(x) + self.b
+        if self.at=='bwd' and y.requires_grad and _Boom.calls[0]>=self.n: y.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError('backward fails')))
+        return y
+
+class _OneWay(dict):
+    "A module's `_parameters` that takes fake tensors but refuses to take the real ones back: a restore that fails on one module"
+    def __setitem__(self, k, v):
+        if isinstance(self.get(k), FakeTensor) and not isinstance(v, FakeTensor): raise RuntimeError('cannot put back')
+        super().__setitem__(k, v)
+    def clear(self):
+        if any(isinstance(v, FakeTensor) for v in self.values()): raise RuntimeError('cannot put back')
+        super().clear()
+
+def _bad_opt(params, lr):
+    o = SGD(params, lr)
+    def step(*a, **k): raise RuntimeError('optimizer fails')
+    o.step = step
+    return o
+
+@pytest.mark.parametrize('where', ['fwd warm-up', 'fwd', 'bwd', 'loss', 'opt', 'restore'])
+def test_failure_leaves_nothing(where):
+    """A failure in the warm-up or recorded forward, the backward, the loss, the optimizer's step, or a restore that fails on one module: every
+    parameter and buffer is the object it was with its values, the same modes, no hooks, torch's `as_subclass` back; a failed restore is named"""
+    _Boom.calls[0] = 0
+    m = nn.Sequential(nn.BatchNorm1d(8), _Boom({'fwd warm-up':'fwd', 'fwd':'fwd', 'bwd':'bwd'}.get(where), n=2 if where in ('fwd', 'bwd') else 1), nn.ReLU(), nn.Linear(4, 3))
+    if where=='restore': m[1].lin._parameters = _OneWay(m[1].lin._parameters)
+    m.eval(); before = _state(m)
+    lf = (lambda p,y: (_ for _ in ()).throw(RuntimeError('loss fails'))) if where=='loss' else nn.CrossEntropyLoss()
+    x,y = torch.randn(4, 8),torch.tensor([0, 1, 2, 0])
+    with pytest.raises(RestoreError if where=='restore' else RuntimeError) as e: predict_memory(m, x, y, lf, _bad_opt if where=='opt' else SGD)
+    if where=='restore':
+        assert [w for w,_ in e.value.failed] == ['the parameters of 1.lin'] and e.value.cause is None
+        assert _unchanged(m, before, stuck=('1.lin.weight', '1.lin.bias'))
+        assert all(isinstance(p, FakeTensor) for p in m[1].lin.parameters())  # what the error names is what stays changed
+    else:
+        assert not isinstance(e.value, RestoreError) and _unchanged(m, before)
+        assert _Boom.calls[0] == (2 if where in ('fwd', 'bwd') else 1)  # 'fwd', 'bwd': in the recorded step, its hooks in place
+
+def test_undo_runs_every_step():
+    "`Undo` runs each restore step whatever the others do, then names the ones that failed"
+    done,u = [],Undo()
+    u('a', done.append, 1); u('b', lambda: 1/0); u('c', done.append, 3)
+    with pytest.raises(RestoreError) as e: u.check()
+    assert done == [1, 3] and [w for w,_ in e.value.failed] == ['b'] and isinstance(e.value.failed[0][1], ZeroDivisionError)
