@@ -119,7 +119,15 @@ def _vision_tiny():
                       AdaptiveConcatPool2d(), nn.Flatten(), nn.Linear(16, 3))
     return m, TensorImage(torch.randn(2, 3, 12, 12)), TensorCategory(torch.tensor([0, 2])), CrossEntropyLossFlat(), Adam
 
-KINDS = {'fastai_vision_tiny': _vision_tiny, 'fastai_tabular': _kind(lambda k: k.tabular()),
+def _unet_typed():
+    "fastai's U-Net on fastai's typed batches (`TensorImage`, `TensorMask`) as the model gets them without `CastToTensor`: every op's output an alias"
+    from memory_refs import typed_unet
+    from cnn_cost.memory import _learner_loss
+    learn = typed_unet(bs=2, size=32)
+    b = learn.dls.train.one_batch()
+    return learn.model, b[:1], b[1:], _learner_loss(learn), learn.opt_func
+
+KINDS = {'fastai_vision_tiny': _vision_tiny, 'fastai_unet_typed': _unet_typed, 'fastai_tabular': _kind(lambda k: k.tabular()),
          'fastai_text_classifier': _kind(lambda k: k.text_classifier()),
          'fastai_language_model': _kind(lambda k: k.language_model()), 'fastai_unet': _kind(lambda k: k.unet()),
          'fastai_collab': _kind(lambda k: k.collab()), 'fastai_collab_nn': _kind(lambda k: k.collab(use_nn=True)),
@@ -139,7 +147,7 @@ def cases():
 # the CI-sized subset (tests/test_memory_corpus.py): each family once, every fix exercised, small inputs
 CI = ['lstm', 'lstm_issue17', 'lstm_2layer_bidir_dropout', 'lstm_proj', 'gru_2layer_bidir', 'rnn_relu_2layer_bidir', 'lstm_cell', 'mha_masked', 'sdpa_causal',
       'transformer_encoder_layer', 'fastai_vision_tiny', 'fastai_language_model', 'fastai_tabular', 'fastai_collab_nn', 'tv_resnet18', 'tv_mobilenet_v3_small',
-      'tv_squeezenet1_1', 'timm_convnext_atto']
+      'tv_squeezenet1_1', 'timm_convnext_atto', 'fastai_unet_typed']
 # cases no fake step can predict: an op needs the data's values; the prediction stops with a clear error naming the op
 UNPREDICTABLE = {'lstm_packed': '_pack_padded_sequence', 'gru_packed': '_pack_padded_sequence', 'fastai_text_classifier': '_local_scalar_dense'}
 

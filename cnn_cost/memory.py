@@ -21,6 +21,8 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import TensorBase
 from torch.utils._python_dispatch import _disable_current_modes, TorchDispatchMode
 from types import FunctionType
+from fastai.learner import CastToTensor
+from fasttransform.cast import cast as _cast
 from .core import *
 from .counting import *
 from .summary import human
@@ -417,6 +419,10 @@ def _held(t, fm):
     with fm: x = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device='cpu')
     return (_fake_as(x, type(t), t) if isinstance(t, TensorBase) else x).requires_grad_(t.requires_grad)
 
+def _cast_tensors(b):
+    "The tensors of list `b` (not nested ones) cast to a plain `Tensor`, as fastai's `CastToTensor` does: each an alias, its type's metadata kept"
+    return [_cast(t, torch.Tensor) if isinstance(t, torch.Tensor) else t for t in b]
+
 def _batch_size(xb):
     "Rows of the first tensor of batch `xb` that has a dimension"
     t = first(t for t in flat_tensors(xb) if t.dim())
@@ -514,6 +520,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
                 channels_last:bool=False, # Parameters in channels_last, as `learn.to_channelslast()` sets them
                 device='cpu', # The target: 'cuda' rounds every storage as the CUDA caching allocator does
                 fake:bool=True, # Fake tensors (nothing allocated); False runs the step for real, on the CPU, on copies of the weights
+                cast:bool=False, # Each tensor of `xb` and `yb` cast to a plain `Tensor` (an alias), as fastai's `CastToTensor` callback does in `before_batch`
                ):
     "Memory of one training step of `model`: `(counter, counting, optimizer)`, the `MemCounter` holding every storage with its kind, unit and lifetime"
     xb,yb,dt,cuda = tuplify(xb),tuplify(yb),amp_dtype(dtype),torch.device(device).type=='cuda'
@@ -538,6 +545,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
     try:
         with _hooks_kept(model, u) as n_hooks, _swapped(model, ts, functools.partial(_held, fm=fm), u), (fm or contextlib.nullcontext()), _fake_subclasses():
             model.train()
+            if cast: xs,ys = [_cast_tensors(b) for b in (xs, ys)]  # inside `_fake_subclasses`: a fake fastai tensor's alias, as the real `as_subclass` makes
             opt = None if opt_func is None else opt_func(gs, lr=lr)
             if opt is not None and cuda and isinstance(opt, OptimWrapper):  # torch optimizers default to their foreach kernels on CUDA
                 for g in opt.opt.param_groups:
@@ -774,9 +782,9 @@ def _coverage(device, ops=()):
             "Not included: the CUDA context, cuDNN/cuBLAS workspaces, unsplit allocator blocks and cached free blocks (fragmentation); "
             "the step is traced with CPU kernels and CPU autocast lists, which can save different tensors than CUDA's."]
 
-def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e-3, bs=None, dtype=None, channels_last=False, device='cpu'):
+def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e-3, bs=None, dtype=None, channels_last=False, device='cpu', cast=False):
     "`MemorySummary` of one training step of `model`, predicted on fake tensors (see `step_memory`)"
-    try: mc,c,opt = step_memory(model, xb, yb, loss_func, opt_func, splitter, lr, bs, dtype, channels_last, device)
+    try: mc,c,opt = step_memory(model, xb, yb, loss_func, opt_func, splitter, lr, bs, dtype, channels_last, device, cast=cast)
     except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException, NotImplementedError) as e:
         if 'Sparse' in str(e): raise RuntimeError("Sparse gradients (`F.embedding(..., sparse=True)`) cannot be predicted: their size depends on which rows the batch reads. "
                                                   "Predict the step with `sparse=False`: a dense gradient of the whole table") from e
@@ -813,6 +821,10 @@ def _learner_loss(learn):
     loss.kept,loss.after_loss = (lambda pred: [o[-1] if isinstance(o, (list,tuple)) else o for o in pred]),after_loss
     return loss
 
+def _casts(learn):
+    "Whether `learn` casts its batches to plain tensors before the model sees them (fastai's default `CastToTensor` callback)"
+    return any(isinstance(cb, CastToTensor) for cb in learn.cbs)
+
 def _model_device(model): return next((p.device.type for p in model.parameters()), 'cpu')
 
 @contextlib.contextmanager
@@ -835,7 +847,8 @@ def memory_summary(self:Learner,
     dev = ifnone(device, _model_device(self.model))
     dt,note = (dtype, '') if dtype is not None else _learner_dtype(self, dev)
     with _as_trained(self) as notes:
-        res = predict_memory(self.model, xb, yb, _learner_loss(self), self.opt_func, self.splitter, self.lr, bs, dt, ifnone(channels_last, hasattr(self, 'channels_last')), dev)
+        res = predict_memory(self.model, xb, yb, _learner_loss(self), self.opt_func, self.splitter, self.lr, bs, dt, ifnone(channels_last, hasattr(self, 'channels_last')), dev,
+                             _casts(self))
     res.notes += [n for n in [note, *notes] if n]
     return res
 
@@ -909,7 +922,7 @@ def max_batch(self:Learner,
     tried,lives = {},{}
     def peak(b):
         if b not in tried:
-            try: ms = predict_memory(self.model, xb, yb, _learner_loss(self), self.opt_func, self.splitter, self.lr, b, dt, cl, device)
+            try: ms = predict_memory(self.model, xb, yb, _learner_loss(self), self.opt_func, self.splitter, self.lr, b, dt, cl, device, _casts(self))
             except ValueError:
                 if b>1: raise
                 return math.inf  # batch norm cannot train on one sample

@@ -19,7 +19,7 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelBatchException, CancelTrainException, CancelEpochException
 from .core import *
 from .memory import *
-from .memory import _batch, _batch_size, _learner_loss, _learner_dtype, _search, _guess, _gib
+from .memory import _batch, _batch_size, _casts, _learner_loss, _learner_dtype, _search, _guess, _gib
 from .summary import human
 
 # %% ../nbs/03b_plan.ipynb #fb42b51e
@@ -140,7 +140,7 @@ class _Steps:
         "`(MemorySummary, counter, counting, in_bytes)` of the step at batch size `b` in `dt` with `blocks` checkpointed; `in_bytes`: of the inputs of modules `ins`"
         l = self.learn
         with checkpointed(l.model, blocks), _inputs(l.model, ins) as res:
-            mc,c,_ = step_memory(l.model, self.xb, self.yb, _learner_loss(l), l.opt_func, l.splitter, l.lr, b, dt, self.cl, self.device)
+            mc,c,_ = step_memory(l.model, self.xb, self.yb, _learner_loss(l), l.opt_func, l.splitter, l.lr, b, dt, self.cl, self.device, cast=_casts(l))
         ms = MemorySummary(mc.blocks, mc.trace, c.units, c.recs)
         self.peaks[b,dt,tuple(blocks)],self.lives[b,dt,tuple(blocks)] = ms.peak,ms.timeline.live.values
         return ms,mc,c,res

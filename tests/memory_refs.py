@@ -26,6 +26,15 @@ def unet(bs=2, size=64, n_cls=3, device=None, n_batches=1):
     return unet_learner(rand_dls(bs, (3,size,size), n_cls, seg=True, n_batches=n_batches, device=device), resnet18, pretrained=False, n_out=n_cls,
                         loss_func=CrossEntropyLossFlat(axis=1))
 
+def typed_unet(bs=4, size=64, n_cls=3, n_batches=1):
+    "fastai's `unet_learner` on a resnet18 body with fastai's typed batches (`TensorImage`, `TensorMask`), from data in memory"
+    from fastai.torch_core import TensorImage, TensorMask
+    set_seed(0)
+    n = bs*n_batches
+    ds = list(zip(TensorImage(torch.randn(n, 3, size, size)), TensorMask(torch.randint(0, n_cls, (n, size, size)))))
+    dls = DataLoaders(DataLoader(ds, bs=bs, shuffle=False, drop_last=True), DataLoader(ds[:2], bs=2))
+    return unet_learner(dls, resnet18, pretrained=False, n_out=n_cls, loss_func=CrossEntropyLossFlat(axis=1))
+
 def _opt_tensors(opt):
     st = opt.opt.state if hasattr(opt, 'opt') and hasattr(opt.opt, 'state') else opt.state
     return [v for d in st.values() for v in d.values() if isinstance(v, torch.Tensor)]

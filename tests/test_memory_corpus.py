@@ -42,6 +42,19 @@ def test_fastai_views_changed_in_place():
     assert [by_op(real).get(f'aten.{o}.default') for o in ('new_zeros', 'new_empty_strided')] == [bn, bn]  # the reference does the work to predict
     assert by_op(fake) == by_op(real) and fake.flags == {}
 
+@pytest.mark.parametrize('cast', [True, False])
+def test_typed_segmentation_learner(cast):
+    """fastai's U-Net on `TensorImage`/`TensorMask` batches at 64 px, bs=4, where the peak is in the backward: predicted to the byte against
+    `MemTracker` over a real fastai batch, with fastai's default `CastToTensor` (the model gets plain aliases: no `CopySlices` at the in-place ReLUs;
+    predicted as typed, it was 2 x 4 x 99 x 64 x 64 x 4 B high) and without it (the model gets fastai's types)"""
+    from memory_refs import typed_unet, cpu_peak
+    from fastai.learner import CastToTensor
+    learn = typed_unet(bs=4)
+    if not cast: learn.remove_cbs(learn.cbs.filter(lambda c: isinstance(c, CastToTensor)))
+    assert any(isinstance(c, CastToTensor) for c in learn.cbs) == cast
+    ms = learn.memory_summary()
+    assert ms.peak_phase == 'bwd' and ms.peak == cpu_peak(learn)
+
 @pytest.mark.parametrize('v2', [False, True])
 def test_swin_tiny(v2):
     """torchvision's Swin (V1, V2) in small (16 px, 2 x 2 windows, 2 stages): equal to the byte op by op. Its last layer norm gets a permuted gradient
