@@ -6,7 +6,8 @@ Docs: https://cnn-cost.github.io/cnn_cost/memory.html.md"""
 
 # %% auto #0
 __all__ = ['MemKind', 'cuda_block', 'Block', 'MemCounter', 'MemCounting', 'RestoreError', 'Undo', 'unhookable', 'check_hookable',
-           'amp_dtype', 'step_memory', 'fake_fix', 'MemorySummary', 'predict_memory', 'MaxBatch']
+           'amp_dtype', 'StepError', 'step_memory', 'fake_fix', 'fake_check', 'MemorySummary', 'predict_memory',
+           'MaxBatch']
 
 # %% ../nbs/03a_memory.ipynb #1e44e984
 import sys, torch, torch.nn as nn, contextlib, functools, copy, warnings, weakref, math, numpy as np, pandas as pd, matplotlib.pyplot as plt
@@ -63,6 +64,7 @@ class _Fixes(TorchDispatchMode):
     "`fake_fix` for a step that is not recorded (the warm-up): outputs corrected, and the real bytes of their storages in `known` (for `MemCounter.known`)"
     def __init__(self, cuda): super().__init__(); self.cuda,self.known = cuda,{}
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        _check(func, args)  # the warm-up runs every op the recorded step runs: what a real kernel refuses fails here
         out,fix = _fixed(func, args, func(*args, **(kwargs or {})), self.cuda)
         outs = out if isinstance(out, (tuple,list)) else [out]
         for j,n in (fix.items() if isinstance(fix, dict) else []):
@@ -508,6 +510,14 @@ def _train_step(model, xs, ys, loss_func, opt, mc, dt, prev=None):
 
 
 # %% ../nbs/03a_memory.ipynb #57d3f682
+_fake_errors = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)  # what a fake step cannot run, not the model
+class StepError(RuntimeError):
+    "The training step fails, as a real step of the same model and batch would: `phase` ('fwd', 'bwd', 'opt') and the real kernel's `reason`"
+    def __init__(self, phase, reason):
+        self.phase,self.reason = phase,reason
+        super().__init__(f"The training step fails in {_phases.get(phase, 'the step')}, as a real step would: {reason}. Fix the model or the batch "
+                         "(dtype, device, shapes) so that a real step runs, then predict it")
+
 def step_memory(model:nn.Module, # Any PyTorch model
                 xb, # Its inputs: a tensor or a tuple of them, each a tensor or a nested tuple, list or dict (their shapes and dtypes are used)
                 yb, # The targets `loss_func` takes after the predictions
@@ -534,6 +544,9 @@ def step_memory(model:nn.Module, # Any PyTorch model
     if sparse: raise ValueError(f"Sparse gradients ({', '.join(sparse)}: `sparse=True`) cannot be predicted: their size depends on which rows the batch reads. "
                                 "Predict the step with `sparse=False`: a dense gradient of the whole table")
     check_hookable(model)
+    devs = sorted({str(t.device) for t in [*model.parameters(), *model.buffers()]})
+    if len(devs)>1: raise RuntimeError(f"Expected all tensors to be on the same device, but the model's parameters and buffers are on {' and '.join(devs)}: "
+                                       "move the model to one device (`learn.model.to(device)`), as a real step needs")
     lazy = lazy_modules(model)
     if lazy: raise ValueError(f"Lazy modules not initialised yet ({', '.join(lazy)}): their weights have no shape to predict. Run one forward first, "
                               "e.g. `learn.cost_summary()` or `learn.model(*xb)`, then predict the step")
@@ -569,6 +582,9 @@ def step_memory(model:nn.Module, # Any PyTorch model
                 c.records(warn=False)  # the cost summary warns about ops it cannot count, not the memory model
                 _resolve(mc, c.units, c.param_units, ps, opt, cuda)
             return mc, c, opt
+    except RuntimeError as e:  # what the real step would raise too: its reason, in the phase it came from
+        if getattr(e, 'phase', None) is None or isinstance(e, (RestoreError, *_fake_errors)): raise
+        raise StepError(e.phase, str(e).splitlines()[0][:500]) from e
     finally:  # every module put back on its own, whatever failed; then what could not be, named
         for n,m,t in modes: u(f"the mode of {n}", setattr, m, 'training', t)
         u.check()
@@ -646,6 +662,46 @@ def _mse_reduced(args, outs, cuda):
     "A reduced MSE loss is a 0-d tensor whose storage, in the real CPU and CUDA kernels, is the whole unreduced loss; the meta kernel's holds one element"
     red = args[2] if len(args)>2 else 1
     return {0: math.prod(torch.broadcast_shapes(args[0].shape, args[1].shape))*outs[0].element_size()} if red else {}
+
+# %% ../nbs/03a_memory.ipynb #c8a1f0e2
+_fake_checks = {}  # aten op -> the check its real kernels make and its meta kernel does not (`fake_check`)
+def fake_check(*ops):
+    "Register `f(args)` for aten `ops` whose real kernels refuse inputs their fake (meta) kernels take: it returns the real kernel's error message, or None"
+    def _reg(f):
+        for o in ops:
+            if o in _fake_checks: raise ValueError(f"{o} has a fake check already: {_fake_checks[o].__name__}")
+            _fake_checks[o] = f
+        return f
+    return _reg
+
+def _check(func, args):
+    "Raise the real kernel's error where `func` refuses fake `args` (`fake_check`)"
+    f = _fake_checks.get(getattr(func, '_overloadpacket', func))
+    msg = f(args) if f is not None and any(isinstance(t, FakeTensor) for t in flat_tensors(args)) else None
+    if msg: raise RuntimeError(msg)
+
+def _tn(t): return str(t.dtype).replace('torch.', '')
+@fake_check(*[getattr(aten, n) for n in ('convolution', '_convolution') if hasattr(aten, n)])
+def _conv_dtypes(args):
+    "Convolutions' real kernels want the weight and bias in the input's dtype"
+    x,w,b = args[:3]
+    if w.dtype!=x.dtype: return f"Input type ({_tn(x)}) and weight type ({_tn(w)}) should be the same"
+    if b is not None and b.dtype!=x.dtype: return f"Input type ({_tn(x)}) and bias type ({_tn(b)}) should be the same"
+
+@fake_check(*[getattr(aten, n) for n in ('mm', 'bmm', 'addmm', 'baddbmm', 'addbmm', 'mv', 'addmv', 'dot', '_addmm_activation') if hasattr(aten, n)])
+def _mm_dtypes(args):
+    "Matrix products' real kernels want every tensor in one dtype"
+    ts = [t for t in args if isinstance(t, torch.Tensor)]
+    if len({t.dtype for t in ts})>1: return f"mat1 and mat2 must have the same dtype, but got {' and '.join(_tn(t) for t in ts)}"
+
+@fake_check(*[getattr(aten, n) for n in ('native_batch_norm', '_native_batch_norm_legit', '_batch_norm_with_update', '_native_batch_norm_legit_functional',
+                                         'native_layer_norm', 'native_group_norm') if hasattr(aten, n)])
+def _norm_dtypes(args):
+    "Norms' real kernels want their parameters in the input's dtype, or in float32 for a half-precision input"
+    x,ps = args[0],[t for t in args[1:] if isinstance(t, torch.Tensor)]
+    ok = (x.dtype, torch.float32) if x.dtype in _half else (x.dtype,)
+    bad = [p for p in ps if p.dtype not in ok]
+    if bad: return f"mixed dtype: input {_tn(x)} with parameters {_tn(bad[0])}, expected parameters of scalar type {' or '.join(map(str, ok))}"
 
 # %% ../nbs/03a_memory.ipynb #e1153f79
 def _timeline(blocks, trace, names):

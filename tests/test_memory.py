@@ -543,3 +543,58 @@ def test_undo_runs_every_step():
     u('a', done.append, 1); u('b', lambda: 1/0); u('c', done.append, 3)
     with pytest.raises(RestoreError) as e: u.check()
     assert done == [1, 3] and [w for w,_ in e.value.failed] == ['b'] and isinstance(e.value.failed[0][1], ZeroDivisionError)
+
+# --- A prediction runs what the step runs (issue 26 item 4) ---
+def _real_error(l):
+    "The error of a real fastai training batch of `l`, or None"
+    from memory_refs import _batch_quiet
+    try: l.opt = l.opt or l.create_opt(); _batch_quiet(l)
+    except Exception as e: return e
+
+def _bf16_learner(): l = _learner(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8*16*16, 10))); l.model.bfloat16(); return l
+def _bf16_linear(): l = _learner(nn.Sequential(nn.Flatten(), nn.Linear(3*16*16, 10))); l.model.bfloat16(); return l
+def _bf16_norm():
+    l = _learner(nn.Sequential(nn.Flatten(), nn.Linear(3*16*16, 16), nn.LayerNorm(16), nn.Linear(16, 10)))
+    l.model[2].bfloat16(); return l
+def _bad_shape(): return _learner(nn.Sequential(nn.Flatten(), nn.Linear(3*16*15, 10)))
+mismatches = {'bf16 conv': (_bf16_learner, 'fwd'), 'bf16 linear': (_bf16_linear, 'fwd'), 'bf16 layer norm': (_bf16_norm, 'fwd'), 'shapes': (_bad_shape, 'fwd')}
+
+@pytest.mark.parametrize('case', list(mismatches))
+def test_step_that_fails_gets_its_reason(case):
+    """A model whose real step fails (a `bfloat16` model fed float32 batches: conv, linear, a norm; a shape mismatch): every entry point raises `StepError`
+    in the phase where the real step fails, never a figure; the real fastai batch fails too; nothing is left behind"""
+    make,phase = mismatches[case]
+    for call in ('memory_summary', 'max_batch', 'memory_plan'):
+        l = make(); l.model.eval(); before = _state(l.model)
+        with pytest.raises(StepError) as e: calls[call](l)
+        assert e.value.phase == phase and _unchanged(l.model, before)
+    assert isinstance(_real_error(make()), RuntimeError)  # the reference: a real fastai batch fails
+
+def test_bf16_batches_follow():
+    "The same `bfloat16` model fed `bfloat16` batches runs: the prediction follows the batch's dtype, its parameters in bf16"
+    l = _bf16_learner()
+    b = l.dls.train.one_batch()
+    ms = l.memory_summary(xb=b[0].bfloat16(), yb=b[1])
+    assert ms.df.param_bytes.sum() == 2*sum(p.numel() for p in l.model.parameters()) and ms.peak > 0
+
+def test_devices_mixed():
+    "Parameters on two devices: the real step fails; so does the prediction, before anything is changed"
+    m = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)); m[1].to('meta')
+    before = [p for p in m.parameters()]
+    with pytest.raises(RuntimeError, match='same device'): predict_memory(m, torch.randn(2, 8), torch.tensor([0, 1]), nn.CrossEntropyLoss())
+    assert [p for p in m.parameters()] == before and hook_count(m) == 0
+
+def test_fake_checks_match_real_kernels():
+    "Each `fake_check` refuses what the real kernel refuses and takes what it takes, on real tensors of the same dtypes"
+    from cnn_cost.memory import _fake_checks
+    aten = torch.ops.aten
+    x,w,bf = torch.randn(2, 3, 8, 8),torch.randn(4, 3, 3, 3),torch.bfloat16
+    cases = [(aten.convolution.default, lambda d: (x, w.to(d), None, [1,1], [0,0], [1,1], False, [0,0], 1)),
+             (aten.mm.default, lambda d: (torch.randn(2, 3), torch.randn(3, 4, dtype=d))), (aten.addmm.default, lambda d: (torch.randn(4, dtype=d), torch.randn(2, 3), torch.randn(3, 4))),
+             (aten.native_layer_norm.default, lambda d: (torch.randn(2, 4), [4], torch.ones(4, dtype=d), torch.zeros(4, dtype=d), 1e-5))]
+    for op,args in cases:
+        f = _fake_checks[op._overloadpacket]
+        for d in (torch.float32, bf):
+            try: op(*args(d)); real = None
+            except RuntimeError as e: real = e
+            assert (f(args(d)) is None) == (real is None), (op, d)
