@@ -16,7 +16,7 @@ import torch, torch.nn as nn, torch.nn.functional as F, torchvision
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from fastai.optimizer import SGD
 from memory_refs import corpus_check, op_mismatches
-from cnn_cost.memory import _fake_fixes
+from cnn_cost.fake import fake_fixes
 
 BIG = 150e6  # parameters: models above this are not run for real here (the references need three real copies of the weights, on a shared 23 GB machine)
 HEAVY = 60e6  # above this the step uses SGD without momentum (no optimizer state), to keep the real runs in memory
@@ -104,8 +104,8 @@ def _kind(make_learner):
         import kinds
         learn = make_learner(kinds)
         b = learn.dls.train.one_batch(); n = learn.dls.train.n_inp
-        from cnn_cost.memory import _learner_loss
-        return learn.model, tuple(b[:n]), tuple(b[n:]), _learner_loss(learn), learn.opt_func  # the loss as fastai's callbacks feed it
+        from cnn_cost.memory import learner_loss
+        return learn.model, tuple(b[:n]), tuple(b[n:]), learner_loss(learn), learn.opt_func  # the loss as fastai's callbacks feed it
     return make
 
 def _vision_tiny():
@@ -122,10 +122,10 @@ def _vision_tiny():
 def _unet_typed():
     "fastai's U-Net on fastai's typed batches (`TensorImage`, `TensorMask`) as the model gets them without `CastToTensor`: every op's output an alias"
     from memory_refs import typed_unet
-    from cnn_cost.memory import _learner_loss
+    from cnn_cost.memory import learner_loss
     learn = typed_unet(bs=2, size=32)
     b = learn.dls.train.one_batch()
-    return learn.model, b[:1], b[1:], _learner_loss(learn), learn.opt_func
+    return learn.model, b[:1], b[1:], learner_loss(learn), learn.opt_func
 
 KINDS = {'fastai_vision_tiny': _vision_tiny, 'fastai_unet_typed': _unet_typed, 'fastai_tabular': _kind(lambda k: k.tabular()),
          'fastai_text_classifier': _kind(lambda k: k.text_classifier()),
@@ -162,7 +162,7 @@ def run(name, make):
         del args
         res = corpus_check(name, make, opt)
         res.update(params=n, opt=getattr(opt, '__name__', 'Adam') if opt else 'Adam', torch_fake_ops=op_mismatches(make, opt))
-        res['unfixed'] = [k for k in res['torch_fake_ops'] if k.rsplit('.', 1)[0] not in {str(o) for o in _fake_fixes}]
+        res['unfixed'] = [k for k in res['torch_fake_ops'] if k.rsplit('.', 1)[0] not in {str(o) for o in fake_fixes}]
     except Exception as e: res = dict(name=name, error=f'{type(e).__name__}: {str(e)[:300]}')
     res['s'] = round(time.perf_counter()-t, 1)
     gc.collect()

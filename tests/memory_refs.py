@@ -105,7 +105,7 @@ def trial_max_batch(make, start=8, max_bs=2**14):
     return lo
 
 def _fwd(model, xb, yb, loss_func, prev=None):
-    """`[pred, loss_grad, loss]` as fastai's loop makes them (what callbacks keep of the predictions and add to the loss, for a `_learner_loss`);
+    """`[pred, loss_grad, loss]` as fastai's loop makes them (what callbacks keep of the predictions and add to the loss, for a `learner_loss`);
     `prev`, the last batch's, each released as its replacement is made, as the learner's attributes are replaced"""
     prev = prev or [None]*3
     pred = model(*xb)
@@ -188,8 +188,8 @@ def corpus_check(name, make, opt_func=None):
         return m,(xb if isinstance(xb, tuple) else (xb,)),(yb if isinstance(yb, tuple) else (yb,)),lf
     m,xb,yb,lf = get()
     ms = predict_memory(m, xb, yb, lf, opt_func)
-    fk,_,_ = step_memory(m, xb, yb, lf, opt_func)
-    m,xb,yb,lf = get(); real,_,_ = step_memory(m, xb, yb, lf, opt_func, fake=False)
+    fk = step_memory(m, xb, yb, lf, opt_func).counter
+    m,xb,yb,lf = get(); real = step_memory(m, xb, yb, lf, opt_func, fake=False).counter
     m,xb,yb,lf = get(); saved = hooked_saved(m, xb, yb, lf)
     m,xb,yb,lf = get(); peak = step_peak(m, xb, yb, lf, opt_func)
     kinds = lambda mc: {k.value: sum(b.nbytes for b in mc.blocks if b.kind==k) for k in MemKind}

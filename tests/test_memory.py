@@ -6,7 +6,10 @@ from fastai.vision.all import vision_learner, resnet18, Adam, SGD, OptimWrapper,
 from torch._subclasses.fake_tensor import FakeTensor
 from torchvision.ops import StochasticDepth, SqueezeExcitation
 from cnn_cost.learner import *
+from cnn_cost.fake import *
+from cnn_cost.fake import Undo, unhookable
 from cnn_cost.memory import *
+from cnn_cost.plan import *  # `Learner.max_batch`, `Learner.memory_plan`
 from cnn_cost.data import digits_dls
 from conftest import hook_count
 from memory_refs import *
@@ -69,10 +72,10 @@ def test_mixed_precision_fake_matches_real(dtype):
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     x,y = torch.randn(4, 3, 16, 16),torch.randint(0, 10, (4,))
     kinds = lambda mc: {k: sum(b.nbytes for b in mc.blocks if b.kind==k) for k in MemKind}
-    fk,c,_ = step_memory(m, x, y, CrossEntropyLossFlat(), Adam, dtype=dtype)
-    real,_,_ = step_memory(m, x, y, CrossEntropyLossFlat(), Adam, dtype=dtype, fake=False)
+    rec = step_memory(m, x, y, CrossEntropyLossFlat(), Adam, dtype=dtype); fk,c = rec.counter,rec.counting
+    real = step_memory(m, x, y, CrossEntropyLossFlat(), Adam, dtype=dtype, fake=False).counter
     assert kinds(fk) == kinds(real)
-    f32,_,_ = step_memory(m, x, y, CrossEntropyLossFlat(), Adam)
+    f32 = step_memory(m, x, y, CrossEntropyLossFlat(), Adam).counter
     assert kinds(fk)[MemKind.param] == kinds(f32)[MemKind.param] and kinds(fk)[MemKind.opt] == kinds(f32)[MemKind.opt]
     assert kinds(fk)[MemKind.saved] < kinds(f32)[MemKind.saved]
 
@@ -198,14 +201,14 @@ def test_language_model(reg):
     its clone, and the last batch's predictions live until the new ones replace them (review: without them -8,188 B). Saved bytes equal the hooks,
     the peak equals MemTracker over a real fastai batch to the byte"""
     import kinds
-    from cnn_cost.memory import _learner_loss
+    from cnn_cost.memory import learner_loss
     learn = kinds.language_model(bs=8)
     if not reg:
         for cb in learn.cbs:
             if type(cb).__name__=='RNNRegularizer': cb.alpha = cb.beta = 0.
     ms = learn.memory_summary()
     xb,yb = learn.dls.train.one_batch()
-    assert ms.saved_total == hooked_saved(learn.model, (xb,), (yb,), _learner_loss(learn))
+    assert ms.saved_total == hooked_saved(learn.model, (xb,), (yb,), learner_loss(learn))
     ref = cpu_peak(learn)
     print(f"language model: torch {torch.__version__} predicted {ms.peak:,} B, MemTracker {ref:,} B ({ms.peak-ref:+,} B)")
     assert ms.peak == ref
@@ -234,7 +237,7 @@ def test_efficientnet_parts_equal_real():
 def test_steps_repeat():
     "Two steps on the same model give the same storages (op, bytes, lifetime), fake as real: no storage taken for another at a reused address"
     m,xb,yb,lf = _effnet_parts()
-    blocks = lambda fake: [(b.op, b.nbytes, b.e0, b.e1) for b in step_memory(m, xb, yb, lf, Adam, fake=fake)[0].blocks]
+    blocks = lambda fake: [(b.op, b.nbytes, b.e0, b.e1) for b in step_memory(m, xb, yb, lf, Adam, fake=fake).counter.blocks]
     fk,real = blocks(True),blocks(False)
     assert fk == blocks(True) and real == blocks(False) and fk == real
 
@@ -245,7 +248,7 @@ def test_fastai_subclass_batch():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     xb,yb = TensorImage(torch.randn(2, 3, 16, 16)),TensorCategory(torch.tensor([1, 7]))
-    blocks = lambda fake: [(b.op, b.nbytes, b.e0, b.e1) for b in step_memory(m, xb, yb, CrossEntropyLossFlat(), Adam, fake=fake)[0].blocks]
+    blocks = lambda fake: [(b.op, b.nbytes, b.e0, b.e1) for b in step_memory(m, xb, yb, CrossEntropyLossFlat(), Adam, fake=fake).counter.blocks]
     fk,real = blocks(True),blocks(False)
     assert [o for o,*_ in real].count('aten.new_empty_strided.default') == 1  # the ReLU's CopySlices: the reference does run it
     assert fk == real
@@ -286,7 +289,7 @@ def test_steady_state(make):
     assert r['pred_saved'] == r['real_saved'] and r['pred_peak'] == r['real_peak'] and r['kinds_equal'] and not r['ops_diff'], r
     m,x,y = make()
     st = {k: v.clone() for k,v in m.state_dict().items()}
-    mc,_,_ = step_memory(m, x, y, nn.MSELoss(), Adam)
+    mc = step_memory(m, x, y, nn.MSELoss(), Adam).counter
     assert sum(b.nbytes for b in mc.blocks if b.kind==MemKind.grad) == (sum(p.numel() for p in m.parameters()) + (24 if isinstance(m, _QKVBias) else 0))*4  # the zero bias's slice of the shared storage counts
     assert all(v.equal(m.state_dict()[k]) and not isinstance(m.state_dict()[k], FakeTensor) for k,v in st.items())  # the model is untouched
 
@@ -451,7 +454,6 @@ def test_lazy_modules_clear_error():
 # --- Nothing left behind, whatever fails (issue 26 item 1) ---
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
-import cnn_cost.plan  # `Learner.memory_plan`
 
 def _state(m):
     "Everything a call may change on `m`: each parameter and buffer (the object and a copy of its values), each module's mode, the hooks, torch's `as_subclass`"
@@ -557,17 +559,17 @@ def _bf16_norm():
     l = _learner(nn.Sequential(nn.Flatten(), nn.Linear(3*16*16, 16), nn.LayerNorm(16), nn.Linear(16, 10)))
     l.model[2].bfloat16(); return l
 def _bad_shape(): return _learner(nn.Sequential(nn.Flatten(), nn.Linear(3*16*15, 10)))
-mismatches = {'bf16 conv': (_bf16_learner, 'fwd'), 'bf16 linear': (_bf16_linear, 'fwd'), 'bf16 layer norm': (_bf16_norm, 'fwd'), 'shapes': (_bad_shape, 'fwd')}
+mismatches = {'bf16 conv': (_bf16_learner, 'forward'), 'bf16 linear': (_bf16_linear, 'forward'), 'bf16 layer norm': (_bf16_norm, 'forward'), 'shapes': (_bad_shape, 'forward')}
 
 @pytest.mark.parametrize('case', list(mismatches))
 def test_step_that_fails_gets_its_reason(case):
     """A model whose real step fails (a `bfloat16` model fed float32 batches: conv, linear, a norm; a shape mismatch): every entry point raises `StepError`
-    in the phase where the real step fails, never a figure; the real fastai batch fails too; nothing is left behind"""
-    make,phase = mismatches[case]
+    in the stage where the real step fails, never a figure; the real fastai batch fails too; nothing is left behind"""
+    make,stage = mismatches[case]
     for call in ('memory_summary', 'max_batch', 'memory_plan'):
         l = make(); l.model.eval(); before = _state(l.model)
         with pytest.raises(StepError) as e: calls[call](l)
-        assert e.value.phase == phase and _unchanged(l.model, before)
+        assert e.value.stage == stage and _unchanged(l.model, before)
     assert isinstance(_real_error(make()), RuntimeError)  # the reference: a real fastai batch fails
 
 def test_bf16_batches_follow():
@@ -586,14 +588,14 @@ def test_devices_mixed():
 
 def test_fake_checks_match_real_kernels():
     "Each `fake_check` refuses what the real kernel refuses and takes what it takes, on real tensors of the same dtypes"
-    from cnn_cost.memory import _fake_checks
+    from cnn_cost.fake import fake_checks
     aten = torch.ops.aten
     x,w,bf = torch.randn(2, 3, 8, 8),torch.randn(4, 3, 3, 3),torch.bfloat16
     cases = [(aten.convolution.default, lambda d: (x, w.to(d), None, [1,1], [0,0], [1,1], False, [0,0], 1)),
              (aten.mm.default, lambda d: (torch.randn(2, 3), torch.randn(3, 4, dtype=d))), (aten.addmm.default, lambda d: (torch.randn(4, dtype=d), torch.randn(2, 3), torch.randn(3, 4))),
              (aten.native_layer_norm.default, lambda d: (torch.randn(2, 4), [4], torch.ones(4, dtype=d), torch.zeros(4, dtype=d), 1e-5))]
     for op,args in cases:
-        f = _fake_checks[op._overloadpacket]
+        f = fake_checks[op._overloadpacket]
         for d in (torch.float32, bf):
             try: op(*args(d)); real = None
             except RuntimeError as e: real = e
