@@ -20,12 +20,6 @@ from .counting import *
 from .summary import human
 
 # %% ../nbs/03a_fake.ipynb #f0000008
-def _put_back(o, a, keep=()):
-    "Object `o`'s attributes as in `a` (a copy of its `vars` taken earlier): the ones added since removed, the others set back, except those in `keep`"
-    for k in [k for k in vars(o) if k not in a]: del o.__dict__[k]
-    for k,v in a.items():
-        if k not in keep: o.__dict__[k] = v
-
 class RestoreError(RuntimeError):
     "What a call changed on a model and could not put back: `failed`, `(what, exception)` pairs; everything else was put back. `cause`: the call's own failure, if any"
     def __init__(self, failed, cause=None):
@@ -36,6 +30,12 @@ class RestoreError(RuntimeError):
 
 
 # %% ../nbs/03a_fake.ipynb #f0000009
+def _put_back(o, a, keep=()):
+    "Object `o`'s attributes as in `a` (a copy of its `vars` taken earlier): the ones added since removed, the others set back, except those in `keep`"
+    for k in [k for k in vars(o) if k not in a]: del o.__dict__[k]
+    for k,v in a.items():
+        if k not in keep: o.__dict__[k] = v
+
 class Undo:
     "Restore steps run each on its own (`u(what, f, *args)`): one that fails does not stop the others; `check()` then raises a `RestoreError` naming those"
     def __init__(self): self.failed = []
@@ -51,12 +51,12 @@ def _put_dict(d, v):
     for k in [k for k in d.keys() if k not in v]: del d[k]
     for k,x in v.items(): d[k] = x
 
+def _opaque(m): return isinstance(m, torch.jit.ScriptModule) or any(c.__name__=='_StatefulGraphModule' for c in type(m).__mro__)
 def unhookable(model):
     """Names of the outermost submodules of `model` that a fake step cannot run: TorchScript (`torch.jit.script`, `trace`: tensors in C++, no hooks)
-    and `torch.export`ed modules (no `train()`)"""
-    bad = lambda m: isinstance(m, torch.jit.ScriptModule) or type(m).__name__=='_StatefulGraphModule' or any(c.__name__=='_StatefulGraphModule' for c in type(m).__mro__)
-    ns = [n for n,m in model.named_modules() if bad(m)]
-    return [n for n in ns if not any(n.startswith(o+'.') for o in ns if o!=n and o!='') or n=='']
+    and `torch.export`ed modules (no `train()`); '' for the whole model"""
+    ns = [n for n,m in model.named_modules() if _opaque(m)]
+    return [n for n in ns if not any(o!=n and (o=='' or n.startswith(o+'.')) for o in ns)]
 
 def check_hookable(model):
     "Refuse, before anything is changed, a model with modules a fake step cannot run (`unhookable`), saying what to do"

@@ -1,4 +1,4 @@
-"""How much memory one training step needs, layer by layer and over time, and the largest batch that fits: predicted on fake tensors, with no memory taken, for any batch size, on any machine.
+"""How much memory one training step needs, layer by layer and over time: predicted on fake tensors, with no memory taken, for any batch size, on any machine.
 
 Docs: https://cnn-cost.github.io/cnn_cost/memory.html.md"""
 
@@ -575,6 +575,7 @@ def memory_summary(self:Learner,
                    xb=None, yb=None, # A batch to take the shapes from (default: one batch of `dls.train`)
                   )->MemorySummary:
     "Predicted memory of one training step of `self`, per layer and over time, without running it for real"
+    check_hookable(self.model)
     xb,yb = learner_batch(self, xb, yb)
     dev = ifnone(device, _model_device(self.model))
     dt,note = (dtype, '') if dtype is not None else learner_dtype(self, dev)

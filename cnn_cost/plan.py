@@ -1,4 +1,4 @@
-"""When a batch does not fit: what makes it fit, ranked by what it costs — a smaller batch with gradient accumulation, mixed precision, activation checkpointing of chosen blocks, or a mix — each predicted by running the step it describes on fake tensors.
+"""The largest batch that fits (`Learner.max_batch`), and when the batch you want does not: what makes it fit, ranked by what it costs — a smaller batch with gradient accumulation, mixed precision, activation checkpointing of chosen blocks, or a mix — each predicted by running the step it describes on fake tensors.
 
 Docs: https://cnn-cost.github.io/cnn_cost/plan.html.md"""
 
@@ -19,7 +19,7 @@ from fastcore.xtras import PrettyString
 from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelBatchException, CancelTrainException, CancelEpochException
 from .core import *
-from .fake import Undo
+from .fake import Undo, check_hookable
 from .memory import *
 from .memory import learner_batch, batch_rows, learner_casts, learner_loss, learner_dtype, gib, as_trained
 from .summary import human
@@ -83,6 +83,7 @@ def max_batch(self:Learner,
               show_plot:bool=True, # Plot predicted peak against batch size, the suggestion marked
              )->MaxBatch:
     "The largest batch size whose predicted training step fits in `budget` GiB, found on fake tensors with no out-of-memory trials"
+    check_hookable(self.model)  # before the callbacks' `as_trained` changes anything
     if budget is None:
         if not torch.cuda.is_available():
             raise ValueError("No CUDA GPU here: give the memory of the GPU you will train on, in GiB, e.g. `learn.max_batch(budget=24)`")
@@ -352,6 +353,7 @@ def memory_plan(self:Learner,
                 show_plot:bool=True, # Plot predicted peak against batch size per option, with the budget
                )->MemoryPlan:
     "What makes batch `bs` fit in `budget` GiB: the largest batch with gradient accumulation, mixed precision, activation checkpointing, and their combinations, predicted on fake tensors"
+    check_hookable(self.model)
     if not budget>0: raise ValueError(f"budget is in GiB and must be positive, got {budget}")
     B,(xb,yb) = int(budget*2**30),learner_batch(self, None, None)
     bs,dt,cuda = ifnone(bs, batch_rows(xb)),_dnames[amp_dtype(ifnone(dtype, learner_dtype(self, device)[0]))],torch.device(device).type=='cuda'
