@@ -288,7 +288,7 @@ class StepMemory:
     counter:MemCounter; counting:MemCounting; opt:object; model_name:str; input_shapes:list; bs:int; dtype:object; device:str
 
 _stages = {'before':'before the step', 'forward':'the forward', 'backward':'the backward', 'step':"the optimizer's step", 'after':'after the step'}  # fastai's loop, not `PhaseTracker`'s autograd phases
-_fake_errors = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException)  # what a fake step cannot run, not the model
+_fake_errors = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException, NotImplementedError)  # what a fake step cannot run, not the model
 class StepError(RuntimeError):
     "The training step fails, as a real step of the same model and batch would: `stage` ('forward', 'backward', 'step') and the real kernel's `reason`"
     def __init__(self, stage, reason):
@@ -517,7 +517,7 @@ def from_step(cls:MemorySummary, sm:StepMemory):
 def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e-3, bs=None, dtype=None, channels_last=False, device='cpu', cast=False):
     "`MemorySummary` of one training step of `model`, predicted on fake tensors (see `step_memory`)"
     try: sm = step_memory(model, xb, yb, loss_func, opt_func, splitter, lr, bs, dtype, channels_last, device, cast=cast)
-    except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException, NotImplementedError) as e:
+    except _fake_errors as e:
         if 'Sparse' in str(e): raise RuntimeError("Sparse gradients (`F.embedding(..., sparse=True)`) cannot be predicted: their size depends on which rows the batch reads. "
                                                   "Predict the step with `sparse=False`: a dense gradient of the whole table") from e
         where = {'backward': ' in the backward', 'step': " in the optimizer's step (`opt_func` reads its state's values, as fastai's `Lamb` does: predict with another)"
