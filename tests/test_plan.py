@@ -2,7 +2,7 @@
 import pytest, torch, torchvision
 from fastai.vision.all import Learner, CrossEntropyLossFlat, set_seed
 from cnn_cost.core import block_names
-from cnn_cost.memory import step_memory, MemorySummary, _batch
+from cnn_cost.memory import step_memory, MemorySummary, learner_batch
 from cnn_cost.plan import *
 from memory_refs import tv_learner, rand_dls, cpu_peak, unet
 
@@ -26,8 +26,8 @@ def test_plan_peak_is_real(name):
     k = plan['checkpointing']
     assert k.fits and 2 <= len(k.blocks) <= 4 and not plan['as is'].fits
     assert k.recompute_macs > 0 and 0 < k.extra < 0.5
-    xb,yb = _batch(learn, None, None)
-    with checkpointed(learn.model, k.blocks): mc,c,_ = step_memory(learn.model, xb, yb, learn.loss_func, learn.opt_func, fake=False)
+    xb,yb = learner_batch(learn, None, None)
+    with checkpointed(learn.model, k.blocks): rec = step_memory(learn.model, xb, yb, learn.loss_func, learn.opt_func, fake=False); mc,c = rec.counter,rec.counting
     real = MemorySummary(mc.blocks, mc.trace, c.units, c.recs).peak
     learn.checkpoint(plan if plan.suggestion is k else k)
     ms = learn.memory_summary(device='cpu')  # review finding: the learner's prediction follows the callback (before: the unplanned peak)
