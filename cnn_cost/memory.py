@@ -24,9 +24,9 @@ from types import FunctionType
 from fastai.learner import CastToTensor
 from .core import *
 from .counting import *
-from .summary import human
+from .summary import human, text_table
 from .fake import *
-from .fake import Undo, check_hookable, fixed_outputs, FakeFixes, swapped, attr_tensors, hooks_kept, fake_subclasses, fake_as, shadow, new_batch, held_copy, cast_tensors
+from .fake import Undo, check_hookable, fixed_outputs, fake_fixes, FakeFixes, swapped, attr_tensors, hooks_kept, fake_subclasses, fake_as, shadow, new_batch, held_copy, cast_tensors
 
 # %% ../nbs/03a_memory.ipynb #2a8f6306
 class MemKind(Enum):
@@ -388,8 +388,17 @@ def _keep(units, recs):
 # %% ../nbs/03a_memory.ipynb #be79656c
 class MemorySummary:
     "Memory of one training step: per-layer `df`, the `timeline`, the `peak` and what holds it; prints as `CostSummary` does"
-    def __init__(self, blocks, trace, units, recs, model_name='', input_shapes=(), bs=None, dtype=None, device='cpu', notes=(), flags=None):
-        store_attr('model_name,input_shapes,bs,device'); self.dtype,self.notes,self.flags = str(dtype or 'fp32'),list(notes),dict(flags or {})
+    def __init__(self, blocks, trace, units, recs, model_name='', input_shapes=(), bs=None, dtype=None, device='cpu', notes=(), flags=None,
+                 ops=(), optimizer=None, fake_hooks=False):
+        store_attr('model_name,input_shapes,bs,device,optimizer,fake_hooks'); self.dtype,self.notes,self.flags = str(dtype or 'fp32'),list(notes),dict(flags or {})
+        self.cuda = torch.device(device).type=='cuda'  # the CUDA allocator's 512-byte rounding applied; else a CPU target
+        # conditions, each an attribute, said in one sentence when it holds (`conditions`), in full in `notes`
+        self.not_predicted = {op: sum(n for _,n in v) for op,v in self.flags.items()}  # op -> bytes the peak may be off by: a fake kernel that cannot be corrected
+        self.corrected = sorted({b.op.rsplit('.', 1)[0] for b in blocks if b.op} & {str(o) for o in fake_fixes})  # ops whose fake sizes the real kernel's replaced
+        self.scratch = [] if self.cuda else [f'aten.{o}' for o in ('convolution', 'mkldnn_rnn_layer') if o in ops]  # oneDNN ops whose scratch a CPU step adds
+        self.amp_ignored,self.trained_as = False,[]  # `to_fp16()` doing nothing on this device; the notes of callbacks that change the step (`CheckpointBlocks`)
+        self.notes += [f"Not predicted: {op} ({len(v)} call{'s'*(len(v)>1)}): {v[0][0]}; the peak may be off by up to {human(sum(n for _,n in v),'B')}" for op,v in self.flags.items()]
+        if self.corrected: self.notes.append(f"Corrected: torch's fake kernels of {', '.join(self.corrected)} give other sizes than the real ones; the real kernels' sizes are counted")
         names = [n or type(m).__name__ for n,m,k in units]
         self.timeline = _timeline(blocks, trace, names)
         self.peak_event = int(self.timeline.live.values.argmax())
@@ -424,28 +433,49 @@ def _header(self:MemorySummary):
     shp = ', '.join(' x '.join(str(s) for s in sh) for sh in self.input_shapes)
     return f"{self.model_name} (Input shape: {shp}), one training step in {self.dtype} on {self.device}"
 
-_mcols = f"{'Layer':<22} {'Type':<14} {'Output Shape':<20} {'Params':>9} {'Grads':>9} {'Opt state':>9} {'Saved':>9} {'Output':>9} {'At peak':>9} {'%Peak':>6}"
+@patch
+def _text_table(self:MemorySummary):
+    "The rows in `text_table`'s layout (as `CostSummary`'s): type, name, a group per output shape, the bytes of each kind, at the peak and its share"
+    cols = ['Layer (type)', 'Name', 'Output Shape', 'Params', 'Grads', 'Opt state', 'Saved', 'Output', 'At peak', '%Peak']
+    rows = [[r.type + ('*' if r.kind=='own' else ''), r.name or '(model)', ''] + [human(v,'B') for v in (r.param_bytes, r.grad_bytes, r.opt_bytes,
+             r.saved_bytes, r.out_bytes, r.at_peak)] + [f"{r.pct_peak:.1f}"] for r in self.df.itertuples()]
+    return text_table(cols, rows, self._header(), list(self.df.output_shape), at=2, right=set(range(3, len(cols))))
+
+_state = [k.value for k in (MemKind.param, MemKind.buffer, MemKind.grad, MemKind.opt)]
+def _kinds(d, ks=None): return ', '.join(f"{k} {human(v,'B')}" for k,v in d.items() if v and (ks is None or k in ks)) or 'nothing'
+def _line(s, n=100): return s if len(s)<=n else s[:n-1].rstrip() + '…'
 
 @patch
-def _totals_lines(self:MemorySummary):
-    h = lambda n: human(n, 'B')
-    at = ', '.join(f"{k} {h(v)}" for k,v in self.at_peak.items() if v)
-    out = ', '.join(f"{k} {h(v)}" for k,v in self.outside.items() if v)
-    return [f"Peak: {h(self.peak)} ({gib(self.peak)}) during {_stages[self.peak_stage]}" + (f", in {self.peak_unit}" if self.peak_unit else ", outside the layers (loss, gradient accumulation)") +
-            f" (event {self.peak_event} of {len(self.timeline)})",
-            f"At the peak: {at}", f"Held outside the layers at the peak (batch, loss, optimizer): {out or 'nothing'}",
-            f"Saved for backward in all: {h(self.saved_total)} (each storage once)"] + self.notes + \
-           [f"Not predicted: {op} ({len(v)} call{'s'*(len(v)>1)}): {v[0][0]}; the peak may be off by up to {h(sum(n for _,n in v))}" for op,v in self.flags.items()]
+def facts(self:MemorySummary):
+    "The short fact lines after the table: the peak, when and where; what holds it by kind; the optimizer; what the prediction covers and leaves out"
+    where = f"in {self.peak_unit}" if self.peak_unit else "outside the layers"
+    o = self.optimizer
+    return [f"Peak: {human(self.peak,'B')} ({gib(self.peak)}) during {_stages[self.peak_stage]}, {where} (event {self.peak_event} of {len(self.timeline)})",
+            f"At the peak, state: {_kinds(self.at_peak, _state)}",
+            f"At the peak, activations: {_kinds({k:v for k,v in self.at_peak.items() if k not in _state})}",
+            f"Outside the layers at the peak (batch, loss, optimizer): {_kinds(self.outside)}",
+            f"Saved for backward: {human(self.saved_total,'B')} in all, each storage once",
+            _line(f"Optimizer: {o['name']}, {o['per_param']:.3g} state tensors per trained parameter" + (f" ({', '.join(o['state'])})" if o['state'] else '')
+                  if o else "Optimizer: none, so no state and no step"),
+            "Covers: one step's tensors in CUDA's 512 B blocks; not the context, cuBLAS/cuDNN workspaces, cache" if self.cuda else
+            "Covers: one step's tensors (parameters, gradients, optimizer state, batch); not a kernel's scratch"]
 
 @patch
-def __repr__(self:MemorySummary):
-    n = len(_mcols)
-    res = [self._header(), '='*n, _mcols, '='*n]
-    for r in self.df.itertuples():
-        typ = f"{r.type}{'*' if r.kind=='own' else ''}"
-        res.append(f"{(r.name or '(model)')[-22:]:<22} {typ[:14]:<14} {r.output_shape[:20]:<20} " + ' '.join(f"{human(v,'B'):>9}" for v in
-                   (r.param_bytes, r.grad_bytes, r.opt_bytes, r.saved_bytes, r.out_bytes, r.at_peak)) + f" {r.pct_peak:>6.1f}")
-    return PrettyString('\n'.join(res + ['_'*n] + self._totals_lines()) + '\n')
+def conditions(self:MemorySummary):
+    "One sentence for each condition that holds (`not_predicted`, `trained_as`, `amp_ignored`, `fake_hooks`, `scratch`); the full text is in `.notes`"
+    res,np_ = [],self.not_predicted
+    if np_: res.append(_line(f"Not predicted: {', '.join(np_)} on fake tensors: the peak may be off by up to {human(sum(np_.values()),'B')}."))
+    res += [_line(n.rstrip('.') + '.') for n in self.trained_as]
+    if self.amp_ignored: res.append(f"Mixed precision ignored: fastai autocasts on CUDA only, so on {self.device} the step runs in float32.")
+    if self.fake_hooks: res.append("Function hooks ran on fake tensors: what they keep outside the model stays fake until a real forward.")
+    if self.scratch: res.append(_line(f"CPU target: oneDNN scratch in {', '.join(self.scratch)} is not counted; real CPU peaks ran up to 44% higher."))
+    return res
+
+@patch
+def _totals_lines(self:MemorySummary): return self.facts() + self.conditions()
+
+@patch
+def __repr__(self:MemorySummary): return PrettyString('\n'.join(self._text_table() + self._totals_lines()) + '\n')
 
 @patch
 def display_df(self:MemorySummary):
@@ -457,6 +487,7 @@ def display_df(self:MemorySummary):
 def top(self:MemorySummary, k=5, by='at_peak'):
     "The `k` rows holding most by column `by` (default: memory at the peak)"
     return self.df.sort_values(by, ascending=False).head(k)
+
 
 # %% ../nbs/03a_memory.ipynb #8a0ef2f3
 _colors = dict(zip([k.value for k in MemKind], plt.cm.tab10.colors))
@@ -487,14 +518,18 @@ def learner_dtype(learn, device):
 
 
 # %% ../nbs/03a_memory.ipynb #7b0a5c74
-def _opt_note(opt, ps):
-    "How many state tensors the optimizer keeps per trained parameter, and their names"
-    if opt is None: return "No optimizer: its state and its step are not included"
+def _opt_info(opt, ps):
+    "The optimizer's class `name`, its state tensors `per_param` trained parameter and their names `state`; None for no optimizer"
+    if opt is None: return None
     st = _opt_state(opt)
     n = len({id(p) for p in ps if p.requires_grad})
-    names = sorted({k for _,k,_ in st})
-    return (f"Optimizer ({type(getattr(opt, 'opt', opt)).__name__}): {len(st)/max(n,1):.3g} state tensors per trained parameter"
-            + (f" ({', '.join(names)})" if names else '') + ", found by a first step on fake tensors")
+    return dict(name=type(getattr(opt, 'opt', opt)).__name__, per_param=len(st)/max(n,1), state=sorted({k for _,k,_ in st}))
+
+def _opt_note(o):
+    "How many state tensors the optimizer `o` (`_opt_info`) keeps per trained parameter, and their names"
+    if o is None: return "No optimizer: its state and its step are not included"
+    return (f"Optimizer ({o['name']}): {o['per_param']:.3g} state tensors per trained parameter" + (f" ({', '.join(o['state'])})" if o['state'] else '')
+            + ", found by a first step on fake tensors")
 
 def _coverage(device, ops=()):
     res = "Covers the tensors PyTorch ops allocate in one steady-state training step, and the parameters, gradients, optimizer state and batch it starts with"
@@ -511,8 +546,10 @@ def _coverage(device, ops=()):
 def from_step(cls:MemorySummary, sm:StepMemory):
     "The `MemorySummary` of a step `step_memory` recorded (the one place a summary is built from a step)"
     mc,c,opt = sm.counter,sm.counting,sm.opt
-    notes = _coverage(sm.device, mc.ops) + mc.notes + [_opt_note(opt, [p for p in opt.all_params().itemgot(0)] if opt else [])]
-    return cls(mc.blocks, mc.trace, c.units, c.recs, sm.model_name, sm.input_shapes, sm.bs, amp_dtype(sm.dtype) and sm.dtype, sm.device, notes, mc.flags)
+    o = _opt_info(opt, [p for p in opt.all_params().itemgot(0)] if opt else [])
+    notes = _coverage(sm.device, mc.ops) + mc.notes + [_opt_note(o)]
+    return cls(mc.blocks, mc.trace, c.units, c.recs, sm.model_name, sm.input_shapes, sm.bs, amp_dtype(sm.dtype) and sm.dtype, sm.device, notes, mc.flags,
+               mc.ops, o, bool(mc.notes))
 
 def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e-3, bs=None, dtype=None, channels_last=False, device='cpu', cast=False):
     "`MemorySummary` of one training step of `model`, predicted on fake tensors (see `step_memory`)"
@@ -583,4 +620,5 @@ def memory_summary(self:Learner,
         res = predict_memory(self.model, xb, yb, learner_loss(self), self.opt_func, self.splitter, self.lr, bs, dt, ifnone(channels_last, hasattr(self, 'channels_last')), dev,
                              learner_casts(self))
     res.notes += [n for n in [note, *notes] if n]
+    res.amp_ignored,res.trained_as = bool(note),[n for n in notes if n]
     return res

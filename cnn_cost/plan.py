@@ -22,7 +22,7 @@ from .core import *
 from .fake import Undo, check_hookable
 from .memory import *
 from .memory import learner_batch, batch_rows, learner_casts, learner_loss, learner_dtype, gib, as_trained
-from .summary import human
+from .summary import human, text_table
 
 # %% ../nbs/03b_plan.ipynb #e91da172
 @dataclass
@@ -30,6 +30,27 @@ class MaxBatch:
     "The largest batch size `bs` whose predicted step `peak` fits in `budget` bytes (at least `bs` if `capped` by `max_bs`), and the sizes tried with their peaks"
     bs:int; peak:int; budget:int; sizes:list=field(default_factory=list); peaks:list=field(default_factory=list); capped:bool=False
     notes:list=field(default_factory=list)  # how the step was predicted, e.g. with a callback's checkpointed blocks
+
+    @property
+    def nothing_fits(self): return not self.bs  # even batch 1 needs more than `budget`
+    @property
+    def trained_as(self): return self.notes  # the notes of the learner's callbacks that change the step (`CheckpointBlocks`)
+
+    def _text_table(self):
+        "The sizes tried in `text_table`'s layout: batch size, predicted peak, its share of the budget, whether it fits"
+        rows = [[str(b), gib(p) if math.isfinite(p) else '-', f"{100*p/self.budget:.2f}" if math.isfinite(p) else '-',
+                 ('yes' if p<=self.budget else 'no') + (' (largest)' if b==self.bs else '')] for b,p in sorted(zip(self.sizes, self.peaks))]
+        return text_table(['Batch', 'Peak', '%Budget', 'Fits'], rows, f"Largest batch in {gib(self.budget)}: predicted peak by batch size", right={0, 1, 2})
+    def facts(self):
+        "The short fact lines after the table: the largest batch and its peak, and how it was found"
+        big = f"Largest batch: {'≥ ' if self.capped else ''}{self.bs}, predicted peak {gib(self.peak)}, {100*self.peak/self.budget:.2f}% of {gib(self.budget)}" if self.bs else \
+              f"Largest batch: none, even batch {min(self.sizes, default=1)} needs more than {gib(self.budget)}"
+        return [big, f"Searched: {len(self.sizes)} batch sizes predicted on fake tensors, no out-of-memory trial"]
+    def conditions(self):
+        "One sentence for each condition that holds (`capped`, `trained_as`)"
+        return ([f"Capped: the search stopped at `max_bs`={self.bs}; a larger batch may fit."] if self.capped else []) + \
+               [n if len(n)<=100 else n[:99].rstrip() + '…' for n in self.trained_as]
+    def __repr__(self): return PrettyString('\n'.join(self._text_table() + self.facts() + self.conditions()) + '\n')
 
     def plot(self, ax=None):
         "Predicted peak against batch size, the budget and the suggestion marked, as `lr_find` marks its suggestion"
@@ -180,7 +201,7 @@ class CheckpointBlocks(Callback):
     @contextlib.contextmanager
     def as_trained(self, model):
         "Inside the block, `model` as this callback trains it (for `memory_summary` and `max_batch`); yields a note saying so"
-        with checkpointed(model, self.names): yield f"Predicted as `CheckpointBlocks` trains: {', '.join(self.names)} under activation checkpointing"
+        with checkpointed(model, self.names): yield f"Predicted as `CheckpointBlocks` trains: {len(self.names)} blocks under activation checkpointing ({', '.join(self.names)})"
 
 @patch
 def checkpoint(self:Learner, blocks):
@@ -284,13 +305,21 @@ def choose_blocks(st, need, exact=12):
     return st.block.values[np.sort(o[:n])].tolist()
 
 # %% ../nbs/03b_plan.ipynb #48a3f47e
+_ranked = ("Ranked: options that fit first, then by extra compute (the checkpointed blocks' forward MACs run again in backward, as a share of the step's "
+           "forward and backward MACs), then by how much training changes (none, precision, micro-batches)")
 class MemoryPlan:
     "Ways to train batch `bs` in `budget` bytes on `device`, ranked by price: `options` (a list of `PlanOption`), `suggestion` the first that fits"
     def __init__(self, options, budget, bs, device, peak, step_macs, model_name='', notes=(), steps=None):
-        store_attr('budget,bs,device,peak,step_macs,model_name,steps'); self.notes = list(notes)
+        store_attr('budget,bs,device,peak,step_macs,model_name,steps'); self.notes = list(notes) + [_ranked]
         tier = {'as is':0, 'checkpointing':0, 'mixed precision':1}
         self.options = sorted(options, key=lambda o: (not o.fits, round(o.extra, 4), tier.get(o.name, 2)))
         self.suggestion = first(o for o in self.options if o.fits)
+        # conditions, each an attribute, said in one sentence when it holds (`conditions`), in full in `notes`
+        base,self.cuda = first(o for o in self.options if o.name=='as is'),torch.device(device).type=='cuda'
+        self.nothing_fits = self.suggestion is None  # no option tried fits in `budget`
+        self.amp_skipped = not self.cuda and base is not None and not base.fits  # a CPU target: fastai's mixed precision autocasts on CUDA only
+        self.already_amp = self.cuda and base is not None and not base.fits and base.dtype!='fp32'  # the step trains in fp16/bf16 already
+        self.measured = any(not math.isnan(o.recompute_ms) for o in self.options)  # blocks' forward ms from a `CostSummary`
 
     @property
     def blocks(self): return self.suggestion.blocks if self.suggestion else ()
@@ -303,24 +332,40 @@ class MemoryPlan:
     def df(self): return pd.DataFrame([dict(vars(o), bs=o.bs) for o in self.options])
 
 # %% ../nbs/03b_plan.ipynb #c3c8999c
+def _line(s, n=100): return s if len(s)<=n else s[:n-1].rstrip() + '…'
+
 @patch
-def __repr__(self:MemoryPlan):
+def _text_table(self:MemoryPlan):
+    "The options in `text_table`'s layout, ranked: name, batch (micro-batches x size), dtype, blocks checkpointed, peak, fits, recompute MACs, extra compute"
+    def row(o): return [o.name, f"{o.n_acc} x {o.micro}" if o.n_acc>1 else str(o.micro), o.dtype, str(len(o.blocks)), gib(o.peak) if math.isfinite(o.peak) else '-',
+                        'yes' if o.fits else 'no', human(o.recompute_macs*o.n_acc, 'MACs') if o.recompute_macs else '0', f"{o.extra:.1%}"]
     h = f"Memory plan: {self.model_name} at batch {self.bs} in {gib(self.budget)} on {self.device}; as it is, its step needs {gib(self.peak)}"
-    w = max([len('Option')]+[len(o.name) for o in self.options])  # names print whole
-    hd = f"{'Option':<{w}} {'Batch':>11} {'Dtype':>5} {'Checkpointed':>12} {'Peak':>11} {'Fits':>4} {'Recompute':>10} {'Extra':>6}"
-    res = [h, '='*len(hd), hd, '='*len(hd)]
-    for o in self.options:
-        b = f"{o.n_acc} x {o.micro}" if o.n_acc>1 else str(o.micro)
-        res.append(f"{o.name:<{w}} {b:>11} {o.dtype:>5} {len(o.blocks):>12} {gib(o.peak) if math.isfinite(o.peak) else '-':>11} {'yes' if o.fits else 'no':>4} "
-                   f"{human(o.recompute_macs*o.n_acc, 'MACs') if o.recompute_macs else '0':>10} {o.extra:>6.1%}")
+    return text_table(['Option', 'Batch', 'Dtype', 'Checkpointed', 'Peak', 'Fits', 'Recompute', 'Extra'], [row(o) for o in self.options], h, right=set(range(1, 8)))
+
+@patch
+def facts(self:MemoryPlan):
+    "The short fact lines after the table: the suggestion, its price, what it checkpoints and changes, how the options are ranked"
     s = self.suggestion
-    res += ['_'*len(hd), f"Suggestion: {s.name} ({s.how})" if s else f"Nothing tried fits in {gib(self.budget)}"]
-    if s and s.blocks: res.append(f"Checkpointed: {', '.join(s.blocks)}")
-    if s and s.changes: res.append(f"What changes: {s.changes}")
-    if s and not math.isnan(s.recompute_ms): res.append(f"The checkpointed blocks' forward took {s.recompute_ms:.3g} ms where it was measured: backward runs it again")
-    return PrettyString('\n'.join(res + ["Ranked: options that fit first, then by extra compute (the checkpointed blocks' forward MACs run again in backward, "
-                                          "as a share of the step's forward and backward MACs), then by how much training changes (none, precision, micro-batches)"]
-                                  + self.notes) + '\n')
+    if s is None:
+        lo = min(self.options, key=lambda o: o.peak)
+        return [f"Nothing tried fits in {gib(self.budget)}: the lowest peak is {gib(lo.peak)} ({lo.name})", _ranked_short]
+    price = f"Price: peak {gib(s.peak)} of {gib(self.budget)}, {s.extra:.1%} extra compute" + (f" ({human(s.recompute_macs*s.n_acc, 'MACs')} recomputed)" if s.recompute_macs else '')
+    res = [f"Suggestion: {s.name}", f"Apply: {s.how}", price]
+    if not math.isnan(s.recompute_ms): res.append(f"Recompute: the checkpointed blocks' forward took {s.recompute_ms:.3g} ms where it was measured")
+    if s.blocks: res.append(_line(f"Checkpointed: {', '.join(s.blocks)}"))
+    if s.changes: res.append(_line(f"What changes: {s.changes}"))
+    return res + [_ranked_short]
+_ranked_short = "Ranked: options that fit first, then by extra compute, then by how much training changes"
+
+@patch
+def conditions(self:MemoryPlan):
+    "One sentence for each condition that holds (`amp_skipped`, `already_amp`); the full text is in `.notes`"
+    return ((["Mixed precision not tried: fastai autocasts on CUDA only, so a CPU step runs in float32."] if self.amp_skipped else []) +
+            ([f"Mixed precision not tried again: the step already trains in {self['as is'].dtype}."] if self.already_amp else []))
+
+@patch
+def __repr__(self:MemoryPlan): return PrettyString('\n'.join(self._text_table() + self.facts() + self.conditions()) + '\n')
+
 
 # %% ../nbs/03b_plan.ipynb #1007fb7f
 @patch

@@ -63,7 +63,7 @@ def test_optimizer_state():
     assert learn.memory_summary().df.opt_bytes.sum() == 2*ps + 4*n_t  # exp_avg, exp_avg_sq, and a float32 step per tensor
     cu = learn.memory_summary(device='cuda')
     assert cu.df.opt_bytes.sum() >= 2*ps and cu.df.opt_bytes.sum() % 512 == 0
-    assert 'exp_avg' in str(cu)
+    assert cu.optimizer['name'] == 'AdamW' and {'exp_avg', 'exp_avg_sq'} <= set(cu.optimizer['state'])
 
 @pytest.mark.parametrize('dtype', ['bf16', 'fp16'])
 def test_mixed_precision_fake_matches_real(dtype):
@@ -93,6 +93,42 @@ def test_max_batch():
     mb = learn.max_batch(budget=b/2**30, show_plot=False)
     assert mb.bs == 40 and mb.peak == b and len(mb.sizes) <= 8
     assert learn.max_batch(budget=0.01, show_plot=False).bs == 0
+
+def test_summary_reads_at_a_glance(seed_learner):
+    "`CostSummary`'s layout (a Name column), at most 8 short fact lines, one sentence per condition that holds, each condition an attribute; no notes printed"
+    ms,cu = seed_learner.memory_summary(),seed_learner.memory_summary(device='cuda')
+    for s in (ms, cu):
+        lines = str(s).splitlines()
+        assert lines[2].split()[:4] == ['Layer', '(type)', 'Name', 'Output'] and len(s.facts()) <= 8 and all(len(l) <= 105 for l in s.facts() + s.conditions())
+        assert len(lines) == len(s._text_table()) + len(s.facts()) + len(s.conditions()) and not any(n in lines for n in s.notes)
+        assert (s.not_predicted, s.trained_as, s.amp_ignored, s.fake_hooks) == ({}, [], False, False)
+        assert s.optimizer == dict(name='Optimizer', per_param=2, state=['grad_avg', 'sqr_avg']) and 'aten.native_batch_norm' in s.corrected
+    assert (ms.cuda, ms.scratch, cu.cuda, cu.scratch) == (False, ['aten.convolution'], True, [])
+    assert len(ms.conditions()) == 1 and cu.conditions() == []  # the CPU target's oneDNN scratch; nothing on CUDA
+    seed_learner.opt_func = None
+    try: assert seed_learner.memory_summary(bs=8).optimizer is None
+    finally: seed_learner.opt_func = Adam
+
+class _Seq(nn.Module):
+    def __init__(self): super().__init__(); self.rnn,self.head = nn.LSTM(8, 16, batch_first=True),nn.Linear(16, 1)
+    def forward(self, x): return self.head(self.rnn(x)[0])
+
+def test_not_predicted_is_an_attribute():
+    "An op whose fake kernel cannot be corrected (oneDNN's LSTM for a CUDA target): `not_predicted` holds the bytes `flags` name, one sentence says so, the notes in full"
+    x,y = torch.randn(4, 10, 8),torch.randn(4, 10, 1)
+    cu,cpu = [predict_memory(_Seq(), x, y, nn.MSELoss(), Adam, device=d) for d in ('cuda', 'cpu')]
+    assert list(cu.not_predicted) == list(cu.flags) == ['aten.mkldnn_rnn_layer'] and cu.not_predicted['aten.mkldnn_rnn_layer'] == sum(n for _,n in cu.flags['aten.mkldnn_rnn_layer']) > 0
+    assert len(cu.conditions()) == 1 and len(cu.notes) == len(cpu.notes) + 1  # its full text: one note more than the CPU target's
+    assert (cpu.not_predicted, cpu.scratch, len(cpu.conditions())) == ({}, ['aten.mkldnn_rnn_layer'], 1)
+
+def test_max_batch_reads_at_a_glance(seed_learner):
+    "`MaxBatch` prints the sizes tried in the same layout, then short facts; `capped`, `nothing_fits` and `trained_as` are attributes, a sentence each only when they hold"
+    mb = seed_learner.max_batch(budget=0.5, show_plot=False)
+    assert (mb.nothing_fits, mb.capped, mb.trained_as, mb.conditions()) == (False, False, [], [])
+    assert len(str(mb).splitlines()) == 4 + len(mb.sizes) + 1 + len(mb.facts()) and len(mb.facts()) <= 8
+    cap = seed_learner.max_batch(budget=0.5, max_bs=8, show_plot=False)
+    assert cap.capped and cap.bs == 8 and len(cap.conditions()) == 1
+    assert seed_learner.max_batch(budget=0.01, show_plot=False).nothing_fits
 
 def _model_state(m):
     return ({k: v.detach().clone() for k,v in m.state_dict().items()}, [x.training for x in m.modules()])
@@ -172,13 +208,13 @@ def test_fp16_on_a_cpu_learner():
     learn.to_fp16()
     ms = learn.memory_summary()
     assert ms.dtype == 'fp32' and ms.peak == f32.peak and any('`to_fp16()` has no effect on cpu' in n for n in ms.notes)
-    assert 'one training step in fp32 on cpu' in str(ms)
+    assert (ms.dtype, ms.device, ms.amp_ignored, len(ms.conditions())) == ('fp32', 'cpu', True, 2)  # and the CPU target's oneDNN scratch
     ref = cpu_peak(learn)  # MemTracker over a real batch of fastai's own loop, with the callback in place
     print(f"seed to_fp16 on cpu: torch {torch.__version__} predicted {ms.peak:,} B, MemTracker {ref:,} B ({ms.peak/ref-1:+.3%})")
     assert abs(ms.peak/ref-1) < 0.02
     cu = learn.memory_summary(device='cuda')
     assert cu.dtype == 'fp16' and cu.peak == learn.memory_summary(device='cuda', dtype='fp16').peak != learn.memory_summary(device='cuda', dtype='fp32').peak
-    assert not any('no effect' in n for n in cu.notes)
+    assert not any('no effect' in n for n in cu.notes) and not cu.amp_ignored
     assert learn.max_batch(budget=1, device='cpu', show_plot=False).bs == learn.max_batch(budget=1, device='cpu', dtype='fp32', show_plot=False).bs
 
 def test_cost_summary_fp16_on_cpu():
