@@ -397,8 +397,10 @@ class MemorySummary:
         self.corrected = sorted({b.op.rsplit('.', 1)[0] for b in blocks if b.op} & {str(o) for o in fake_fixes})  # ops whose fake sizes the real kernel's replaced
         self.scratch = [] if self.cuda else [f'aten.{o}' for o in ('convolution', 'mkldnn_rnn_layer') if o in ops]  # oneDNN ops whose scratch a CPU step adds
         self.amp_ignored,self.trained_as = False,[]  # `to_fp16()` doing nothing on this device; the notes of callbacks that change the step (`CheckpointBlocks`)
-        self.notes += [f"Not predicted: {op} ({len(v)} call{'s'*(len(v)>1)}): {v[0][0]}; the peak may be off by up to {human(sum(n for _,n in v),'B')}" for op,v in self.flags.items()]
-        if self.corrected: self.notes.append(f"Corrected: torch's fake kernels of {', '.join(self.corrected)} give other sizes than the real ones; the real kernels' sizes are counted")
+        self.notes += [f"Not predicted: {op} ({len(v)} call{'s'*(len(v)>1)}): {v[0][0]}; the peak may be off by up to {human(self.not_predicted[op],'B')}"
+                       for op,v in self.flags.items()]
+        if self.corrected: self.notes.append(f"Corrected: torch's fake kernels of {', '.join(self.corrected)} give other sizes than the real ones; "
+                                             "the real kernels' sizes are counted")
         names = [n or type(m).__name__ for n,m,k in units]
         self.timeline = _timeline(blocks, trace, names)
         self.peak_event = int(self.timeline.live.values.argmax())

@@ -43,7 +43,8 @@ class MaxBatch:
         return text_table(['Batch', 'Peak', '%Budget', 'Fits'], rows, f"Largest batch in {gib(self.budget)}: predicted peak by batch size", right={0, 1, 2})
     def facts(self):
         "The short fact lines after the table: the largest batch and its peak, and how it was found"
-        big = f"Largest batch: {'≥ ' if self.capped else ''}{self.bs}, predicted peak {gib(self.peak)}, {100*self.peak/self.budget:.2f}% of {gib(self.budget)}" if self.bs else \
+        pk = f"predicted peak {gib(self.peak)}, {100*self.peak/self.budget:.2f}% of {gib(self.budget)}"
+        big = f"Largest batch: {'≥ ' if self.capped else ''}{self.bs}, {pk}" if self.bs else \
               f"Largest batch: none, even batch {min(self.sizes, default=1)} needs more than {gib(self.budget)}"
         return [big, f"Searched: {len(self.sizes)} batch sizes predicted on fake tensors, no out-of-memory trial"]
     def conditions(self):
@@ -349,7 +350,8 @@ def facts(self:MemoryPlan):
     if s is None:
         lo = min(self.options, key=lambda o: o.peak)
         return [f"Nothing tried fits in {gib(self.budget)}: the lowest peak is {gib(lo.peak)} ({lo.name})", _ranked_short]
-    price = f"Price: peak {gib(s.peak)} of {gib(self.budget)}, {s.extra:.1%} extra compute" + (f" ({human(s.recompute_macs*s.n_acc, 'MACs')} recomputed)" if s.recompute_macs else '')
+    rc = f" ({human(s.recompute_macs*s.n_acc, 'MACs')} recomputed)" if s.recompute_macs else ''
+    price = f"Price: peak {gib(s.peak)} of {gib(self.budget)}, {s.extra:.1%} extra compute{rc}"
     res = [f"Suggestion: {s.name}", f"Apply: {s.how}", price]
     if not math.isnan(s.recompute_ms): res.append(f"Recompute: the checkpointed blocks' forward took {s.recompute_ms:.3g} ms where it was measured")
     if s.blocks: res.append(_line(f"Checkpointed: {', '.join(s.blocks)}"))

@@ -117,7 +117,8 @@ def test_not_predicted_is_an_attribute():
     "An op whose fake kernel cannot be corrected (oneDNN's LSTM for a CUDA target): `not_predicted` holds the bytes `flags` name, one sentence says so, the notes in full"
     x,y = torch.randn(4, 10, 8),torch.randn(4, 10, 1)
     cu,cpu = [predict_memory(_Seq(), x, y, nn.MSELoss(), Adam, device=d) for d in ('cuda', 'cpu')]
-    assert list(cu.not_predicted) == list(cu.flags) == ['aten.mkldnn_rnn_layer'] and cu.not_predicted['aten.mkldnn_rnn_layer'] == sum(n for _,n in cu.flags['aten.mkldnn_rnn_layer']) > 0
+    op = 'aten.mkldnn_rnn_layer'
+    assert list(cu.not_predicted) == list(cu.flags) == [op] and cu.not_predicted[op] == sum(n for _,n in cu.flags[op]) > 0
     assert len(cu.conditions()) == 1 and len(cu.notes) == len(cpu.notes) + 1  # its full text: one note more than the CPU target's
     assert (cpu.not_predicted, cpu.scratch, len(cpu.conditions())) == ({}, ['aten.mkldnn_rnn_layer'], 1)
 
