@@ -16,7 +16,7 @@ import torch, torch.nn as nn, torch.nn.functional as F, torchvision
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from fastai.optimizer import SGD
 from memory_refs import corpus_check, op_mismatches
-from cnn_cost.memory import _fake_fixes
+from cnn_cost.fake import fake_fixes
 
 BIG = 150e6  # parameters: models above this are not run for real here (the references need three real copies of the weights, on a shared 23 GB machine)
 HEAVY = 60e6  # above this the step uses SGD without momentum (no optimizer state), to keep the real runs in memory
@@ -104,8 +104,8 @@ def _kind(make_learner):
         import kinds
         learn = make_learner(kinds)
         b = learn.dls.train.one_batch(); n = learn.dls.train.n_inp
-        from cnn_cost.memory import _learner_loss
-        return learn.model, tuple(b[:n]), tuple(b[n:]), _learner_loss(learn), learn.opt_func  # the loss as fastai's callbacks feed it
+        from cnn_cost.memory import learner_loss
+        return learn.model, tuple(b[:n]), tuple(b[n:]), learner_loss(learn), learn.opt_func  # the loss as fastai's callbacks feed it
     return make
 
 def _vision_tiny():
@@ -119,7 +119,15 @@ def _vision_tiny():
                       AdaptiveConcatPool2d(), nn.Flatten(), nn.Linear(16, 3))
     return m, TensorImage(torch.randn(2, 3, 12, 12)), TensorCategory(torch.tensor([0, 2])), CrossEntropyLossFlat(), Adam
 
-KINDS = {'fastai_vision_tiny': _vision_tiny, 'fastai_tabular': _kind(lambda k: k.tabular()),
+def _unet_typed():
+    "fastai's U-Net on fastai's typed batches (`TensorImage`, `TensorMask`) as the model gets them without `CastToTensor`: every op's output an alias"
+    from memory_refs import typed_unet
+    from cnn_cost.memory import learner_loss
+    learn = typed_unet(bs=2, size=32)
+    b = learn.dls.train.one_batch()
+    return learn.model, b[:1], b[1:], learner_loss(learn), learn.opt_func
+
+KINDS = {'fastai_vision_tiny': _vision_tiny, 'fastai_unet_typed': _unet_typed, 'fastai_tabular': _kind(lambda k: k.tabular()),
          'fastai_text_classifier': _kind(lambda k: k.text_classifier()),
          'fastai_language_model': _kind(lambda k: k.language_model()), 'fastai_unet': _kind(lambda k: k.unet()),
          'fastai_collab': _kind(lambda k: k.collab()), 'fastai_collab_nn': _kind(lambda k: k.collab(use_nn=True)),
@@ -139,7 +147,7 @@ def cases():
 # the CI-sized subset (tests/test_memory_corpus.py): each family once, every fix exercised, small inputs
 CI = ['lstm', 'lstm_issue17', 'lstm_2layer_bidir_dropout', 'lstm_proj', 'gru_2layer_bidir', 'rnn_relu_2layer_bidir', 'lstm_cell', 'mha_masked', 'sdpa_causal',
       'transformer_encoder_layer', 'fastai_vision_tiny', 'fastai_language_model', 'fastai_tabular', 'fastai_collab_nn', 'tv_resnet18', 'tv_mobilenet_v3_small',
-      'tv_squeezenet1_1', 'timm_convnext_atto']
+      'tv_squeezenet1_1', 'timm_convnext_atto', 'fastai_unet_typed']
 # cases no fake step can predict: an op needs the data's values; the prediction stops with a clear error naming the op
 UNPREDICTABLE = {'lstm_packed': '_pack_padded_sequence', 'gru_packed': '_pack_padded_sequence', 'fastai_text_classifier': '_local_scalar_dense'}
 
@@ -154,7 +162,7 @@ def run(name, make):
         del args
         res = corpus_check(name, make, opt)
         res.update(params=n, opt=getattr(opt, '__name__', 'Adam') if opt else 'Adam', torch_fake_ops=op_mismatches(make, opt))
-        res['unfixed'] = [k for k in res['torch_fake_ops'] if k.rsplit('.', 1)[0] not in {str(o) for o in _fake_fixes}]
+        res['unfixed'] = [k for k in res['torch_fake_ops'] if k.rsplit('.', 1)[0] not in {str(o) for o in fake_fixes}]
     except Exception as e: res = dict(name=name, error=f'{type(e).__name__}: {str(e)[:300]}')
     res['s'] = round(time.perf_counter()-t, 1)
     gc.collect()

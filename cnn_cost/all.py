@@ -3,6 +3,7 @@ from .core import *
 from .counting import *
 from .timing import *
 from .summary import *
+from .fake import *
 from .memory import *
 from .plan import *
 from .ranks import *

@@ -83,7 +83,7 @@ def memory_report(learn, bs, dtype='fp32', max_batch_gib=None, fmt='text', plot=
     ms = learn.memory_summary(bs=mb.bs, dtype=dtype, device='cuda')
     at_least = f"at least {mb.bs}, the largest batch size tried" if mb.capped else mb.bs
     return '\n'.join([f"Largest batch that fits in {max_batch_gib} GiB: {at_least} (predicted peak {mb.peak/2**30:.3g} GiB, {dtype}, CUDA target)"]
-                     + ms._totals_lines() + plan)
+                     + ms.facts() + ms.conditions() + plan)
 
 # %% ../nbs/09_cli.ipynb #c1i0a001
 class UsageError(ValueError): "An argument `cnn-cost` cannot use; the message says what to pass instead"

@@ -26,6 +26,15 @@ def unet(bs=2, size=64, n_cls=3, device=None, n_batches=1):
     return unet_learner(rand_dls(bs, (3,size,size), n_cls, seg=True, n_batches=n_batches, device=device), resnet18, pretrained=False, n_out=n_cls,
                         loss_func=CrossEntropyLossFlat(axis=1))
 
+def typed_unet(bs=4, size=64, n_cls=3, n_batches=1):
+    "fastai's `unet_learner` on a resnet18 body with fastai's typed batches (`TensorImage`, `TensorMask`), from data in memory"
+    from fastai.torch_core import TensorImage, TensorMask
+    set_seed(0)
+    n = bs*n_batches
+    ds = list(zip(TensorImage(torch.randn(n, 3, size, size)), TensorMask(torch.randint(0, n_cls, (n, size, size)))))
+    dls = DataLoaders(DataLoader(ds, bs=bs, shuffle=False, drop_last=True), DataLoader(ds[:2], bs=2))
+    return unet_learner(dls, resnet18, pretrained=False, n_out=n_cls, loss_func=CrossEntropyLossFlat(axis=1))
+
 def _opt_tensors(opt):
     st = opt.opt.state if hasattr(opt, 'opt') and hasattr(opt.opt, 'state') else opt.state
     return [v for d in st.values() for v in d.values() if isinstance(v, torch.Tensor)]
@@ -96,7 +105,7 @@ def trial_max_batch(make, start=8, max_bs=2**14):
     return lo
 
 def _fwd(model, xb, yb, loss_func, prev=None):
-    """`[pred, loss_grad, loss]` as fastai's loop makes them (what callbacks keep of the predictions and add to the loss, for a `_learner_loss`);
+    """`[pred, loss_grad, loss]` as fastai's loop makes them (what callbacks keep of the predictions and add to the loss, for a `learner_loss`);
     `prev`, the last batch's, each released as its replacement is made, as the learner's attributes are replaced"""
     prev = prev or [None]*3
     pred = model(*xb)
@@ -179,8 +188,8 @@ def corpus_check(name, make, opt_func=None):
         return m,(xb if isinstance(xb, tuple) else (xb,)),(yb if isinstance(yb, tuple) else (yb,)),lf
     m,xb,yb,lf = get()
     ms = predict_memory(m, xb, yb, lf, opt_func)
-    fk,_,_ = step_memory(m, xb, yb, lf, opt_func)
-    m,xb,yb,lf = get(); real,_,_ = step_memory(m, xb, yb, lf, opt_func, fake=False)
+    fk = step_memory(m, xb, yb, lf, opt_func).counter
+    m,xb,yb,lf = get(); real = step_memory(m, xb, yb, lf, opt_func, fake=False).counter
     m,xb,yb,lf = get(); saved = hooked_saved(m, xb, yb, lf)
     m,xb,yb,lf = get(); peak = step_peak(m, xb, yb, lf, opt_func)
     kinds = lambda mc: {k.value: sum(b.nbytes for b in mc.blocks if b.kind==k) for k in MemKind}

@@ -6,7 +6,10 @@ from fastai.vision.all import vision_learner, resnet18, Adam, SGD, OptimWrapper,
 from torch._subclasses.fake_tensor import FakeTensor
 from torchvision.ops import StochasticDepth, SqueezeExcitation
 from cnn_cost.learner import *
+from cnn_cost.fake import *
+from cnn_cost.fake import Undo, unhookable
 from cnn_cost.memory import *
+from cnn_cost.plan import *  # `Learner.max_batch`, `Learner.memory_plan`
 from cnn_cost.data import digits_dls
 from conftest import hook_count
 from memory_refs import *
@@ -60,7 +63,7 @@ def test_optimizer_state():
     assert learn.memory_summary().df.opt_bytes.sum() == 2*ps + 4*n_t  # exp_avg, exp_avg_sq, and a float32 step per tensor
     cu = learn.memory_summary(device='cuda')
     assert cu.df.opt_bytes.sum() >= 2*ps and cu.df.opt_bytes.sum() % 512 == 0
-    assert 'exp_avg' in str(cu)
+    assert cu.optimizer['name'] == 'AdamW' and {'exp_avg', 'exp_avg_sq'} <= set(cu.optimizer['state'])
 
 @pytest.mark.parametrize('dtype', ['bf16', 'fp16'])
 def test_mixed_precision_fake_matches_real(dtype):
@@ -69,10 +72,10 @@ def test_mixed_precision_fake_matches_real(dtype):
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     x,y = torch.randn(4, 3, 16, 16),torch.randint(0, 10, (4,))
     kinds = lambda mc: {k: sum(b.nbytes for b in mc.blocks if b.kind==k) for k in MemKind}
-    fk,c,_ = step_memory(m, x, y, CrossEntropyLossFlat(), Adam, dtype=dtype)
-    real,_,_ = step_memory(m, x, y, CrossEntropyLossFlat(), Adam, dtype=dtype, fake=False)
+    rec = step_memory(m, x, y, CrossEntropyLossFlat(), Adam, dtype=dtype); fk,c = rec.counter,rec.counting
+    real = step_memory(m, x, y, CrossEntropyLossFlat(), Adam, dtype=dtype, fake=False).counter
     assert kinds(fk) == kinds(real)
-    f32,_,_ = step_memory(m, x, y, CrossEntropyLossFlat(), Adam)
+    f32 = step_memory(m, x, y, CrossEntropyLossFlat(), Adam).counter
     assert kinds(fk)[MemKind.param] == kinds(f32)[MemKind.param] and kinds(fk)[MemKind.opt] == kinds(f32)[MemKind.opt]
     assert kinds(fk)[MemKind.saved] < kinds(f32)[MemKind.saved]
 
@@ -90,6 +93,43 @@ def test_max_batch():
     mb = learn.max_batch(budget=b/2**30, show_plot=False)
     assert mb.bs == 40 and mb.peak == b and len(mb.sizes) <= 8
     assert learn.max_batch(budget=0.01, show_plot=False).bs == 0
+
+def test_summary_reads_at_a_glance(seed_learner):
+    "`CostSummary`'s layout (a Name column), at most 8 short fact lines, one sentence per condition that holds, each condition an attribute; no notes printed"
+    ms,cu = seed_learner.memory_summary(),seed_learner.memory_summary(device='cuda')
+    for s in (ms, cu):
+        lines = str(s).splitlines()
+        assert lines[2].split()[:4] == ['Layer', '(type)', 'Name', 'Output'] and len(s.facts()) <= 8 and all(len(l) <= 105 for l in s.facts() + s.conditions())
+        assert len(lines) == len(s._text_table()) + len(s.facts()) + len(s.conditions()) and not any(n in lines for n in s.notes)
+        assert (s.not_predicted, s.trained_as, s.amp_ignored, s.fake_hooks) == ({}, [], False, False)
+        assert s.optimizer == dict(name='Optimizer', per_param=2, state=['grad_avg', 'sqr_avg']) and 'aten.native_batch_norm' in s.corrected
+    assert (ms.cuda, ms.scratch, cu.cuda, cu.scratch) == (False, ['aten.convolution'], True, [])
+    assert len(ms.conditions()) == 1 and cu.conditions() == []  # the CPU target's oneDNN scratch; nothing on CUDA
+    seed_learner.opt_func = None
+    try: assert seed_learner.memory_summary(bs=8).optimizer is None
+    finally: seed_learner.opt_func = Adam
+
+class _Seq(nn.Module):
+    def __init__(self): super().__init__(); self.rnn,self.head = nn.LSTM(8, 16, batch_first=True),nn.Linear(16, 1)
+    def forward(self, x): return self.head(self.rnn(x)[0])
+
+def test_not_predicted_is_an_attribute():
+    "An op whose fake kernel cannot be corrected (oneDNN's LSTM for a CUDA target): `not_predicted` holds the bytes `flags` name, one sentence says so, the notes in full"
+    x,y = torch.randn(4, 10, 8),torch.randn(4, 10, 1)
+    cu,cpu = [predict_memory(_Seq(), x, y, nn.MSELoss(), Adam, device=d) for d in ('cuda', 'cpu')]
+    op = 'aten.mkldnn_rnn_layer'
+    assert list(cu.not_predicted) == list(cu.flags) == [op] and cu.not_predicted[op] == sum(n for _,n in cu.flags[op]) > 0
+    assert len(cu.conditions()) == 1 and len(cu.notes) == len(cpu.notes) + 1  # its full text: one note more than the CPU target's
+    assert (cpu.not_predicted, cpu.scratch, len(cpu.conditions())) == ({}, ['aten.mkldnn_rnn_layer'], 1)
+
+def test_max_batch_reads_at_a_glance(seed_learner):
+    "`MaxBatch` prints the sizes tried in the same layout, then short facts; `capped`, `nothing_fits` and `trained_as` are attributes, a sentence each only when they hold"
+    mb = seed_learner.max_batch(budget=0.5, show_plot=False)
+    assert (mb.nothing_fits, mb.capped, mb.trained_as, mb.conditions()) == (False, False, [], [])
+    assert len(str(mb).splitlines()) == 4 + len(mb.sizes) + 1 + len(mb.facts()) and len(mb.facts()) <= 8
+    cap = seed_learner.max_batch(budget=0.5, max_bs=8, show_plot=False)
+    assert cap.capped and cap.bs == 8 and len(cap.conditions()) == 1
+    assert seed_learner.max_batch(budget=0.01, show_plot=False).nothing_fits
 
 def _model_state(m):
     return ({k: v.detach().clone() for k,v in m.state_dict().items()}, [x.training for x in m.modules()])
@@ -169,13 +209,13 @@ def test_fp16_on_a_cpu_learner():
     learn.to_fp16()
     ms = learn.memory_summary()
     assert ms.dtype == 'fp32' and ms.peak == f32.peak and any('`to_fp16()` has no effect on cpu' in n for n in ms.notes)
-    assert 'one training step in fp32 on cpu' in str(ms)
+    assert (ms.dtype, ms.device, ms.amp_ignored, len(ms.conditions())) == ('fp32', 'cpu', True, 2)  # and the CPU target's oneDNN scratch
     ref = cpu_peak(learn)  # MemTracker over a real batch of fastai's own loop, with the callback in place
     print(f"seed to_fp16 on cpu: torch {torch.__version__} predicted {ms.peak:,} B, MemTracker {ref:,} B ({ms.peak/ref-1:+.3%})")
     assert abs(ms.peak/ref-1) < 0.02
     cu = learn.memory_summary(device='cuda')
     assert cu.dtype == 'fp16' and cu.peak == learn.memory_summary(device='cuda', dtype='fp16').peak != learn.memory_summary(device='cuda', dtype='fp32').peak
-    assert not any('no effect' in n for n in cu.notes)
+    assert not any('no effect' in n for n in cu.notes) and not cu.amp_ignored
     assert learn.max_batch(budget=1, device='cpu', show_plot=False).bs == learn.max_batch(budget=1, device='cpu', dtype='fp32', show_plot=False).bs
 
 def test_cost_summary_fp16_on_cpu():
@@ -198,14 +238,14 @@ def test_language_model(reg):
     its clone, and the last batch's predictions live until the new ones replace them (review: without them -8,188 B). Saved bytes equal the hooks,
     the peak equals MemTracker over a real fastai batch to the byte"""
     import kinds
-    from cnn_cost.memory import _learner_loss
+    from cnn_cost.memory import learner_loss
     learn = kinds.language_model(bs=8)
     if not reg:
         for cb in learn.cbs:
             if type(cb).__name__=='RNNRegularizer': cb.alpha = cb.beta = 0.
     ms = learn.memory_summary()
     xb,yb = learn.dls.train.one_batch()
-    assert ms.saved_total == hooked_saved(learn.model, (xb,), (yb,), _learner_loss(learn))
+    assert ms.saved_total == hooked_saved(learn.model, (xb,), (yb,), learner_loss(learn))
     ref = cpu_peak(learn)
     print(f"language model: torch {torch.__version__} predicted {ms.peak:,} B, MemTracker {ref:,} B ({ms.peak-ref:+,} B)")
     assert ms.peak == ref
@@ -234,7 +274,7 @@ def test_efficientnet_parts_equal_real():
 def test_steps_repeat():
     "Two steps on the same model give the same storages (op, bytes, lifetime), fake as real: no storage taken for another at a reused address"
     m,xb,yb,lf = _effnet_parts()
-    blocks = lambda fake: [(b.op, b.nbytes, b.e0, b.e1) for b in step_memory(m, xb, yb, lf, Adam, fake=fake)[0].blocks]
+    blocks = lambda fake: [(b.op, b.nbytes, b.e0, b.e1) for b in step_memory(m, xb, yb, lf, Adam, fake=fake).counter.blocks]
     fk,real = blocks(True),blocks(False)
     assert fk == blocks(True) and real == blocks(False) and fk == real
 
@@ -245,7 +285,7 @@ def test_fastai_subclass_batch():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     xb,yb = TensorImage(torch.randn(2, 3, 16, 16)),TensorCategory(torch.tensor([1, 7]))
-    blocks = lambda fake: [(b.op, b.nbytes, b.e0, b.e1) for b in step_memory(m, xb, yb, CrossEntropyLossFlat(), Adam, fake=fake)[0].blocks]
+    blocks = lambda fake: [(b.op, b.nbytes, b.e0, b.e1) for b in step_memory(m, xb, yb, CrossEntropyLossFlat(), Adam, fake=fake).counter.blocks]
     fk,real = blocks(True),blocks(False)
     assert [o for o,*_ in real].count('aten.new_empty_strided.default') == 1  # the ReLU's CopySlices: the reference does run it
     assert fk == real
@@ -286,7 +326,7 @@ def test_steady_state(make):
     assert r['pred_saved'] == r['real_saved'] and r['pred_peak'] == r['real_peak'] and r['kinds_equal'] and not r['ops_diff'], r
     m,x,y = make()
     st = {k: v.clone() for k,v in m.state_dict().items()}
-    mc,_,_ = step_memory(m, x, y, nn.MSELoss(), Adam)
+    mc = step_memory(m, x, y, nn.MSELoss(), Adam).counter
     assert sum(b.nbytes for b in mc.blocks if b.kind==MemKind.grad) == (sum(p.numel() for p in m.parameters()) + (24 if isinstance(m, _QKVBias) else 0))*4  # the zero bias's slice of the shared storage counts
     assert all(v.equal(m.state_dict()[k]) and not isinstance(m.state_dict()[k], FakeTensor) for k,v in st.items())  # the model is untouched
 
@@ -447,3 +487,153 @@ def test_lazy_modules_clear_error():
     assert isinstance(m[0].weight, nn.parameter.UninitializedParameter) and not m[0]._forward_hooks
     m(x)
     assert predict_memory(m, x, y, nn.CrossEntropyLoss()).peak > 0
+
+# --- Nothing left behind, whatever fails (issue 26 item 1) ---
+from fastai.learner import Learner
+from fastai.data.core import DataLoaders
+
+def _state(m):
+    "Everything a call may change on `m`: each parameter and buffer (the object and a copy of its values), each module's mode, the hooks, torch's `as_subclass`"
+    return ([(n, t, t.detach().clone()) for n,t in [*m.named_parameters(), *m.named_buffers()]], [x.training for x in m.modules()], hook_count(m),
+            torch.Tensor.as_subclass)
+
+def _unchanged(m, before, stuck=()):
+    "Whether `m` is as `before` (`_state`), but for the tensors named in `stuck` (reported as not put back)"
+    ts,modes,hooks,asub = before
+    now = dict([*m.named_parameters(), *m.named_buffers()])
+    return (all(now[n] is t and not isinstance(t, FakeTensor) and t.equal(v) for n,t,v in ts if n not in stuck)
+            and [x.training for x in m.modules()] == modes and hook_count(m) == hooks and torch.Tensor.as_subclass is asub)
+
+def _learner(m, bs=8, shape=(3,16,16), n_cls=10):
+    torch.manual_seed(0)
+    x,y = torch.randn(2*bs, *shape),torch.randint(0, n_cls, (2*bs,))
+    return Learner(DataLoaders.from_dsets(list(zip(x, y)), list(zip(x, y)), bs=bs), m, loss_func=CrossEntropyLossFlat())
+
+def _scripted():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3,8,3,padding=1), torch.jit.script(nn.Sequential(nn.Conv2d(8,8,3,padding=1), nn.ReLU())), nn.Flatten(), nn.Linear(8*16*16,10))
+
+def _exported():
+    torch.manual_seed(0)
+    e = torch.export.export(nn.Sequential(nn.Conv2d(8,8,3,padding=1), nn.ReLU()), (torch.randn(2,8,16,16),)).module()
+    return nn.Sequential(nn.Conv2d(3,8,3,padding=1), e, nn.Flatten(), nn.Linear(8*16*16,10))
+
+calls = {'memory_summary': lambda l: l.memory_summary(), 'max_batch': lambda l: l.max_batch(budget=1, show_plot=False),
+         'memory_plan': lambda l: l.memory_plan(0.001, show_plot=False),
+         'predict_memory': lambda l: predict_memory(l.model, torch.randn(8,3,16,16), torch.zeros(8).long(), l.loss_func, l.opt_func)}
+
+@pytest.mark.parametrize('call', list(calls))
+@pytest.mark.parametrize('make', [_scripted, _exported])
+def test_unhookable_refused_up_front(call, make):
+    "A TorchScript or exported submodule (their tensors in C++, no hooks or no `train()`): a `TypeError` naming it, before anything is changed"
+    l = _learner(make()); [setattr(x, 'training', False) for x in l.model.modules()]; before = _state(l.model)  # an exported module refuses `eval()`
+    assert unhookable(l.model) == ['1']
+    with pytest.raises(TypeError, match="'1'"): calls[call](l)
+    assert _unchanged(l.model, before)
+
+class _Boom(nn.Module):
+    "Raises where `at` says, on the call numbered `n` (the fake step runs a warm-up step, then the recorded one)"
+    calls = [0]
+    def __init__(self, at, n=1): super().__init__(); self.at,self.n,self.lin = at,n,nn.Linear(8, 4); self.register_buffer('b', torch.ones(4))
+    def forward(self, x):
+        _Boom.calls[0] += 1
+        if self.at=='fwd' and _Boom.calls[0]>=self.n: raise RuntimeError('forward fails')
+        y = self.lin(x) + self.b
+        if self.at=='bwd' and y.requires_grad and _Boom.calls[0]>=self.n: y.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError('backward fails')))
+        return y
+
+class _OneWay(dict):
+    "A module's `_parameters` that takes fake tensors but refuses to take the real ones back: a restore that fails on one module"
+    def __setitem__(self, k, v):
+        if isinstance(self.get(k), FakeTensor) and not isinstance(v, FakeTensor): raise RuntimeError('cannot put back')
+        super().__setitem__(k, v)
+    def clear(self):
+        if any(isinstance(v, FakeTensor) for v in self.values()): raise RuntimeError('cannot put back')
+        super().clear()
+
+def _bad_opt(params, lr):
+    o = SGD(params, lr)
+    def step(*a, **k): raise RuntimeError('optimizer fails')
+    o.step = step
+    return o
+
+@pytest.mark.parametrize('where', ['fwd warm-up', 'fwd', 'bwd', 'loss', 'opt', 'restore'])
+def test_failure_leaves_nothing(where):
+    """A failure in the warm-up or recorded forward, the backward, the loss, the optimizer's step, or a restore that fails on one module: every
+    parameter and buffer is the object it was with its values, the same modes, no hooks, torch's `as_subclass` back; a failed restore is named"""
+    _Boom.calls[0] = 0
+    m = nn.Sequential(nn.BatchNorm1d(8), _Boom({'fwd warm-up':'fwd', 'fwd':'fwd', 'bwd':'bwd'}.get(where), n=2 if where in ('fwd', 'bwd') else 1), nn.ReLU(), nn.Linear(4, 3))
+    if where=='restore': m[1].lin._parameters = _OneWay(m[1].lin._parameters)
+    m.eval(); before = _state(m)
+    lf = (lambda p,y: (_ for _ in ()).throw(RuntimeError('loss fails'))) if where=='loss' else nn.CrossEntropyLoss()
+    x,y = torch.randn(4, 8),torch.tensor([0, 1, 2, 0])
+    with pytest.raises(RestoreError if where=='restore' else RuntimeError) as e: predict_memory(m, x, y, lf, _bad_opt if where=='opt' else SGD)
+    if where=='restore':
+        assert [w for w,_ in e.value.failed] == ['the parameters of 1.lin'] and e.value.cause is None
+        assert _unchanged(m, before, stuck=('1.lin.weight', '1.lin.bias'))
+        assert all(isinstance(p, FakeTensor) for p in m[1].lin.parameters())  # what the error names is what stays changed
+    else:
+        assert not isinstance(e.value, RestoreError) and _unchanged(m, before)
+        assert _Boom.calls[0] == (2 if where in ('fwd', 'bwd') else 1)  # 'fwd', 'bwd': in the recorded step, its hooks in place
+
+def test_undo_runs_every_step():
+    "`Undo` runs each restore step whatever the others do, then names the ones that failed"
+    done,u = [],Undo()
+    u('a', done.append, 1); u('b', lambda: 1/0); u('c', done.append, 3)
+    with pytest.raises(RestoreError) as e: u.check()
+    assert done == [1, 3] and [w for w,_ in e.value.failed] == ['b'] and isinstance(e.value.failed[0][1], ZeroDivisionError)
+
+# --- A prediction runs what the step runs (issue 26 item 4) ---
+def _real_error(l):
+    "The error of a real fastai training batch of `l`, or None"
+    from memory_refs import _batch_quiet
+    try: l.opt = l.opt or l.create_opt(); _batch_quiet(l)
+    except Exception as e: return e
+
+def _bf16_learner(): l = _learner(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8*16*16, 10))); l.model.bfloat16(); return l
+def _bf16_linear(): l = _learner(nn.Sequential(nn.Flatten(), nn.Linear(3*16*16, 10))); l.model.bfloat16(); return l
+def _bf16_norm():
+    l = _learner(nn.Sequential(nn.Flatten(), nn.Linear(3*16*16, 16), nn.LayerNorm(16), nn.Linear(16, 10)))
+    l.model[2].bfloat16(); return l
+def _bad_shape(): return _learner(nn.Sequential(nn.Flatten(), nn.Linear(3*16*15, 10)))
+mismatches = {'bf16 conv': (_bf16_learner, 'forward'), 'bf16 linear': (_bf16_linear, 'forward'), 'bf16 layer norm': (_bf16_norm, 'forward'), 'shapes': (_bad_shape, 'forward')}
+
+@pytest.mark.parametrize('case', list(mismatches))
+def test_step_that_fails_gets_its_reason(case):
+    """A model whose real step fails (a `bfloat16` model fed float32 batches: conv, linear, a norm; a shape mismatch): every entry point raises `StepError`
+    in the stage where the real step fails, never a figure; the real fastai batch fails too; nothing is left behind"""
+    make,stage = mismatches[case]
+    for call in ('memory_summary', 'max_batch', 'memory_plan'):
+        l = make(); l.model.eval(); before = _state(l.model)
+        with pytest.raises(StepError) as e: calls[call](l)
+        assert e.value.stage == stage and _unchanged(l.model, before)
+    assert isinstance(_real_error(make()), RuntimeError)  # the reference: a real fastai batch fails
+
+def test_bf16_batches_follow():
+    "The same `bfloat16` model fed `bfloat16` batches runs: the prediction follows the batch's dtype, its parameters in bf16"
+    l = _bf16_learner()
+    b = l.dls.train.one_batch()
+    ms = l.memory_summary(xb=b[0].bfloat16(), yb=b[1])
+    assert ms.df.param_bytes.sum() == 2*sum(p.numel() for p in l.model.parameters()) and ms.peak > 0
+
+def test_devices_mixed():
+    "Parameters on two devices: the real step fails; so does the prediction, before anything is changed"
+    m = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 2)); m[1].to('meta')
+    before = [p for p in m.parameters()]
+    with pytest.raises(RuntimeError, match='same device'): predict_memory(m, torch.randn(2, 8), torch.tensor([0, 1]), nn.CrossEntropyLoss())
+    assert [p for p in m.parameters()] == before and hook_count(m) == 0
+
+def test_fake_checks_match_real_kernels():
+    "Each `fake_check` refuses what the real kernel refuses and takes what it takes, on real tensors of the same dtypes"
+    from cnn_cost.fake import fake_checks
+    aten = torch.ops.aten
+    x,w,bf = torch.randn(2, 3, 8, 8),torch.randn(4, 3, 3, 3),torch.bfloat16
+    cases = [(aten.convolution.default, lambda d: (x, w.to(d), None, [1,1], [0,0], [1,1], False, [0,0], 1)),
+             (aten.mm.default, lambda d: (torch.randn(2, 3), torch.randn(3, 4, dtype=d))), (aten.addmm.default, lambda d: (torch.randn(4, dtype=d), torch.randn(2, 3), torch.randn(3, 4))),
+             (aten.native_layer_norm.default, lambda d: (torch.randn(2, 4), [4], torch.ones(4, dtype=d), torch.zeros(4, dtype=d), 1e-5))]
+    for op,args in cases:
+        f = fake_checks[op._overloadpacket]
+        for d in (torch.float32, bf):
+            try: op(*args(d)); real = None
+            except RuntimeError as e: real = e
+            assert (f(args(d)) is None) == (real is None), (op, d)

@@ -2,7 +2,7 @@
 import pytest, torch, torchvision
 from fastai.vision.all import Learner, CrossEntropyLossFlat, set_seed
 from cnn_cost.core import block_names
-from cnn_cost.memory import step_memory, MemorySummary, _batch
+from cnn_cost.memory import step_memory, MemorySummary, learner_batch
 from cnn_cost.plan import *
 from memory_refs import tv_learner, rand_dls, cpu_peak, unet
 
@@ -26,12 +26,12 @@ def test_plan_peak_is_real(name):
     k = plan['checkpointing']
     assert k.fits and 2 <= len(k.blocks) <= 4 and not plan['as is'].fits
     assert k.recompute_macs > 0 and 0 < k.extra < 0.5
-    xb,yb = _batch(learn, None, None)
-    with checkpointed(learn.model, k.blocks): mc,c,_ = step_memory(learn.model, xb, yb, learn.loss_func, learn.opt_func, fake=False)
+    xb,yb = learner_batch(learn, None, None)
+    with checkpointed(learn.model, k.blocks): rec = step_memory(learn.model, xb, yb, learn.loss_func, learn.opt_func, fake=False); mc,c = rec.counter,rec.counting
     real = MemorySummary(mc.blocks, mc.trace, c.units, c.recs).peak
     learn.checkpoint(plan if plan.suggestion is k else k)
     ms = learn.memory_summary(device='cpu')  # review finding: the learner's prediction follows the callback (before: the unplanned peak)
-    assert ms.peak == k.peak and 'CheckpointBlocks' in ms.notes[-1] and learn.max_batch(plan.budget/2**30, device='cpu', show_plot=False).bs >= 4
+    assert ms.peak == k.peak and len(ms.trained_as) == 1 and ms.trained_as[0] == ms.notes[-1] and learn.max_batch(plan.budget/2**30, device='cpu', show_plot=False).bs >= 4
     with checkpointed(learn.model, k.blocks): ref = cpu_peak(learn)  # a warm-up fit with the callback, then one real batch checkpointed as the callback does
     print(f"{name}: torch {torch.__version__}, budget {plan.budget:,} B, as is {full:,} B, checkpointing {len(k.blocks)} blocks {k.blocks}: "
           f"predicted {k.peak:,} B, real step {real:,} B, MemTracker {ref:,} B ({k.peak/ref-1:+.3%}); recompute {k.extra:.1%} of the step's MACs")
@@ -66,7 +66,24 @@ def test_accumulation_keeps_the_batch(bs):
     plan = learn.memory_plan(0.3*full/2**30, bs=bs, device='cuda')
     acc = [o for o in plan.options if o.n_acc > 1]
     assert acc and all(o.micro*o.n_acc == bs for o in plan.options), [(o.name, o.n_acc, o.micro) for o in plan.options]
-    assert all(o.name in str(plan) for o in plan.options)
+    rows = plan._text_table()[4:-1]
+    assert len(rows) == len(plan.options) and all(l.startswith(o.name + ' ') for l,o in zip(rows, plan.options))  # each row starts with its option's whole name
+
+def test_plan_reads_at_a_glance():
+    "The plan in `text_table`'s layout, then the suggestion and its price in short facts; `amp_skipped`, `already_amp`, `nothing_fits` are attributes, a sentence only when they hold"
+    set_seed(0)
+    learn = Learner(rand_dls(32, (3, 16, 16)), torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1),
+                    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)), loss_func=CrossEntropyLossFlat())
+    full,fc = learn.memory_summary(bs=32, device='cuda').peak,learn.memory_summary(bs=32, device='cpu').peak
+    cu,cpu,h = [learn.memory_plan(0.3*p/2**30, bs=32, device=d, dtype=dt, show_plot=False) for p,d,dt in [(full, 'cuda', None), (fc, 'cpu', None), (full, 'cuda', 'fp16')]]
+    big,none = [learn.memory_plan(b, bs=32, device='cuda', show_plot=False) for b in (100, 1e-6)]
+    for p in (cu, cpu, h, big, none):
+        assert len(p.facts()) <= 8 and len(str(p).splitlines()) == len(p._text_table()) + len(p.facts()) + len(p.conditions())
+        assert len(p._text_table()) == 5 + len(p.options) and p.notes[-1].startswith('Ranked')  # the full ranking rule in the notes
+    assert [(p.cuda, p.amp_skipped, p.already_amp, p.nothing_fits, p.measured, len(p.conditions())) for p in (cu, cpu, h, big, none)] == [
+        (True, False, False, False, False, 0), (False, True, False, False, False, 1), (True, False, True, False, False, 1),
+        (True, False, False, False, False, 0), (True, False, False, True, False, 0)]
+    assert none.suggestion is None and big.suggestion.name == 'as is' and len(none.facts()) == 2
 
 def test_plan_language_model():
     "Review finding: the plan feeds the loss as fastai's `RNNCallback` does (it crashed on a language model); 'as is' equals `memory_summary`"
