@@ -12,7 +12,7 @@ import argparse, json, time, numpy as np, torch
 from pathlib import Path
 from fastai.vision.all import *
 from cnn_cost.all import *
-from cnn_cost.counting import plain_ops
+from cnn_cost.counting import plain_ops, count_pass
 
 def main(rounds=5):
     learn = vision_learner(digits_dls(), resnet18, pretrained=False, n_out=10)

@@ -8,6 +8,9 @@ import argparse, time, json, numpy as np, torch
 from pathlib import Path
 from fastai.vision.all import *
 from cnn_cost.all import *
+from cnn_cost.timing import CPUClock, timed
+from cnn_cost.counting import count_pass
+from cnn_cost.core import cost_units
 from cnn_cost.learner import _hooked, costed
 
 def bare_hooks(mods):

@@ -16,7 +16,9 @@ from fastcore.basics import *
 from fastai.torch_core import TensorBase
 from fasttransform.cast import cast as _cast
 from .core import *
+from .core import flat_tensors, map_tensors
 from .counting import *
+from .counting import aten
 from .summary import human
 
 # %% ../nbs/03a_fake.ipynb #f0000008

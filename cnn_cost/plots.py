@@ -11,6 +11,7 @@ __all__ = []
 import numpy as np, matplotlib.pyplot as plt
 from fastcore.basics import *
 from .summary import *
+from .summary import human
 
 # %% ../nbs/07_plots.ipynb #1c723949
 _panels = [('params','Params'), ('act_bytes','Activations (bytes)'), ('macs','MACs'), ('time_ms','Time (ms)')]

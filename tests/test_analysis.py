@@ -4,7 +4,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from pathlib import Path
 from cnn_cost.all import *
-from cnn_cost.analysis import _ceilings
+from cnn_cost.analysis import _ceilings, fit_exponent, get_ceilings
 
 FIXED = Ceilings(1e10, 1e10, 1e-3)   # 10 GFLOP/s, 10 GB/s, 1 µs per call: ridge at 1 FLOP/byte
 

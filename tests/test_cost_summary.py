@@ -4,6 +4,8 @@ from pathlib import Path
 from torch.utils.flop_counter import FlopCounterMode
 from fastai.callback.hook import layer_info
 from cnn_cost.all import *
+from cnn_cost.summary import hooks_slow_max
+from cnn_cost.counting import count_pass
 from conftest import hook_count
 
 def seed_rows():

@@ -9,6 +9,7 @@ from cnn_cost.learner import *
 from cnn_cost.fake import *
 from cnn_cost.fake import Undo, unhookable
 from cnn_cost.memory import *
+from cnn_cost.memory import step_memory
 from cnn_cost.plan import *  # `Learner.max_batch`, `Learner.memory_plan`
 from cnn_cost.data import digits_dls
 from conftest import hook_count

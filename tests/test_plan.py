@@ -4,6 +4,7 @@ from fastai.vision.all import Learner, CrossEntropyLossFlat, set_seed
 from cnn_cost.core import block_names
 from cnn_cost.memory import step_memory, MemorySummary, learner_batch
 from cnn_cost.plan import *
+from cnn_cost.plan import checkpointed, plan_blocks
 from memory_refs import tv_learner, rand_dls, cpu_peak, unet
 
 def vit(bs=8, size=32):

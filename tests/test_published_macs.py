@@ -11,6 +11,7 @@ import pytest, torch, torch.nn as nn, torchvision
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from cnn_cost.all import *
+from cnn_cost.counting import count_pass
 
 # name: kind of architecture. torchvision publishes `_ops` rounded to 3 decimals of GFLOPS, well inside 1% for all of these.
 ARCHS = {'vgg11': 'plain', 'alexnet': 'plain', 'resnet18': 'residual', 'resnet50': 'residual', 'mobilenet_v2': 'depthwise',

@@ -1,6 +1,8 @@
 "Timings a reader can trust (issue 18): a disturbed CPU is detected and said, adaptive rounds, shapes printed whole."
 import os, sys, time, subprocess, contextlib, pytest, torch, torch.nn as nn
 from cnn_cost.all import *
+from cnn_cost.learner import n_min_repeat, n_paired
+from cnn_cost.timing import CPUClock, cpu_wait_max, run_queue_ns
 import cnn_cost.timing, cnn_cost.learner
 
 linux = pytest.mark.skipif(run_queue_ns() is None or not hasattr(os, 'sched_setaffinity'), reason='needs /proc/self/task/*/schedstat and CPU affinity (Linux)')

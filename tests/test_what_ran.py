@@ -7,7 +7,7 @@ import warnings, pytest, torch, torch.nn as nn, torchvision
 from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 from cnn_cost.all import *
-from cnn_cost.counting import Counting, find_rule, plain_ops, path_note
+from cnn_cost.counting import Counting, find_rule, plain_ops, path_note, count_pass
 from test_published_macs import build, TIMM
 
 def fc_macs(model, *xb, **kw):
