@@ -11,7 +11,7 @@ __all__ = ['RestoreError', 'fake_fix', 'fake_check']
 import sys, torch, torch.nn as nn, contextlib, functools, copy, weakref, math
 from torch._subclasses.fake_tensor import FakeTensorMode, FakeTensor
 from torch.utils._python_dispatch import _disable_current_modes, TorchDispatchMode
-from types import FunctionType
+from types import FunctionType, MethodType, BuiltinFunctionType
 from fastcore.basics import *
 from fastai.torch_core import TensorBase
 from fasttransform.cast import cast as _cast
@@ -101,19 +101,46 @@ def attr_tensors(model):
             for t in flat_tensors(v) if not isinstance(t, nn.Parameter) and t.grad_fn is None]
 
 _hook_dicts = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
+_mm = nn.modules.module  # torch's global module hooks (`register_module_forward_hook`...), which run on every module the step calls
+def _hook_owner(f):
+    "The object whose `__dict__` holds hook `f`'s state (a bound method's object, a callable object), None for a function, lambda, closure or partial"
+    o = f.__self__ if isinstance(f, MethodType) else None if isinstance(f, (FunctionType, BuiltinFunctionType, functools.partial, type)) else f
+    return o if o is not None and hasattr(o, '__dict__') and not isinstance(o, type) else None
+
+def _snap_obj(o): a = dict(vars(o)); return o,a,{k: copy.copy(v) for k,v in a.items() if isinstance(v, (list, dict, set))}
+def _put_obj(o, a, cs):
+    "Object `o`'s attributes as in `a`, and the lists, dicts and sets among them holding their items of then again (the same objects)"
+    _put_back(o, a)
+    for k,c in cs.items():
+        if isinstance(c, list): a[k][:] = c
+        else: _put_dict(a[k], c)
+
 @contextlib.contextmanager
 def hooks_kept(model, undo=None):
-    """The model's forward and backward hooks run in the step, as in training (fastai's U-Net reads its encoder's features through them); the objects
-    whose methods they are (fastai's `Hook`: its `stored`) get their attributes back after it. Yields how many hooks are not methods, whose state is not restored"""
-    fs = [f for m in model.modules() for k in _hook_dicts for f in getattr(m, k, {}).values()]
-    owners = {id(o): o for f in fs if (o := getattr(f, '__self__', None)) is not None and not isinstance(o, nn.Module) and hasattr(o, '__dict__')}
-    snap = [(o, dict(vars(o))) for o in owners.values()]
-    try: yield sum(getattr(f, '__self__', None) is None for f in fs)
+    """The user's hooks in the step, as in training (fastai's U-Net reads its encoder's features through them), and nothing of the user's left fake:
+    hooks whose state can be put back exactly (bound methods, callable objects: fastai's `Hook`) run, their objects' attributes put back after it;
+    functions, lambdas, closures and partials (which can write anywhere) are taken out of the hook dicts for the step and put back, same objects, same
+    order. Also torch's global module hooks; the user's open `saved_tensors_hooks` are not called. Yields the names of the hooks not run"""
+    mods = {id(m) for m in model.modules()}
+    ds = [(f"{n or type(m).__name__} {k.strip('_')[:-1].replace('_', ' ')}", d) for n,m in model.named_modules() for k in _hook_dicts if (d := getattr(m, k, None))]
+    ds += [(f"global {k.strip('_')[7:-1].replace('_', ' ')}", d) for k in ('_global_forward_hooks', '_global_forward_pre_hooks', '_global_backward_hooks',
+                                                                       '_global_backward_pre_hooks') if (d := getattr(_mm, k, None))]
+    ours = lambda f: (getattr(f, '__module__', None) or getattr(getattr(f, 'func', None), '__module__', '') or '').split('.')[0]==__name__.split('.')[0]
+    def runs(f): o = _hook_owner(f); return ours(f) or (o is not None and (id(o) in mods or not isinstance(o, nn.Module)))  # a model's module: `swapped` restores it
+    out = [(w,d,dict(d),ks) for w,d in ds if (ks := [k for k,f in d.items() if not runs(f)])]
+    owners = {id(o): o for _,d in ds for f in d.values() if runs(f) and (o := _hook_owner(f)) is not None and not isinstance(o, nn.Module)}
+    names = [f"{w} {getattr(a[k], '__qualname__', type(a[k]).__name__)}" for w,d,a,ks in out for k in ks]
+    snap = [_snap_obj(o) for o in owners.values()]
+    user_saved = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    try:
+        for _,d,_,ks in out:
+            for k in ks: del d[k]
+        with (torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if user_saved else contextlib.nullcontext()): yield names
     finally:
         u = ifnone(undo, Undo())
-        for o,a in snap: u(f"the state of hook owner {type(o).__name__}", _put_back, o, a)
+        for w,d,a,_ in out: u(f"the hooks of {w}", _put_dict, d, a)
+        for o,a,cs in snap: u(f"the state of hook owner {type(o).__name__}", _put_obj, o, a, cs)
         if undo is None: u.check()
-
 
 # %% ../nbs/03a_fake.ipynb #f000000c
 with FakeTensorMode(): _fake_state = frozenset(vars(torch.empty(0))) | {'_is_param'}  # what a `FakeTensor` keeps in its `__dict__`

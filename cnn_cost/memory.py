@@ -338,7 +338,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
     xs,ys = new_batch((list(xb), list(yb)), bs, fm)
     gs,modes,u = (None if opt_func is None else _groups(model, splitter, ts)),[(n or 'the model', m, m.training) for n,m in model.named_modules()],Undo()
     try:
-        with hooks_kept(model, u) as n_hooks, swapped(model, ts, functools.partial(held_copy, fm=fm), u), (fm or contextlib.nullcontext()), fake_subclasses():
+        with hooks_kept(model, u) as not_run, swapped(model, ts, functools.partial(held_copy, fm=fm), u), (fm or contextlib.nullcontext()), fake_subclasses():
             model.train()
             if cast: xs,ys = [cast_tensors(b) for b in (xs, ys)]  # inside `fake_subclasses`: a fake fastai tensor's alias, as the real `as_subclass` makes
             opt = None if opt_func is None else opt_func(gs, lr=lr)
@@ -353,8 +353,9 @@ def step_memory(model:nn.Module, # Any PyTorch model
             c = MemCounting(model, size=cuda_block if cuda else None, device=device)
             with c:
                 mc = c.counter
-                mc.known,mc.notes = fx.known,[f"{n_hooks} hooks on the model are functions, not methods of an object: they ran on fake tensors, "
-                                              "and what they stored outside the model stays fake until the next real forward"] if n_hooks else []
+                mc.known,mc.not_run = fx.known,not_run  # the user's hooks whose state cannot be put back (functions): not run, so nothing of theirs turns fake
+                mc.notes = [f"Hooks not run in the predicted step: {', '.join(not_run)}: functions, whose state (globals, closures) cannot be put back after "
+                            "fake tensors; a real step runs them (make one a method of an object, fastai's `Hook`, to have it run)"] if not_run else []
                 # what the step starts with; not a loop: its variable would hold the last one to the step's end (a buffer the forward replaces)
                 kinds = [(MemKind.param, ps), (MemKind.buffer, list(model.buffers())), (MemKind.input, flat_tensors(xs+ys)), (MemKind.grad, [p.grad for p in ps if p.grad is not None]),
                          (MemKind.opt, [v for *_,v in (_opt_state(opt) if opt is not None else [])]), (MemKind.other, flat_tensors(prev) + attr_tensors(model))]
@@ -393,8 +394,8 @@ def _keep(units, recs):
 class MemorySummary:
     "Memory of one training step: per-layer `df`, the `timeline`, the `peak` and what holds it; prints as `CostSummary` does"
     def __init__(self, blocks, trace, units, recs, model_name='', input_shapes=(), bs=None, dtype=None, device='cpu', notes=(), flags=None,
-                 ops=(), optimizer=None, fake_hooks=False):
-        store_attr('model_name,input_shapes,bs,device,optimizer,fake_hooks'); self.dtype,self.notes,self.flags = str(dtype or 'fp32'),list(notes),dict(flags or {})
+                 ops=(), optimizer=None, hooks_not_run=()):
+        store_attr('model_name,input_shapes,bs,device,optimizer'); self.hooks_not_run = list(hooks_not_run); self.dtype,self.notes,self.flags = str(dtype or 'fp32'),list(notes),dict(flags or {})
         self.cuda = torch.device(device).type=='cuda'  # the CUDA allocator's 512-byte rounding applied; else a CPU target
         # conditions, each an attribute, said in one sentence when it holds (`conditions`), in full in `notes`
         self.not_predicted = {op: sum(n for _,n in v) for op,v in self.flags.items()}  # op -> bytes the peak may be off by: a fake kernel that cannot be corrected
@@ -431,6 +432,7 @@ class MemorySummary:
 
 # %% ../nbs/03a_memory.ipynb #e0000003
 def gib(n): return f"{n/2**30:.3g} GiB"
+def hooks_sentence(ns): return f"Hooks not run: {len(ns)} function hook{'s'*(len(ns)>1)} cannot be restored after fake tensors, so the prediction skips them."
 
 
 # %% ../nbs/03a_memory.ipynb #7334ff3d
@@ -468,12 +470,12 @@ def facts(self:MemorySummary):
 
 @patch
 def conditions(self:MemorySummary):
-    "One sentence for each condition that holds (`not_predicted`, `trained_as`, `amp_ignored`, `fake_hooks`, `scratch`); the full text is in `.notes`"
+    "One sentence for each condition that holds (`not_predicted`, `trained_as`, `amp_ignored`, `hooks_not_run`, `scratch`); the full text is in `.notes`"
     res,np_ = [],self.not_predicted
     if np_: res.append(_line(f"Not predicted: {', '.join(np_)} on fake tensors: the peak may be off by up to {human(sum(np_.values()),'B')}."))
     res += [_line(n.rstrip('.') + '.') for n in self.trained_as]
     if self.amp_ignored: res.append(f"Mixed precision ignored: fastai autocasts on CUDA only, so on {self.device} the step runs in float32.")
-    if self.fake_hooks: res.append("Function hooks ran on fake tensors: what they keep outside the model stays fake until a real forward.")
+    if self.hooks_not_run: res.append(hooks_sentence(self.hooks_not_run))
     if self.scratch: res.append(_line(f"CPU target: oneDNN scratch in {', '.join(self.scratch)} is not counted; real CPU peaks ran up to 44% higher."))
     return res
 
@@ -555,7 +557,7 @@ def from_step(cls:MemorySummary, sm:StepMemory):
     o = _opt_info(opt, [p for p in opt.all_params().itemgot(0)] if opt else [])
     notes = _coverage(sm.device, mc.ops) + mc.notes + [_opt_note(o)]
     return cls(mc.blocks, mc.trace, c.units, c.recs, sm.model_name, sm.input_shapes, sm.bs, amp_dtype(sm.dtype) and sm.dtype, sm.device, notes, mc.flags,
-               mc.ops, o, bool(mc.notes))
+               mc.ops, o, getattr(mc, 'not_run', []))
 
 def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e-3, bs=None, dtype=None, channels_last=False, device='cpu', cast=False):
     "`MemorySummary` of one training step of `model`, predicted on fake tensors (see `step_memory`)"

@@ -111,3 +111,21 @@ def test_scripted_block():
     assert 'forward' not in vars(m[2]) and type(m[1]).__name__=='RecursiveScriptModule'
     with checkpointed(m, ['2']): m(torch.randn(2,3,8,8)).sum().backward()  # the eager one still checkpoints
     assert 'forward' not in vars(m[2])
+
+def test_budget_in_bytes_refused():
+    "Review 3 item 2: a budget given in bytes (more than 16384 GiB) gets a clear error before anything runs, in `memory_plan` and `max_batch` alike"
+    learn = Learner(rand_dls(4, (3, 8, 8)), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3*8*8, 10)), loss_func=CrossEntropyLossFlat())
+    w = [(p, p.detach().clone()) for p in learn.model.parameters()]
+    for f,b in [(lambda b: learn.memory_plan(b, device='cpu', show_plot=False), 110e6), (lambda b: learn.max_batch(b, device='cpu', show_plot=False), 200e6)]:
+        with pytest.raises(ValueError, match=rf'budget is in GiB: did you mean .*= {b/2**30:.3g} GiB'): f(b)
+    assert all(p is q and p.equal(v) for (p,v),q in zip(w, learn.model.parameters())) and not learn.model[1]._forward_hooks
+    assert learn.max_batch(16384, device='cpu', max_bs=4, show_plot=False).capped  # the largest budget taken
+
+def test_max_batch_peaks_print_apart():
+    "Review 3 item 2: two sizes whose peaks differ print different peaks, with as many digits as that takes; equal peaks print alike"
+    from cnn_cost.memory import gib
+    p1,p2 = int(0.5*2**30),int(0.5*2**30)+300_000
+    assert gib(p1) == gib(p2)  # the case: 3 digits print both as 0.5 GiB
+    r = MaxBatch(870, p2, 2**30, [869, 870, 871], [p1, p2, p2])
+    peaks = [l.split()[1] for l in r._text_table() if l.split() and l.split()[0] in ('869', '870', '871')]
+    assert len(peaks) == 3 and peaks[0] != peaks[1] and peaks[1] == peaks[2] and float(peaks[0]) < float(peaks[1])
