@@ -115,6 +115,10 @@ def _put_obj(o, a, cs):
         if isinstance(c, list): a[k][:] = c
         else: _put_dict(a[k], c)
 
+def own_hook(f):
+    "Mark hook function `f` as the package's own (a measurement around the step): `hooks_kept` runs it in the step"
+    f.cnn_cost_hook = True; return f
+
 @contextlib.contextmanager
 def hooks_kept(model, undo=None):
     """The user's hooks in the step, as in training (fastai's U-Net reads its encoder's features through them), and nothing of the user's left fake:
@@ -125,7 +129,7 @@ def hooks_kept(model, undo=None):
     ds = [(f"{n or type(m).__name__} {k.strip('_')[:-1].replace('_', ' ')}", d) for n,m in model.named_modules() for k in _hook_dicts if (d := getattr(m, k, None))]
     ds += [(f"global {k.strip('_')[7:-1].replace('_', ' ')}", d) for k in ('_global_forward_hooks', '_global_forward_pre_hooks', '_global_backward_hooks',
                                                                        '_global_backward_pre_hooks') if (d := getattr(_mm, k, None))]
-    ours = lambda f: (getattr(f, '__module__', None) or getattr(getattr(f, 'func', None), '__module__', '') or '').split('.')[0]==__name__.split('.')[0]
+    ours = lambda f: getattr(f, 'cnn_cost_hook', False) or (getattr(f, '__module__', None) or '').split('.')[0]==__name__.split('.')[0]
     def runs(f): o = _hook_owner(f); return ours(f) or (o is not None and (id(o) in mods or not isinstance(o, nn.Module)))  # a model's module: `swapped` restores it
     out = [(w,d,dict(d),ks) for w,d in ds if (ks := [k for k,f in d.items() if not runs(f)])]
     owners = {id(o): o for _,d in ds for f in d.values() if runs(f) and (o := _hook_owner(f)) is not None and not isinstance(o, nn.Module)}

@@ -19,7 +19,7 @@ from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelBatchException, CancelTrainException, CancelEpochException
 from .core import *
 from .core import add_hooks, cost_units, flat_tensors
-from .fake import Undo, check_hookable
+from .fake import Undo, check_hookable, own_hook
 from .memory import *
 from .memory import learner_batch, batch_rows, learner_casts, learner_loss, learner_dtype, gib, hooks_sentence, as_trained, amp_dtype, step_memory
 from .summary import human, text_table
@@ -254,7 +254,7 @@ def _inputs(model, names):
     cost_units(model)  # where `add_hooks` measures a module that takes no hooks (TorchScript, `torch.export`) from: its parent
     hs = []
     try:
-        for n in names: hs.append(add_hooks(mods[n], pre(n), with_kwargs=True))
+        for n in names: hs.append(add_hooks(mods[n], own_hook(pre(n)), with_kwargs=True))  # the package's: run in the fake step
         yield res
     finally:
         for h in hs: h.remove()
