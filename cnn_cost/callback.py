@@ -8,7 +8,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/callback.html.md"""
 __all__ = ['CostProfiler', 'TrainProfile']
 
 # %% ../nbs/06_callback.ipynb #e254e163
-import time, contextlib, numpy as np, pandas as pd, torch, torch.nn as nn, torch.distributed as dist
+import time, contextlib, warnings, numpy as np, pandas as pd, torch, torch.nn as nn, torch.distributed as dist
 from copy import deepcopy
 from fastcore.basics import *
 from fastcore.foundation import L
@@ -146,7 +146,9 @@ _in_batch = {'after_pred','after_loss','before_backward','after_cancel_backward'
 
 # %% ../nbs/06_callback.ipynb #253f3f53
 class CostProfiler(Callback):
-    "Profile per-layer forward and backward time, saved-for-backward bytes, memory and MACs of training batches"
+    """Profile per-layer forward and backward time, saved-for-backward bytes, memory and MACs of training batches.
+    Its hooks live for one training batch. A fit that dies of an ordinary exception or `KeyboardInterrupt` (fastai then calls no event) leaves
+    them on the model until the learner's next event, or removes them at once when the profiler was passed to `fit(cbs=...)`; `remove()` does it now"""
     order,run_valid,remove_on_fetch = 5,False,True
     _stateattrs = ('hooks','units','recs','batches','rank_tables','skip_ptrs','_ev','_cm','_c','_cw','patterns')
     def __init__(self,
@@ -160,7 +162,7 @@ class CostProfiler(Callback):
         self._cm,self._c,self._cw,self._counting = None,None,None,False  # the open batch: its `ExitStack`, its `Counting`, its `CPUWait`
         self._on,self._t_end,self.model_name,self.counted_iter,self._bwd_seen = False,None,'',None,False
         self.patterns,self._tries,self._label,self._n_pred,self._n_rc = [],0,'',0,0  # the sets of modules the batches ran, and their counts
-        self.compiled = False
+        self.compiled,self.n_train = False,0
 
     @property
     def learn(self): return self.__dict__.get('learn')
@@ -215,11 +217,11 @@ def _stamp(self:CostProfiler, ev):
 def before_train(self:CostProfiler): self._t_end = time.perf_counter_ns()
 @patch
 def before_batch(self:CostProfiler):
-    t = time.perf_counter_ns()
+    t = time.perf_counter_ns(); self.n_train += 1  # training batches of this fit
     self._on,self._iter = self._want(self.train_iter),self.train_iter
     gm = getattr(self.learn.model, 'gen_mode', None)  # fastai's `GANModule`: the generator's or the critic's step
     self._label = '' if gm is None else 'generator' if gm else 'critic'
-    if self._on: self._ev,self._data_ms = {},(t-self._t_end)/1e6 if self._t_end else np.nan
+    if self._on: self._ev,self._data_ms,self._bptrs = {},(t-self._t_end)/1e6 if self._t_end else np.nan,set()
     kind = self._batch_kind()
     if kind is None: return
     self._cm,self._counting = contextlib.ExitStack(),kind=='count'
@@ -234,7 +236,9 @@ def before_batch(self:CostProfiler):
 @patch
 def after_pred(self:CostProfiler):
     self._stamp('after_pred')
-    if self._on: self._n_pred = len(self.hooks.marks)  # marks after this: modules that ran inside the loss (`GANLoss`)
+    if not self._on: return
+    self._n_pred = len(self.hooks.marks)  # marks after this: modules that ran inside the loss (`GANLoss`)
+    self._bptrs = {_ptr(t) for t in flat_tensors((*self.learn.xb, *self.learn.yb))}  # the batch, held anyway: no layer's saved bytes (as `memory_summary`)
 @patch
 def after_loss(self:CostProfiler): self._stamp('after_loss')
 @patch
@@ -257,10 +261,18 @@ def after_cancel_epoch(self:CostProfiler): self._end_batch('stop')
 @patch
 def after_cancel_fit(self:CostProfiler): self._end_batch('abort')
 @patch
+def remove(self:CostProfiler):
+    "Remove the open batch's hooks now (after a fit that raised, with the profiler still attached); what was profiled stays"
+    self._end_batch('abort')
+@patch
 def after_fit(self:CostProfiler):
     self._end_batch('abort'); self._on = False
     if num_distrib()>1 and dist.is_available() and dist.is_initialized(): self._gather()  # collective: every rank calls it
     if self.batches or self.rank_tables: self.learn.train_profile = self.profile
+    elif self.run:  # a fit too short for `skip`: say so now, and when `learn.train_profile` is read
+        why = (f"the last fit with a `CostProfiler` ran {self.n_train} training batch{'es'*(self.n_train!=1)}, and " +
+               ("`n_batches=0` profiles none" if self.n_batches==0 else f"`skip={self.skip}` left none to profile (pass `skip=0`, or fit more batches)"))
+        self.learn.__dict__['_train_profile_why'] = why; warnings.warn(f"CostProfiler profiled nothing: {why}")
 
 # %% ../nbs/06_callback.ipynb #c3f13d47
 @patch
@@ -302,7 +314,7 @@ def _collect(self:CostProfiler):
     ms = lambda a,b: h.clock.ms(ev[a], ev[b]) if a in ev and b in ev else np.nan  # a part that did not run (a cancelled batch): not measured, not 0
     nan = [np.nan]*len(fwd)
     bwd,rec = h.bwd_times(ev['after_backward']) if 'after_backward' in ev else (nan,nan)
-    saved,saved_tot = h.saved(self.skip_ptrs)
+    saved,saved_tot = h.saved(self.skip_ptrs|getattr(self, '_bptrs', set()))  # parameters, buffers and the batch left out
     st = dict(data=self._data_ms, forward=ms('start','after_pred'), loss=ms('after_pred','after_loss'),
               backward=ms('before_backward','after_backward'), optimizer=ms('before_step','end'), total=ms('start','end'))
     st['other'] = st['total']-np.nansum([st['forward'],st['loss'],st['backward'],st['optimizer']])
@@ -508,7 +520,8 @@ def plot(self:CostProfiler, k=20, figsize=(11,4)):
 # %% ../nbs/06_callback.ipynb #cb000001
 def _train_profile(self):
     res = self.__dict__.get('_train_profile')
-    if res is None: raise ValueError("No training profile on this learner yet: train with a `CostProfiler`, e.g. `learn.fit(1, cbs=CostProfiler())`")
+    why = self.__dict__.get('_train_profile_why')
+    if res is None: raise ValueError("No training profile on this learner yet: " + (why or "train with a `CostProfiler`, e.g. `learn.fit(1, cbs=CostProfiler())`"))
     return res
 def _set_train_profile(self, v): self.__dict__['_train_profile'] = v
 Learner.train_profile = property(_train_profile, _set_train_profile, doc="The `TrainProfile` of the last `fit` with a `CostProfiler`")

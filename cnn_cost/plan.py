@@ -8,7 +8,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/plan.html.md"""
 __all__ = ['MaxBatch', 'check_gib', 'CheckpointBlocks', 'PlanOption', 'MemoryPlan']
 
 # %% ../nbs/03b_plan.ipynb #2eea3d72
-import torch, torch.nn as nn, contextlib, math, itertools, numpy as np, pandas as pd, matplotlib.pyplot as plt
+import torch, torch.nn as nn, contextlib, math, itertools, sys, numpy as np, pandas as pd, matplotlib.pyplot as plt
 import torch.utils.checkpoint as tuc
 from functools import partial
 from dataclasses import dataclass, field, astuple
@@ -184,10 +184,19 @@ def checkpointed(model:nn.Module, names):
 # %% ../nbs/03b_plan.ipynb #5792c172
 _in_batch = {'after_pred','after_loss','before_backward','after_cancel_backward','after_backward','before_step','after_cancel_step','after_step',
              'after_cancel_batch','after_batch'}  # the events that find a training batch open
+def _unhook(m, i):
+    "Remove forward hook `i` of `m`; when a forward raised, torch loops over `m._forward_hooks` itself (a removal would break it) unless `i` is its last"
+    d = m._forward_hooks
+    if sys.exc_info()[0] is not None and next(reversed(d), None)!=i: return False
+    for o in (d, m._forward_hooks_always_called, m._forward_hooks_with_kwargs): o.pop(i, None)
+    return True
+
 class CheckpointBlocks(Callback):
-    "Train with the submodules `names` (or a `MemoryPlan`'s blocks) under activation checkpointing: non-reentrant, RNG preserved, training batches only"
-    run_valid,_stateattrs = False,('_cm',)
-    def __init__(self, names): self.names,self._cm = list(getattr(names, 'blocks', names)),None
+    """Train with the submodules `names` (or a `MemoryPlan`'s blocks) under activation checkpointing: non-reentrant, RNG preserved, training batches only.
+    Their `forward` is replaced only while the model's forward runs: put back when it returns or raises (a `KeyboardInterrupt` inside it, which torch
+    runs no hook for: at the learner's next event, or at once when the callback was passed to `fit(cbs=...)`)"""
+    order,run_valid,_stateattrs = 90,False,('_cm','_hook')  # late: its root hook is the last one, which torch lets it remove when the forward raises
+    def __init__(self, names): self.names,self._cm,self._hook = list(getattr(names, 'blocks', names)),None,None
     @property
     def learn(self): return self.__dict__.get('learn')
     @learn.setter
@@ -205,11 +214,23 @@ class CheckpointBlocks(Callback):
     def before_fit(self):
         with checkpointed(self._model(), self.names): pass  # unknown names fail here, before training
     def before_batch(self):
-        cm = contextlib.ExitStack(); cm.enter_context(checkpointed(self._model(), self.names)); self._cm = cm
+        "Checkpoint the blocks for the model's forward only: a root forward hook (`always_call`: on return or raise) puts their `forward` back"
+        cm = contextlib.ExitStack(); self._cm = cm  # the graph keeps what each checkpoint runs: the backward recomputes with the forward put back
+        try:
+            cm.enter_context(checkpointed(self._model(), self.names))
+            m = self.learn.model; self._hook = m,m.register_forward_hook(lambda *a: self._leave(), always_call=True).id
+        except BaseException: self._leave(); raise
+    def after_pred(self): self._leave()
     def after_batch(self): self._leave()
+    def after_cancel_batch(self): self._leave()
     def _leave(self):
+        "Put the blocks' `forward` back and remove the root hook (if the forward raised with a later hook on the root: at the next event)"
         cm,self._cm = getattr(self, '_cm', None),None
-        if cm is not None: cm.close()
+        try:
+            if cm is not None: cm.close()
+        finally:
+            h = getattr(self, '_hook', None)
+            if h is not None and _unhook(*h): self._hook = None
     @contextlib.contextmanager
     def as_trained(self, model):
         "Inside the block, `model` as this callback trains it (for `memory_summary` and `max_batch`); yields a note saying so"

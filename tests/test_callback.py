@@ -97,7 +97,7 @@ def test_seed_export_and_second_fit(seed_profile, tmp_path):
     assert l2.cost_profiler.batches==[] and l2.cost_profiler.hooks is None
 
 def test_saved_bytes_hand_count():
-    "Linear(4,8) -> ReLU -> Linear(8,2), batch 16, fp32: the first linear saves its input, ReLU its output, the second linear its input"
+    "Linear(4,8) -> ReLU -> Linear(8,2), batch 16, fp32: the first linear saves its input (the batch: not counted), ReLU its output, the second linear its input"
     set_seed(0)
     x = torch.randn(64,4); y = (x.sum(1)>0).long()
     dls = DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:16], bs=16, device='cpu')
@@ -105,8 +105,8 @@ def test_saved_bytes_hand_count():
     learn = Learner(dls, m, loss_func=nn.CrossEntropyLoss(), cbs=CostProfiler(skip=0))
     learn.fit(1, 1e-2)
     df = learn.cost_profiler.summary().df.set_index('name')
-    assert df.loc[['0','1','2'],'saved_bytes'].tolist() == [16*4*4, 16*8*4, 16*8*4]
-    assert [b['saved_total'] for b in learn.cost_profiler.batches] == [16*4*4+16*8*4]*3  # ReLU's output and linear 2's input: one storage; batch 0 was the counting batch
+    assert df.loc[['0','1','2'],'saved_bytes'].tolist() == [0, 16*8*4, 16*8*4]  # the first linear's input is the batch, held anyway: in no layer's bytes
+    assert [b['saved_total'] for b in learn.cost_profiler.batches] == [16*8*4]*3  # ReLU's output and linear 2's input: one storage; batch 0 was the counting batch
 
 @pytest.mark.parametrize('attached', [True, False])
 @pytest.mark.parametrize('exc', [CancelFitException(), RuntimeError('boom in a batch')])
@@ -298,14 +298,15 @@ def test_saved_bytes_count_storages():
     learn,cp = saved_fit(Pooled(), x, y)
     df = cp.summary().df.set_index('name')
     bs,h = 16,16*8*16*4  # `hidden`: bs x 8 x 16 floats
-    assert df.loc[['emb','tt','lin','dense','act','out'],'saved_bytes'].tolist()==[bs*8*8, 8*8, h, h, bs*16*4, bs*16*4]
-    assert {b['saved_total'] for b in cp.batches}=={bs*8*8 + 8*8 + h + h + bs*16*4}  # `lin`'s input, `hidden`, tanh's output: each once
-    held,views = saved_ref(learn.model, learn.dls.one_batch()[:1])
-    assert {b['saved_total'] for b in cp.batches}=={sum(held.values())} and sum(views.values())<sum(held.values())
+    assert df.loc[['emb','tt','lin','dense','act','out'],'saved_bytes'].tolist()==[0, 8*8, h, h, bs*16*4, bs*16*4]  # the batch (emb's ids) is no layer's
+    assert {b['saved_total'] for b in cp.batches}=={8*8 + h + h + bs*16*4}  # `lin`'s input, `hidden`, tanh's output: each once; not the batch
+    xb = learn.dls.one_batch()[:1]; held,views = saved_ref(learn.model, xb)
+    bp = {t.untyped_storage().data_ptr() for t in xb}
+    assert {b['saved_total'] for b in cp.batches}=={sum(n for p,n in held.items() if p not in bp)} and sum(views.values())<sum(held.values())
 
 def test_saved_bytes_bert_against_references():
-    """A tiny Hugging Face BERT (from a config, nothing downloaded): the profiler's saved total equals saved-tensor hooks keyed by storage, and
-    `memory_summary`'s rows plus the batch's own storage that the embedding saves (the batch is an input there, not a saved activation)"""
+    """A tiny Hugging Face BERT (from a config, nothing downloaded): the profiler's saved total equals saved-tensor hooks keyed by storage less the
+    batch's own storage that the embedding saves, and `memory_summary`'s rows (the batch is an input in both, not a saved activation)"""
     tr = pytest.importorskip('transformers')
     class Wrap(nn.Module):
         def __init__(self, m): super().__init__(); self.m = m
@@ -316,10 +317,57 @@ def test_saved_bytes_bert_against_references():
     learn,cp = saved_fit(Wrap(tr.BertForSequenceClassification(cfg)), x, y)
     xb = learn.dls.one_batch()[:1]
     held,views = saved_ref(learn.model, xb)
+    bp = {t.untyped_storage().data_ptr() for t in xb}
+    assert sum(n for p,n in held.items() if p in bp)>0  # the embedding saves the batch's ids: held anyway, in no layer's saved bytes
     tot = {b['saved_total'] for b in cp.batches}
-    assert tot=={sum(held.values())} and sum(views.values())<sum(held.values())  # the pooler's view and the expanded ids differ from their storages
+    assert tot=={sum(n for p,n in held.items() if p not in bp)} and sum(views.values())<sum(held.values())  # the pooler's view and the expanded ids differ from their storages
     ms = learn.memory_summary()
-    batch = sum(n for p,n in held.items() if p in {t.untyped_storage().data_ptr() for t in xb})
-    assert tot=={int(ms.df.saved_bytes.sum())+batch}, (tot, ms.df.saved_bytes.sum(), batch)
+    assert tot=={int(ms.df.saved_bytes.sum())}, (tot, ms.df.saved_bytes.sum())  # one definition: the batch an input in both
     df = cp.summary().df.set_index('name')
     assert df.loc['m.bert.pooler.dense','saved_bytes']==16*16*32*4  # `hidden[:, 0]` keeps the whole last hidden state alive
+
+def test_profile_too_short_fit():
+    "Review: a fit with no more training batches than `skip` says so (a warning at `after_fit`, and `train_profile`'s error), not 'train with a CostProfiler'"
+    learn = tiny_learner(); n = len(learn.dls.train)
+    cp = CostProfiler(skip=n)
+    with pytest.warns(UserWarning, match=f'ran {n} training batches'): learn.fit(1, cbs=cp)
+    assert cp.n_train==n and cp.recs is not None and cp.batches==[]
+    with pytest.raises(ValueError, match=f'skip={n}'): learn.train_profile
+    learn.fit(1, cbs=CostProfiler(skip=0, n_batches=1))  # a later fit that profiles: its profile
+    assert len(learn.train_profile.steps())==1
+
+def test_profiler_hooks_after_failed_fit():
+    "A fit that raises in `after_loss` with the profiler attached to the learner: `remove()` takes its hooks off now; passed to `fit(cbs=...)` they go at once"
+    class Boom(Callback):
+        def after_loss(self):
+            if self.training: raise RuntimeError('boom')
+    for attached in (True, False):
+        learn,cp = tiny_learner(),CostProfiler(skip=1)
+        if attached: learn.add_cb(cp)
+        with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=[Boom()] + ([] if attached else [cp]))
+        if attached: assert not no_hooks(learn.model); cp.remove()
+        assert no_hooks(learn.model)
+        pickle.dumps(learn.model)
+
+class Views(nn.Module):
+    "A conv on the input (it saves the batch), a slice, an expand and a transpose view feeding layers that save them"
+    def __init__(self):
+        super().__init__()
+        self.conv,self.lin,self.lin2,self.act,self.out = nn.Conv2d(3,8,3,padding=1),nn.Linear(8,8),nn.Linear(8,8),nn.Tanh(),nn.Linear(8,2)
+    def forward(self, x):
+        h = self.conv(x)                                   # saves x: the batch
+        t = h.flatten(2).transpose(1, 2)                   # a transpose view
+        a = self.lin(t[:, :4])                             # a slice of it
+        e = self.lin2(self.act(a.mean(1, keepdim=True)).expand(-1, 4, -1))  # an expand
+        return self.out(e.mean(1))
+
+def test_saved_bytes_match_memory_summary():
+    "Review: one definition of saved bytes: per layer, the profiler's rows equal `memory_summary`'s rows to the byte (the batch an input in both)"
+    set_seed(0); x,y = torch.randn(64,3,6,6),torch.randint(0,2,(64,))
+    learn,cp = saved_fit(Views(), x, y)
+    p = cp.summary().df.set_index('name').saved_bytes
+    m = learn.memory_summary().df.set_index('name').saved_bytes
+    names = ['conv','lin','lin2','act','out']
+    assert p[names].tolist()==m[names].tolist() and p['conv']==0, (p[names].tolist(), m[names].tolist())
+    assert (p[['lin','lin2','act','out']]>0).all()
+    assert {b['saved_total'] for b in cp.batches}=={int(m.sum())}

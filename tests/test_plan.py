@@ -1,6 +1,6 @@
 "The memory plan against real steps: the checkpointed step's peak predicted on fake tensors equals a real CPU step, and training with the plan applied is bit-identical."
 import pytest, torch, torchvision
-from fastai.vision.all import Learner, CrossEntropyLossFlat, set_seed
+from fastai.vision.all import Learner, CrossEntropyLossFlat, set_seed, Callback
 from cnn_cost.core import block_names
 from cnn_cost.memory import step_memory, MemorySummary, learner_batch
 from cnn_cost.plan import *
@@ -129,3 +129,58 @@ def test_max_batch_peaks_print_apart():
     r = MaxBatch(870, p2, 2**30, [869, 870, 871], [p1, p2, p2])
     peaks = [l.split()[1] for l in r._text_table() if l.split() and l.split()[0] in ('869', '870', '871')]
     assert len(peaks) == 3 and peaks[0] != peaks[1] and peaks[1] == peaks[2] and float(peaks[0]) < float(peaks[1])
+
+class _Raise(Callback):
+    "Raises `RuntimeError` at event `at` of the first training batch"
+    def __init__(self, at): self.at = at
+    def __getattr__(self, k):
+        if k==self.__dict__.get('at'): return self._boom
+        return super().__getattr__(k)
+    def _boom(self):
+        if self.training: raise RuntimeError('boom')
+
+class _Blk(torch.nn.Module):
+    "A conv block that counts its calls (the recompute calls it again) and can raise in its forward"
+    def __init__(self): super().__init__(); self.c,self.n,self.fail = torch.nn.Conv2d(8,8,3,padding=1),0,False
+    def forward(self, x):
+        self.n += 1
+        if self.fail: raise RuntimeError('boom in forward')
+        return torch.relu(self.c(x))+x
+
+def _ck_learner():
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    set_seed(0); x,y = torch.randn(16,3,8,8),torch.randint(0,4,(16,))
+    ds = list(zip(x,y)); dls = DataLoaders(DataLoader(ds, bs=8, drop_last=True), DataLoader(ds[:8], bs=8))
+    m = torch.nn.Sequential(torch.nn.Conv2d(3,8,3,padding=1), _Blk(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8,4))
+    return Learner(dls, m, loss_func=CrossEntropyLossFlat())
+
+@pytest.mark.parametrize('where', ['after_loss', 'forward'])
+@pytest.mark.parametrize('prof', [False, True])
+def test_checkpoint_failed_fit_leaves_nothing(where, prof):
+    "Review: a fit that dies of an error fastai calls no event for (in `after_loss`, in the forward) leaves no checkpointing forward, no root hook; the model pickles"
+    import io, pickle
+    from cnn_cost.callback import CostProfiler
+    learn = _ck_learner().checkpoint(['1'])
+    cbs = [_Raise('after_loss')] if where=='after_loss' else []
+    if where=='forward': learn.model[1].fail = True
+    if prof: cbs.append(CostProfiler(skip=0))
+    with pytest.raises(RuntimeError, match='boom'):
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=cbs)
+    assert not [n for n,m in learn.model.named_modules() if 'forward' in vars(m)]
+    assert not learn.model._forward_hooks and not learn.model._forward_hooks_always_called
+    torch.save(learn.model, io.BytesIO())  # raised "Can't pickle local object '_ckpt_forward.<locals>.forward'"
+    learn.model[1].fail,n = False,learn.model[1].n
+    learn.model.train(); learn.model(torch.randn(2,3,8,8)).sum().backward()
+    assert learn.model[1].n==n+1  # no checkpoint left: no recompute
+
+def test_checkpoint_recomputes_with_forward_back():
+    "The blocks' `forward` is back as soon as the model's forward returns, yet the backward recomputes: the block runs twice a training batch"
+    learn = _ck_learner().checkpoint(['1'])
+    class Look(Callback):
+        order = 100
+        def after_pred(self): self.seen = 'forward' in vars(self.learn.model[1]) or bool(self.learn.model._forward_hooks)
+    lk = Look()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=[lk])
+    assert lk.seen is False and learn.model[1].n==2*2+1  # 2 training batches checkpointed, 1 validation batch
+    assert 'forward' not in vars(learn.model[1]) and not learn.model._forward_hooks
