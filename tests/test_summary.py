@@ -1,4 +1,4 @@
-"Integration and reliability tests of `model_cost` / `learn.cost_summary()` (issue 2)."
+"Integration and reliability tests of `model_cost` / `learn.cost_summary()` and the `CostSummary` they return."
 import re, time, math, pytest, torch, torch.nn as nn, torch.nn.functional as F
 from pathlib import Path
 from torch.utils.flop_counter import FlopCounterMode

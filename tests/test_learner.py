@@ -1,4 +1,4 @@
-"Compiled models (issue 16, part 4): `torch.compile(model)`, `model.compile()` and a compiled `learn.model`, under `model_cost` and `CostProfiler`"
+"Tests of `cnn_cost.learner` on compiled models: `torch.compile(model)`, `model.compile()` and a compiled `learn.model`, under `model_cost` and `CostProfiler`"
 import math, random, numpy as np, pytest, torch, torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 from torch._dynamo.utils import counters
