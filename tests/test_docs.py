@@ -88,6 +88,7 @@ def nav_order(out):
 def console_errors(drv): return [e for e in drv.get_log('browser') if e['level'] in ('SEVERE', 'ERROR')]
 
 @chrome
+@pytest.mark.slow  # builds the whole docs site (Sphinx over every notebook); the browser tests drive Chromium
 def test_site_files(site):
     out,_ = site
     ps = pages(out)
@@ -107,6 +108,7 @@ def test_site_files(site):
     assert not ext, '\n'.join(ext)
 
 @chrome
+@pytest.mark.slow  # builds the whole docs site (Sphinx over every notebook); the browser tests drive Chromium
 def test_one_heading_per_entry_and_real_signatures(site):
     "No page shows a heading twice under its title (a section named as its entry, or an entry shown twice); an Enum shows its members, a dataclass is a `class`"
     out,_ = site
@@ -123,6 +125,7 @@ def test_one_heading_per_entry_and_real_signatures(site):
     assert 'shapes:list=field(default_factory=list)' in core
 
 @chrome
+@pytest.mark.slow  # builds the whole docs site (Sphinx over every notebook); the browser tests drive Chromium
 def test_search_index_has_every_entry(site):
     "Every `show_doc` entry is a Python object in Sphinx's search index, so searching any documented name lists it first"
     out,_ = site
@@ -141,6 +144,7 @@ def test_search_index_has_every_entry(site):
     assert not missing, missing
 
 @chrome
+@pytest.mark.slow  # builds the whole docs site (Sphinx over every notebook); the browser tests drive Chromium
 def test_pages_in_browser(site, browser):
     out,url = site
     exp,ps,problems,ids,links = expected(),pages(out),[],{},{}
@@ -178,6 +182,7 @@ def wait(drv, js, timeout=20, msg=''):
     return WebDriverWait(drv, timeout).until(lambda d: d.execute_script(js), msg)
 
 @chrome
+@pytest.mark.slow  # builds the whole docs site (Sphinx over every notebook); the browser tests drive Chromium
 def test_search(site, browser):
     "Searching as a reader does, from the search box: 'CostProfiler' lists the callback page, and its result opens it"
     from selenium.webdriver.common.by import By
@@ -201,6 +206,7 @@ def test_search(site, browser):
     assert not frag or browser.execute_script("return !!document.getElementById(arguments[0])", frag), browser.current_url
 
 @chrome
+@pytest.mark.slow  # builds the whole docs site (Sphinx over every notebook); the browser tests drive Chromium
 def test_api_page(site, browser):
     "An API page as nbdev shows it: entries with parameter tables, names linked to their entries in prose and code, copy buttons, dark"
     out,url = site
@@ -235,6 +241,7 @@ def test_api_page(site, browser):
     browser.execute_script("localStorage.clear()")
 
 @chrome
+@pytest.mark.slow  # builds the whole docs site (Sphinx over every notebook); the browser tests drive Chromium
 def test_home_and_tutorial(site, browser):
     out,url = site
     browser.get(urljoin(url, 'index.html'))
