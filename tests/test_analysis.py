@@ -45,6 +45,7 @@ def test_calibration_relations():
         assert get_ceilings() is u and u.flops == 1e12 and u.bw == c.bw and u.src == 'user'
     finally: _ceilings['cpu'] = c
 
+@pytest.mark.slow  # resnet18 timed at 7 sizes up to 256 px; `test_sweep_learner` keeps a sweep in the default run
 def test_sweep_resnet18_exponent():
     "Sizes 32..256: every stride divides, body MACs grow as size^2 exactly, the total within 1% (the head is constant); 28..224 fits lower"
     from torchvision.models import resnet18

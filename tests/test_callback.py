@@ -42,8 +42,12 @@ def test_bit_identical(dls):
     def same(a, b): return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x,y in zip(a[1], b[1]))
     base,prof = run([]),run([CostProfiler(skip=1, n_batches=2)])
     assert len(base[0])==3
-    # once in ~14 runs of this file on a 2-core machine the pair differed (cause not found): it counts against the profiler only if a repeat without it is exact
-    assert same(base, prof) or not same(base, run([])), "the profiler changed the training, and the same fit without it repeats exactly"
+    # Why a second profiled fit: the profiler's hooks only read clocks (no tensor written, no random number drawn), so a profiled fit equals a plain
+    # one bit for bit; but a 3-batch CPU fit shared with other processes was seen, about once in 14 runs, to differ in its last bits from the same
+    # fit repeated, with or without the profiler. A profiler that changes the training differs every time: it fails both profiled fits, while a
+    # rare machine-level difference passes the second one. And it fails only where a plain repeat is exact, so the difference is the profiler's.
+    if not same(base, prof): prof = run([CostProfiler(skip=1, n_batches=2)])
+    assert same(base, prof) or not same(base, run([])), "the profiler changed the training in two profiled fits, and the same fit without it repeats exactly"
 
 @pytest.fixture(scope='module')
 def seed_profile(dls):
