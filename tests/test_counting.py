@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cnn_cost.all import *
 from cnn_cost.counting import count_pass
 from conftest import new_seed_learner
+from kinds import TIMM
 
 # name: kind of architecture. torchvision publishes `_ops` rounded to 3 decimals of GFLOPS, well inside 1% for all of these.
 ARCHS = {'vgg11': 'plain', 'alexnet': 'plain', 'resnet18': 'residual', 'resnet50': 'residual', 'mobilenet_v2': 'depthwise',
@@ -153,11 +154,6 @@ def test_transformer_encoder_layer_fast_path():
     assert log.ops & {'_transformer_encoder_layer_fwd', '_native_multi_head_attention'}, "no fast path taken in eval"
 
 # timm: one small model of each family a fastai user reaches for through `vision_learner(dls, 'name')`, convolutional and attention
-TIMM = ['resnet50d', 'efficientnet_b0', 'mobilenetv3_small_100', 'mobilenetv4_conv_small', 'convnext_atto', 'convnextv2_atto', 'vit_tiny_patch16_224',
-        'deit_tiny_patch16_224', 'swin_tiny_patch4_window7_224', 'swinv2_tiny_window8_256', 'beit_base_patch16_224', 'eva02_tiny_patch14_224',
-        'levit_128s', 'maxvit_tiny_tf_224', 'coatnet_0_rw_224', 'convit_tiny', 'mixer_b16_224', 'poolformer_s12', 'efficientformer_l1', 'regnety_002',
-        'xception41', 'ghostnet_100', 'cait_xxs24_224', 'crossvit_tiny_240', 'pvt_v2_b0', 'mobilevit_xxs', 'edgenext_xx_small', 'fastvit_t8',
-        'repvit_m1', 'tiny_vit_5m_224', 'hiera_tiny_224', 'vit_small_patch16_rope_224']
 
 @pytest.mark.parametrize('name', TIMM)
 def test_timm_model_counted(name):
