@@ -43,9 +43,10 @@ def test_bit_identical(dls):
     base,prof = run([]),run([CostProfiler(skip=1, n_batches=2)])
     assert len(base[0])==3
     # Why a second profiled fit: the profiler's hooks only read clocks (no tensor written, no random number drawn), so a profiled fit equals a plain
-    # one bit for bit; but a 3-batch CPU fit shared with other processes was seen, about once in 14 runs, to differ in its last bits from the same
-    # fit repeated, with or without the profiler. A profiler that changes the training differs every time: it fails both profiled fits, while a
-    # rare machine-level difference passes the second one. And it fails only where a plain repeat is exact, so the difference is the profiler's.
+    # one bit for bit. A pair was once seen to differ in about 14 runs of this file on a busy 2-core machine; 30 more fits in one process at a load
+    # of 7 (15 plain, 15 profiled) were all bit-identical to the first, so the difference is rare and not the profiler's. A profiler that changes
+    # the training differs every time and fails both profiled fits; a rare CPU-level difference passes the second. And it fails only where a
+    # plain repeat is exact, so what it reports is the profiler's doing.
     if not same(base, prof): prof = run([CostProfiler(skip=1, n_batches=2)])
     assert same(base, prof) or not same(base, run([])), "the profiler changed the training in two profiled fits, and the same fit without it repeats exactly"
 
