@@ -24,6 +24,10 @@ def pytest_collection_modifyitems(config, items):
         if 'cuda' in it.keywords and not torch.cuda.is_available(): it.add_marker(skip_cuda)
         if 'slow' in it.keywords and not run_slow: it.add_marker(skip_slow)
 
+def heavy(names, slow):
+    "`names` as parameters, those in `slow` marked slow: real steps of full-size models, which the default run leaves to `make test-slow`"
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in names]
+
 def hook_count(model):
     "Number of forward/backward hooks left on any module of `model`"
     return sum(len(m._forward_hooks)+len(m._forward_pre_hooks)+len(m._backward_hooks)+len(getattr(m, '_backward_pre_hooks', {}))

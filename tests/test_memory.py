@@ -12,7 +12,7 @@ from cnn_cost.memory import *
 from cnn_cost.memory import step_memory
 from cnn_cost.plan import *  # `Learner.max_batch`, `Learner.memory_plan`
 from cnn_cost.data import digits_dls
-from conftest import hook_count, new_seed_learner
+from conftest import hook_count, new_seed_learner, heavy
 from memory_refs import *
 from memory_refs import hooked_saved, step_peak, alloc_peak
 
@@ -26,7 +26,7 @@ def seed_random():
 cases = {'seed': seed_random, 'resnet50': lambda: tv_learner('resnet50', 2, 224), 'mobilenet_v2': lambda: tv_learner('mobilenet_v2', 2, 224),
          'vit_b_16': lambda: tv_learner('vit_b_16', 2, 224), 'unet': unet}
 
-@pytest.mark.parametrize('name', list(cases))
+@pytest.mark.parametrize('name', heavy(cases, ('resnet50', 'mobilenet_v2', 'vit_b_16')))
 def test_real_cpu_step(name):
     "Predicted saved bytes equal those a real forward saves; predicted peak within 2% of MemTracker's over a real fastai training batch"
     learn = cases[name]()
