@@ -1,5 +1,5 @@
 # The notebooks in nbs/ are the source: edit them, then `make export` (package + clean metadata) and `make test`.
-.PHONY: export readme test test-nbs test-py sync-check docs bench gpu-wheels gpu-dry-run
+.PHONY: export readme test test-nbs test-py test-slow test-all sync-check docs bench gpu-wheels gpu-dry-run
 
 export:
 	nbdev-export && nbdev-clean
@@ -8,7 +8,8 @@ export:
 readme:
 	python tools/make_readme.py
 
-# The whole test suite: every notebook (nbdev-test, skipping cells flagged slow/cuda/notest), then pytest.
+# Before each commit: every notebook (nbdev-test, skipping cells flagged slow/cuda/notest), then pytest without the tests marked `slow`
+# (pyproject's addopts); a few minutes on 2 cores. `make test-slow` runs the slow ones, `make test-all` everything (what CI runs).
 test: test-nbs test-py
 
 test-nbs:
@@ -16,6 +17,12 @@ test-nbs:
 
 test-py:
 	python -m pytest -q tests
+
+test-slow:
+	python -m pytest -q tests -m slow
+
+test-all: test-nbs
+	python -m pytest -q tests -m "slow or not slow"
 
 # CI fails when nbdev-export or nbdev-clean would change a committed file (as nbdev's own CI does).
 sync-check:

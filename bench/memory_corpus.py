@@ -134,7 +134,7 @@ KINDS = {'fastai_vision_tiny': _vision_tiny, 'fastai_unet_typed': _unet_typed, '
          'fastai_vision_timm_resnet18': _kind(lambda k: k.timm_vision('resnet18', 32))}
 
 def _timm_names():
-    from test_published_macs import TIMM
+    from kinds import TIMM
     return TIMM
 
 def cases():

@@ -7,6 +7,13 @@ from fastai.collab import CollabDataLoaders, collab_learner
 from fastai.torch_core import set_seed
 from cnn_cost.data import digit_images
 
+# timm architectures, one or two per family, counted in tests/test_counting.py and stepped in bench/memory_corpus.py
+TIMM = ['resnet50d', 'efficientnet_b0', 'mobilenetv3_small_100', 'mobilenetv4_conv_small', 'convnext_atto', 'convnextv2_atto', 'vit_tiny_patch16_224',
+        'deit_tiny_patch16_224', 'swin_tiny_patch4_window7_224', 'swinv2_tiny_window8_256', 'beit_base_patch16_224', 'eva02_tiny_patch14_224',
+        'levit_128s', 'maxvit_tiny_tf_224', 'coatnet_0_rw_224', 'convit_tiny', 'mixer_b16_224', 'poolformer_s12', 'efficientformer_l1', 'regnety_002',
+        'xception41', 'ghostnet_100', 'cait_xxs24_224', 'crossvit_tiny_240', 'pvt_v2_b0', 'mobilevit_xxs', 'edgenext_xx_small', 'fastvit_t8',
+        'repvit_m1', 'tiny_vit_5m_224', 'hiera_tiny_224', 'vit_small_patch16_rope_224']
+
 SMALL_AWD = dict(emb_sz=32, n_hid=48, n_layers=2)  # AWD_LSTM's layout (embedding dropout, weight dropout, tied decoder), small
 
 def tabular(bs=32):

@@ -15,6 +15,7 @@ def test_default_json():
     d = json.loads(r.stdout)
     assert d['totals']['total_macs'] == 2_224_930_816 and d['input_shapes'] == [[64, 3, 28, 28]]
 
+@pytest.mark.slow  # a CLI subprocess beyond the smoke test `test_default_json`
 def test_path_plot_csv(tmp_path):
     p = digits_folder(tmp_path/'imgs', n_per_class=8)
     r = run('--path', str(p), '--arch', 'mobilenet_v2', '--size', '32', '--bs', '16', '--format', 'csv', '--n-repeat', '1',
@@ -28,6 +29,7 @@ def one_line_usage_error(r):
     "The command refused its arguments as argparse does: exit code 2, one line on stderr, no traceback, nothing on stdout"
     assert r.returncode == 2 and r.stdout == '' and len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr, (r.returncode, r.stderr)
 
+@pytest.mark.slow  # a CLI subprocess beyond the smoke test `test_default_json`
 def test_bad_input():
     "As a user runs it: the installed command refuses `--bs 0` with its real stderr (every other kind runs in-process below)"
     r = run('--memory', '--bs', '0')
@@ -85,6 +87,7 @@ def test_undecodable_image_one_line(tmp_path, capsys):
     one_line_usage_error(r)
     assert 'train/3/0.png' in r.stderr
 
+@pytest.mark.slow  # a CLI subprocess beyond the smoke test `test_default_json`
 def test_stderr_clean_and_markdown_readable(tmp_path):
     "Not on a terminal: no progress-bar redraws and no torchvision deprecation warnings on stderr; markdown counts as the text table writes them"
     p = digits_folder(tmp_path/'imgs', n_per_class=4)
@@ -94,18 +97,21 @@ def test_stderr_clean_and_markdown_readable(tmp_path):
     assert len(rows) == 52 and not re.search(r'\de[+-]\d\d|\.\d{4,}', r.stdout), r.stdout[:2000]
     assert re.search(r'\| \d+(\.\d)?[KMG] ', r.stdout) and '- Total params: 2,236,682' in r.stdout
 
+@pytest.mark.slow  # a CLI subprocess beyond the smoke test `test_default_json`
 def test_html_readable():
     r = run('--format', 'html', '--n-repeat', '1', '--n-warmup', '0', '--bs', '8')
     assert r.returncode == 0 and r.stderr == '', r.stderr
     assert r.stdout.startswith('<!DOCTYPE html>') and '<table' in r.stdout and not re.search(r'\de[+-]\d\d|\.\d{4,}', r.stdout)
     assert re.search(r'>\s*\d+(\.\d)?[KMG]\s*<', r.stdout)
 
+@pytest.mark.slow  # a CLI subprocess beyond the smoke test `test_default_json`
 def test_memory_markdown_readable():
     "--memory as markdown: bytes written as the text table writes them, not raw integers"
     r = run('--memory', '--bs', '32', '--format', 'markdown')
     assert r.returncode == 0 and r.stderr == '', r.stderr
     assert r.stdout.startswith('| name') and ' MB ' in r.stdout and not re.search(r'\|\s*\d{5,}\s*\|', r.stdout), r.stdout[:1500]
 
+@pytest.mark.slow  # a CLI subprocess beyond the smoke test `test_default_json`
 def test_max_batch_plan():
     "--max-batch-gib with a --bs that does not fit prints the largest batch and the plan that makes --bs fit"
     r = run('--max-batch-gib', '0.2', '--bs', '128')

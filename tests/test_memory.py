@@ -12,14 +12,11 @@ from cnn_cost.memory import *
 from cnn_cost.memory import step_memory
 from cnn_cost.plan import *  # `Learner.max_batch`, `Learner.memory_plan`
 from cnn_cost.data import digits_dls
-from conftest import hook_count
+from conftest import hook_count, new_seed_learner, heavy
 from memory_refs import *
 from memory_refs import hooked_saved, step_peak, alloc_peak
 
-def seed():
-    "The seed setup: fastai resnet18 `vision_learner` on the digits, batch 64 x 3 x 28 x 28, 10 classes"
-    torch.manual_seed(0)
-    return vision_learner(digits_dls(), resnet18, pretrained=False, n_out=10)
+seed = new_seed_learner
 
 def seed_random():
     "The seed's learner on one batch of random 64 x 3 x 28 x 28 images (a real epoch of one batch)"
@@ -29,7 +26,7 @@ def seed_random():
 cases = {'seed': seed_random, 'resnet50': lambda: tv_learner('resnet50', 2, 224), 'mobilenet_v2': lambda: tv_learner('mobilenet_v2', 2, 224),
          'vit_b_16': lambda: tv_learner('vit_b_16', 2, 224), 'unet': unet}
 
-@pytest.mark.parametrize('name', list(cases))
+@pytest.mark.parametrize('name', heavy(cases, ('resnet50', 'mobilenet_v2', 'vit_b_16')))
 def test_real_cpu_step(name):
     "Predicted saved bytes equal those a real forward saves; predicted peak within 2% of MemTracker's over a real fastai training batch"
     learn = cases[name]()
@@ -266,7 +263,7 @@ def _effnet_parts():
     return m, torch.randn(2, 3, 16, 16), torch.tensor([1, 7]), nn.CrossEntropyLoss()
 
 def test_efficientnet_parts_equal_real():
-    """Issue 17: the fake step equals real CPU steps to the byte, every kind and every op's bytes, nothing flagged (torch 2.14.1: saved 65,980 B, peak
+    """The fake step equals real CPU steps to the byte, every kind and every op's bytes, nothing flagged (torch 2.14.1: saved 65,980 B, peak
     152,980 B; before, the prediction ran `silu_backward` decomposed, lost every free after it and the dropout's backward: peak 218,404 B)"""
     r = corpus_check('effnet_parts', _effnet_parts)
     assert r['pred_saved'] == r['real_saved'] and r['pred_peak'] == r['real_peak'], r
@@ -489,7 +486,7 @@ def test_lazy_modules_clear_error():
     m(x)
     assert predict_memory(m, x, y, nn.CrossEntropyLoss()).peak > 0
 
-# --- Nothing left behind, whatever fails (issue 26 item 1) ---
+# --- Nothing left behind, whatever fails ---
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 
@@ -584,7 +581,7 @@ def test_undo_runs_every_step():
     with pytest.raises(RestoreError) as e: u.check()
     assert done == [1, 3] and [w for w,_ in e.value.failed] == ['b'] and isinstance(e.value.failed[0][1], ZeroDivisionError)
 
-# --- A prediction runs what the step runs (issue 26 item 4) ---
+# --- A prediction runs what the step runs ---
 def _real_error(l):
     "The error of a real fastai training batch of `l`, or None"
     from memory_refs import _batch_quiet

@@ -1,4 +1,4 @@
-"Compiled models (issue 16, part 4): `torch.compile(model)`, `model.compile()` and a compiled `learn.model`, under `model_cost` and `CostProfiler`"
+"Tests of `cnn_cost.learner` on compiled models: `torch.compile(model)`, `model.compile()` and a compiled `learn.model`, under `model_cost` and `CostProfiler`"
 import math, random, numpy as np, pytest, torch, torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 from torch._dynamo.utils import counters
@@ -51,6 +51,7 @@ def test_model_cost_eager_model_not_marked():
     cs = model_cost(mlp(), torch.randn(4,256), n_repeat=2)
     assert not cs.compiled and not is_compiled(mlp()) and not any(f.startswith('Compiled') for f in cs.facts())
 
+@pytest.mark.slow  # inductor compiles the forward with a C++ compiler; the `eager` and `aot_eager` backends stay in the default run
 def test_model_cost_inductor():
     "The default backend (inductor + a C++ compiler) on CPU: a compiled forward measured, frames counted; rows as with `backend='eager'`"
     m,x = mlp(1),torch.randn(32,256)

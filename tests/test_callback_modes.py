@@ -73,7 +73,7 @@ def test_to_fp16_on_cpu():
     assert not any('has no effect' in n for n in fit_profiled(learner(m, xs, 16)).summary().notes)
 
 class Ckpt(nn.Module):
-    "The issue's example: `checkpoint(body, stem(x))`"
+    "Checkpointing inside `forward`: `checkpoint(body, stem(x))`"
     def __init__(self, reentrant): super().__init__(); self.stem,self.body,self.reentrant = nn.Linear(64,64),nn.Sequential(nn.Linear(64,64), nn.ReLU()),reentrant
     def forward(self, x): return checkpoint(self.body, self.stem(x), use_reentrant=self.reentrant)
 

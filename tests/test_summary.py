@@ -1,4 +1,4 @@
-"Integration and reliability tests of `model_cost` / `learn.cost_summary()` (issue 2)."
+"Integration and reliability tests of `model_cost` / `learn.cost_summary()` and the `CostSummary` they return."
 import re, time, math, pytest, torch, torch.nn as nn, torch.nn.functional as F
 from pathlib import Path
 from torch.utils.flop_counter import FlopCounterMode
@@ -6,7 +6,7 @@ from fastai.callback.hook import layer_info
 from cnn_cost.all import *
 from cnn_cost.summary import hooks_slow_max
 from cnn_cost.counting import count_pass
-from conftest import hook_count
+from conftest import hook_count, heavy
 
 def seed_rows():
     "(type, output shape, params, trainable) of each row of the forum answer's `learn.summary()` table"
@@ -242,7 +242,7 @@ def test_opaque_module_in_learner_and_profiler():
     assert s.bwd_macs['1'] > 0 and s.time_ms['1'] > 0 and s.bwd_ms['1'] > 0 and m[1] is inner
     assert _hooks(m) == 0
 
-@pytest.mark.parametrize('arch', ['resnet18', 'resnet50'])
+@pytest.mark.parametrize('arch', heavy(['resnet18', 'resnet50'], ('resnet50',)))
 def test_stages_are_the_networks(arch):
     "A block's shared `ReLU xN` row (listed at its first call's shape) is filed with its block's rows: each stage label once, in the network's order"
     import torchvision

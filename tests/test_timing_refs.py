@@ -7,6 +7,7 @@ from torch.utils.checkpoint import checkpoint
 from collections import defaultdict
 from profiler_refs import range_hooks, attribute, _own_us, _node, RefProfiler, median_split
 from cnn_cost.all import *
+from conftest import new_seed_learner
 
 class Block(nn.Module):
     "A residual block: the add and the scale are the parent's own ops"
@@ -157,9 +158,7 @@ def test_reentrant_checkpoint():
 
 def test_ref_profiler_beside_cost_profiler():
     "On fastai training batches, the reference charges backward time to the same layers cnn_cost's rows time, and both cover the whole backward"
-    from fastai.vision.all import vision_learner, resnet18
-    torch.manual_seed(0)
-    learn = vision_learner(digits_dls(), resnet18, pretrained=False, n_out=10)
+    learn = new_seed_learner()
     cp,rp = CostProfiler(skip=2, every=2, n_batches=2),RefProfiler(start=3, every=2, n_batches=2)
     with learn.no_logging(), learn.no_bar(): learn.fit(1, cbs=[cp, rp])
     s = cp.summary()
