@@ -279,7 +279,7 @@ from cnn_cost.timing import cpu_wait_max
 root = Path(__file__).parents[1]
 handmade = {'03_summary.ipynb'}  # summaries of hand-made records: no run behind their times
 timed = ['05_learner.ipynb', '06_callback.ipynb', '10_tutorial.ipynb', 'index.ipynb']  # notebooks whose stored outputs print measured summaries
-wait_re = re.compile(r'^Timing: .*CPU wait ([\d.]+)%', re.M)  # the summary's one `Timing:` fact line
+wait_re = re.compile(r'^\s*Timing: .*CPU wait ([\d.]+)%', re.M)  # the summary's one `Timing:` fact line
 disturbed = ['Disturbed:', 'Hooks slow:', 'precision not stated, disturbed']  # the conditions a disturbed run prints
 
 def _texts(nb):
