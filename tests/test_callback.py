@@ -349,8 +349,10 @@ def test_profiler_hooks_after_failed_fit():
         learn,cp = tiny_learner(),CostProfiler(skip=1)
         if attached: learn.add_cb(cp)
         with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=[Boom()] + ([] if attached else [cp]))
-        if attached: assert not no_hooks(learn.model); cp.remove()
-        assert no_hooks(learn.model)
+        try:
+            if attached: assert hook_count(learn.model) > 0  # fastai calls no event on this error: the hooks wait for the next one, or `remove()`
+        finally: cp.remove()  # also when the assertion fails: a profiler left open keeps its saved-tensor hooks on every autograd op of the process
+        assert hook_count(learn.model) == 0 and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
         pickle.dumps(learn.model)
 
 class Views(nn.Module):
