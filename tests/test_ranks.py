@@ -38,7 +38,8 @@ def test_ddp_buckets_extra(real, name):
         assert 0 <= r['peak']-(one['peak']+sum(r['buckets'])) <= bc
         assert {k: v for k,v in r['kinds'].items() if k not in ('state', 'rest')}=={k: v for k,v in one['kinds'].items() if k not in ('state', 'rest')}
         assert 0 <= r['kinds']['rest']-one['kinds']['rest'] <= bc
-    assert real[name][0]['peak']==real[name][1]['peak']
+    # the ranks agree up to that broadcast's timing (a 16 B difference was seen once on CI: gloo's thread freed a small tensor later on one rank)
+    assert abs(real[name][0]['peak']-real[name][1]['peak']) <= bc
 
 @pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); tests/test_callback_ddp.py keeps a 2-rank run in the default set
 @pytest.mark.parametrize('name', ['ddp', 'ddp_small', 'vit_ddp'])
