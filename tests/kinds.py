@@ -14,6 +14,11 @@ TIMM = ['resnet50d', 'efficientnet_b0', 'mobilenetv3_small_100', 'mobilenetv4_co
         'xception41', 'ghostnet_100', 'cait_xxs24_224', 'crossvit_tiny_240', 'pvt_v2_b0', 'mobilevit_xxs', 'edgenext_xx_small', 'fastvit_t8',
         'repvit_m1', 'tiny_vit_5m_224', 'hiera_tiny_224', 'vit_small_patch16_rope_224']
 
+# torchvision: the smallest model of each family runs in the default set; the other sizes of the same families with the slow set
+TV_FAMILIES = ['alexnet', 'convnext_tiny', 'densenet121', 'efficientnet_b0', 'efficientnet_v2_s', 'googlenet', 'inception_v3', 'maxvit_t', 'mnasnet0_5',
+               'mobilenet_v2', 'mobilenet_v3_small', 'regnet_x_400mf', 'regnet_y_400mf', 'resnet18', 'resnext50_32x4d', 'shufflenet_v2_x0_5',
+               'squeezenet1_0', 'swin_t', 'swin_v2_t', 'vgg11_bn', 'vit_b_16', 'wide_resnet50_2']
+
 SMALL_AWD = dict(emb_sz=32, n_hid=48, n_layers=2)  # AWD_LSTM's layout (embedding dropout, weight dropout, tied decoder), small
 
 def tabular(bs=32):

@@ -15,8 +15,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from cnn_cost.all import *
 from cnn_cost.counting import count_pass
-from conftest import new_seed_learner
-from kinds import TIMM
+from conftest import new_seed_learner, heavy
+from kinds import TIMM, TV_FAMILIES
+
+TV = torchvision.models.list_models(module=torchvision.models)
+TV_SIZES = heavy(TV, set(TV)-set(TV_FAMILIES))  # every torchvision classification model; the other sizes of each family are slow
 
 # name: kind of architecture. torchvision publishes `_ops` rounded to 3 decimals of GFLOPS, well inside 1% for all of these.
 ARCHS = {'vgg11': 'plain', 'alexnet': 'plain', 'resnet18': 'residual', 'resnet50': 'residual', 'mobilenet_v2': 'depthwise',
@@ -61,7 +64,7 @@ def test_no_uncounted_layer(arch):
     assert not [r.name for r in recs if r.macs_src=='uncounted'], f"{name}: uncounted layers"
     assert all(r.macs >= 0 and r.elem_ops >= 0 for r in recs)
 
-@pytest.mark.parametrize('name', torchvision.models.list_models(module=torchvision.models))
+@pytest.mark.parametrize('name', TV_SIZES)
 def test_every_torchvision_model_counted(name):
     "Every torchvision classification model, on `meta` at its reference size: no row uncounted, eval forward or train forward and backward"
     _, model, (x,), _ = build(name)
@@ -375,7 +378,7 @@ def _rule_vs_ops(model, xb):
     bad = {r.name: (r.macs, t.macs, sorted(t.unknown)) for r,t in zip(recs, c.counter.fwd) if r.macs_src=='rule' and (t.unknown or r.macs!=t.macs)}
     return n_rule, bad
 
-@pytest.mark.parametrize('name', torchvision.models.list_models(module=torchvision.models))
+@pytest.mark.parametrize('name', TV_SIZES)
 def test_rule_equals_ops_torchvision(name):
     "Every torchvision classification model on `meta`: each row counted by a rule runs aten ops with exactly the rule's MACs"
     _, model, xb, _ = build(name)

@@ -26,7 +26,7 @@ def seed_random():
 cases = {'seed': seed_random, 'resnet50': lambda: tv_learner('resnet50', 2, 224), 'mobilenet_v2': lambda: tv_learner('mobilenet_v2', 2, 224),
          'vit_b_16': lambda: tv_learner('vit_b_16', 2, 224), 'unet': unet}
 
-@pytest.mark.parametrize('name', heavy(cases, ('resnet50', 'mobilenet_v2', 'vit_b_16')))
+@pytest.mark.parametrize('name', heavy(cases, ('resnet50', 'mobilenet_v2', 'vit_b_16', 'unet')))
 def test_real_cpu_step(name):
     "Predicted saved bytes equal those a real forward saves; predicted peak within 2% of MemTracker's over a real fastai training batch"
     learn = cases[name]()

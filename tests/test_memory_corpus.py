@@ -6,6 +6,7 @@ import sys, pytest, torch
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent/'bench'))
 from memory_corpus import cases, run, CI, UNPREDICTABLE
+from conftest import heavy
 
 ALL = cases()
 
@@ -24,7 +25,8 @@ def check(name):
     assert [o for o in r['unfixed'] if not (OLD and o in OLD_OPS)] == [], f"torch's fake kernels differ from the real ones with no fake_fix: {r['torch_fake_ops']}"
     assert r['kinds_equal'] and not r['ops_diff'], r
 
-@pytest.mark.parametrize('name', CI + ['lstm_packed', 'fastai_text_classifier'])
+# the heavier half of the CI subset (real steps of full-size CNNs, the typed U-Net) runs with the slow set
+@pytest.mark.parametrize('name', heavy(CI + ['lstm_packed', 'fastai_text_classifier'], ('tv_mobilenet_v3_small', 'tv_squeezenet1_1', 'timm_convnext_atto', 'fastai_unet_typed', 'lstm_issue17', 'gru_2layer_bidir')))
 def test_corpus(name): check(name)
 
 @pytest.mark.slow
@@ -42,7 +44,7 @@ def test_fastai_views_changed_in_place():
     assert [by_op(real).get(f'aten.{o}.default') for o in ('new_zeros', 'new_empty_strided')] == [bn, bn]  # the reference does the work to predict
     assert by_op(fake) == by_op(real) and fake.flags == {}
 
-@pytest.mark.parametrize('cast', [True, False])
+@pytest.mark.parametrize('cast', heavy([True, False], (False,)))
 def test_typed_segmentation_learner(cast):
     """fastai's U-Net on `TensorImage`/`TensorMask` batches at 64 px, bs=4, where the peak is in the backward: predicted to the byte against
     `MemTracker` over a real fastai batch, with fastai's default `CastToTensor` (the model gets plain aliases: no `CopySlices` at the in-place ReLUs;

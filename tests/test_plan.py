@@ -17,7 +17,7 @@ def vit(bs=8, size=32):
 # the budget: this fraction of the way from the step as it is to the step with every block checkpointed
 cases = {'resnet50': (lambda: tv_learner('resnet50', 4, 64, n_batches=2), 0.25), 'vit_b_16': (vit, 0.25), 'unet': (lambda: unet(bs=4, size=96, n_batches=2), 0.3)}
 
-@pytest.mark.parametrize('name', heavy(cases, ('resnet50', 'vit_b_16')))
+@pytest.mark.parametrize('name', heavy(cases, ('resnet50', 'vit_b_16', 'unet')))
 def test_plan_peak_is_real(name):
     "The checkpointing option needs 2-4 blocks, fits, and its predicted peak equals a real CPU step's (`fake=False`) to the byte and MemTracker's over a real fastai batch"
     make,f = cases[name]
@@ -46,7 +46,7 @@ def _fit(make, blocks):
     with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3)
     return [float(l) for l in learn.recorder.losses],learn.model.state_dict(),learn
 
-@pytest.mark.parametrize('name', heavy(cases, ('resnet50', 'vit_b_16')))
+@pytest.mark.parametrize('name', heavy(cases, ('resnet50', 'vit_b_16', 'unet')))
 def test_plan_training_unchanged(name):
     "Training with blocks checkpointed (float32, CPU): the same losses and weights and buffers, bit for bit; nothing left on the model or learner"
     make,_ = cases[name]

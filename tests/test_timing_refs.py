@@ -156,6 +156,7 @@ def test_reentrant_checkpoint():
     for n in ('inner.0', 'inner.2'): assert r['bwd'][n] > r['recompute'][n] > 0  # recomputed, and their gradients computed, inside the caller's node
     assert not any('_cc_rf' in vars(mod) for mod in m.modules())  # no range left on the modules
 
+@pytest.mark.slow  # profiles a fit with torch.profiler beside CostProfiler
 def test_ref_profiler_beside_cost_profiler():
     "On fastai training batches, the reference charges backward time to the same layers cnn_cost's rows time, and both cover the whole backward"
     learn = new_seed_learner()
@@ -169,10 +170,12 @@ def test_ref_profiler_beside_cost_profiler():
     assert big and big <= timed | set(s.df.name[s.df.kind=='own'])  # every layer with real backward work in the reference has a timed row
     assert all(n in set(s.df.name) for n in bwd)                     # and the reference finds no module the rows miss
 
+@pytest.mark.slow  # the whole GPU command on the CPU, about a minute
 def test_gpu_check_dry_run(tmp_path):
     "The GPU check's command runs on the CPU (`--dry-run`) through every part that needs no GPU, and writes its tables"
     root = Path(__file__).parent.parent
-    r = subprocess.run([sys.executable, str(root/'bench/gpu_check.py'), '--dry-run', '--parts', 'truth,starved,memory,overhead,tools', '--out', str(tmp_path)],
+    r = subprocess.run([sys.executable, str(root/'bench/gpu_check.py'), '--dry-run', '--parts', 'truth,starved,memory,overhead,tools', '--out', str(tmp_path),
+                        '--budget', '3000'],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode==0, r.stdout[-3000:]+r.stderr[-3000:]
     R = json.loads((tmp_path/'gpu_check.json').read_text())
