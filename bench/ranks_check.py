@@ -1,5 +1,5 @@
-"""Per-rank memory, predicted against real CPU/gloo ranks (issue 27): DDP (`cnn_cost.ranks.rank_memory`: the single-process prediction plus DDP's
-buckets) and FSDP2 (`FSDPMemTracker` in one process with a fake process group, `tests/rank_refs.fake_fsdp_step`), for torchvision's resnet18
+"""Per-rank memory, predicted against real CPU/gloo ranks (issue 27): DDP (`predict_memory(..., world_size=n)`: the single-process prediction plus
+DDP's buckets) and FSDP2 (`FSDPMemTracker` in one process with a fake process group, `tests/rank_refs.fake_fsdp_step`), for torchvision's resnet18
 and a small ViT, on 2 and 4 ranks. Prints one line per configuration and rank: predicted and real bytes. Takes a few minutes on 2 cores.
 Run: `OMP_NUM_THREADS=1 python bench/ranks_check.py [n_ranks ...]`"""
 import sys, torch, torch.nn as nn
@@ -7,16 +7,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1]/'tests'))
 import rank_refs as rr
 from cnn_cost.memory import predict_memory
-from cnn_cost.ranks import rank_memory, grad_order
 
 DDP = [dict(model='resnet18', bs=8, size=64, opt='sgd', strategy='ddp'), dict(model='vit', bs=8, size=64, opt='adam', strategy='ddp')]
 FSDP = [dict(model='vit', bs=8, size=64, opt='adamw', strategy='fsdp', reshard=r) for r in (True, False)] + \
        [dict(model='vit', bs=8, size=64, opt='adamw', strategy='fsdp', mp='bfloat16')]
 
-def ddp_pred(cfg):
-    m = rr.make_model(cfg['model']); xb,yb = rr.batch(cfg['bs'], cfg['size'])
-    return rank_memory(m, predict_memory(m, xb, yb, nn.CrossEntropyLoss(), rr.opt_func(cfg['opt'])), cfg.get('bucket_cap_mb'), sync_bn=False,
-                       order=grad_order(m, xb))
+def ddp_pred(cfg, n):
+    "Each rank's predicted step of `cfg` on `n` ranks, and the single-process one"
+    m = rr.make_model(cfg['model']); xb,yb = rr.batch(cfg['bs'], cfg['size']); lf,of = nn.CrossEntropyLoss(),rr.opt_func(cfg['opt'])
+    return predict_memory(m, xb, yb, lf, of, world_size=n, bucket_cap_mb=cfg.get('bucket_cap_mb'), sync_bn=False),predict_memory(m, xb, yb, lf, of)
 
 def main(ns=(2, 4)):
     print(f"torch {torch.__version__}")
@@ -24,9 +23,9 @@ def main(ns=(2, 4)):
         for cfg,rs in zip(DDP+FSDP, rr.run_ranks(DDP+FSDP, n=n, timeout=900)):
             name = ' '.join(f"{k}={v}" for k,v in cfg.items())
             if cfg['strategy']=='ddp':
-                p,one = ddp_pred(cfg),rr.single_step(cfg)
+                (p,p1),one = ddp_pred(cfg, n),rr.single_step(cfg)
                 for r in rs: print(f"{n} ranks, {name}, rank {r['rank']}: predicted {p.peak}..{p.peak_max} real {r['peak']} diff {r['peak']-p.peak} | single real {one['peak']} "
-                                   f"predicted {p.summary.peak} | buckets predicted {p.buckets} real {r['buckets']}")
+                                   f"predicted {p1.peak} | buckets predicted {p.buckets} real {r['buckets']}")
             else:
                 for r in rs:
                     f = rr.fake_fsdp_step(cfg, n, r['rank'])

@@ -6,7 +6,6 @@ from .summary import *
 from .fake import *
 from .memory import *
 from .plan import *
-from .ranks import *
 from .data import *
 from .learner import *
 from .analysis import *

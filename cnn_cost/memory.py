@@ -20,6 +20,8 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import TensorBase
 from torch.utils._python_dispatch import _disable_current_modes, TorchDispatchMode
 from types import FunctionType
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten
 from fastai.learner import CastToTensor
 from .core import *
 from .core import PhaseTracker, flat_tensors, lazy_modules, learner_amp
@@ -34,6 +36,7 @@ class MemKind(Enum):
     "What a block of memory holds, after `_MemRefType` in PyTorch's `MemTracker`"
     param='parameters'; buffer='buffers'; grad='gradients'; opt='optimizer state'; input='inputs'
     saved='saved activations'; output='outputs'; temp='temporaries'; other='other'
+    ddp='ddp buckets'  # DDP's flat copy of the gradients, on each rank of a multi-process job
 
 # %% ../nbs/03a_memory.ipynb #4b67206f
 def cuda_block(n:int):
@@ -373,6 +376,63 @@ def step_memory(model:nn.Module, # Any PyTorch model
         for n,m,t in modes: u(f"the mode of {n}", setattr, m, 'training', t)
         u.check()
 
+# %% ../nbs/03a_memory.ipynb #r27ddp02
+_first_bucket = 1024*1024  # `torch.distributed._DEFAULT_FIRST_BUCKET_BYTES`, the first bucket's cap when `bucket_cap_mb` is left to its default
+
+def ddp_buckets(model:nn.Module, # The model DDP wraps
+                bucket_cap_mb:float=None, # DDP's `bucket_cap_mb` (default: 25 MiB, with a first bucket of 1 MiB)
+                order=None, # The parameters in the order their gradients are ready (default: the reverse of `model.parameters()`)
+               )->list:
+    "Bytes of each gradient bucket DDP's `Reducer` holds for `model` after its first step, when it has rebuilt them in the order gradients are ready"
+    if bucket_cap_mb is not None and not bucket_cap_mb>0: raise ValueError(f"`bucket_cap_mb` must be a positive number of MiB, not {bucket_cap_mb!r}: leave it None for DDP's default")
+    ps = L(ifnone(order, reversed(list(model.parameters())))).filter(lambda p: p.requires_grad)
+    cap = 25*2**20 if bucket_cap_mb is None else int(bucket_cap_mb*2**20)
+    first = _first_bucket if bucket_cap_mb is None else cap  # an explicit `bucket_cap_mb` caps the first bucket too
+    res,cur,n_done = [],{},{}
+    for p in ps:
+        k = (p.dtype, p.device)  # one bucket per dtype and device at a time
+        cur[k] = cur.get(k, 0) + p.numel()*p.element_size()
+        if cur[k] >= (first if not n_done.get(k) else cap): res.append(cur.pop(k)); n_done[k] = n_done.get(k, 0)+1
+    return res + list(cur.values())
+
+def grad_order(model:nn.Module, xb)->list:
+    "The parameters of `model` in the order a backward through `model(*xb)` makes their gradients, found on fake tensors (`model` is not touched)"
+    ps,order = dict(model.named_parameters()),[]
+    with FakeTensorMode() as fm:
+        fp = {n: fm.from_tensor(p).requires_grad_(p.requires_grad) for n,p in ps.items()}
+        for n,t in fp.items():
+            if t.requires_grad: t.register_post_accumulate_grad_hook(lambda t, n=n: order.append(n))
+        fb = {n: fm.from_tensor(b) for n,b in model.named_buffers()}
+        x = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype) if isinstance(t, torch.Tensor) else t for t in tuplify(xb)]  # shapes only
+        outs = [o for o in tree_flatten(functional_call(model, {**fp, **fb}, tuple(x)))[0] if isinstance(o, torch.Tensor) and o.requires_grad]
+        sum(o.float().sum() for o in outs).backward()  # the loss is one node after the outputs: it does not change the order
+    return [ps[n] for n in order]
+
+# %% ../nbs/03a_memory.ipynb #r27ddp03
+strategies = ('ddp',)  # multi-process strategies predicted; FSDP2 is coming
+def check_ranks(world_size=1, strategy='ddp', bucket_cap_mb=None, gradient_as_bucket_view=None, sync_bn=None):
+    "Refuse, before any work, a `world_size`, `strategy` or DDP option the per-rank prediction cannot take, saying what to pass"
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size<1:
+        raise ValueError(f"world_size must be a whole number of processes, at least 1 (1: no DDP), got {world_size!r}")
+    if strategy not in strategies: raise ValueError(f"strategy must be one of {', '.join(map(repr, strategies))} (FSDP2 is coming), got {strategy!r}")
+    given = [k for k,v in dict(bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=gradient_as_bucket_view, sync_bn=sync_bn).items() if v is not None]
+    if given and world_size==1: raise ValueError(f"{', '.join(given)}: DDP's options apply to a job of several processes: pass world_size=2 or more, or leave them out")
+    if bucket_cap_mb is not None and (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb>0):
+        raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {bucket_cap_mb!r}: leave it out for DDP's default (25)")
+    for k,v in dict(gradient_as_bucket_view=gradient_as_bucket_view, sync_bn=sync_bn).items():
+        if v is not None and not isinstance(v, bool): raise ValueError(f"{k} must be True or False, got {v!r}")
+
+def _torch_opt(opt_func): f = getattr(opt_func, 'func', opt_func); return isinstance(f, type) and issubclass(f, OptimWrapper)
+
+def ddp_reason(model, opt_func=None, gradient_as_bucket_view=False, sync_bn=True):
+    "Why DDP's step of `model` is not predicted (None if it is): bucket views with fastai's optimizer fail, and `SyncBatchNorm` is not modelled"
+    if gradient_as_bucket_view and opt_func is not None and not _torch_opt(opt_func):
+        return "DDP refuses fastai's `zero_grad` on bucket views: pass `gradient_as_bucket_view=False`"
+    if gradient_as_bucket_view: return "gradients as bucket views are not modelled yet: pass `gradient_as_bucket_view=False`"
+    bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if any(isinstance(m, nn.SyncBatchNorm) for m in bn) or (sync_bn and bn):
+        return "`SyncBatchNorm` (`distrib_ctx`'s default) is not modelled: pass `sync_bn=False`"
+
 # %% ../nbs/03a_memory.ipynb #e1153f79
 def _timeline(blocks, trace, names):
     "Live bytes after every event, in all and per kind, with the stage of the step and the unit of the event"
@@ -394,7 +454,7 @@ def _keep(units, recs):
 class MemorySummary:
     "Memory of one training step: per-layer `df`, the `timeline`, the `peak` and what holds it; prints as `CostSummary` does"
     def __init__(self, blocks, trace, units, recs, model_name='', input_shapes=(), bs=None, dtype=None, device='cpu', notes=(), flags=None,
-                 ops=(), optimizer=None, hooks_not_run=()):
+                 ops=(), optimizer=None, hooks_not_run=(), world_size=1, strategy=None, buckets=(), broadcast=0, reason=None):
         store_attr('model_name,input_shapes,bs,device,optimizer'); self.hooks_not_run = list(hooks_not_run); self.dtype,self.notes,self.flags = str(dtype or 'fp32'),list(notes),dict(flags or {})
         self.cuda = torch.device(device).type=='cuda'  # the CUDA allocator's 512-byte rounding applied; else a CPU target
         # conditions, each an attribute, said in one sentence when it holds (`conditions`), in full in `notes`
@@ -406,6 +466,11 @@ class MemorySummary:
                        for op,v in self.flags.items()]
         if self.corrected: self.notes.append(f"Corrected: torch's fake kernels of {', '.join(self.corrected)} give other sizes than the real ones; "
                                              "the real kernels' sizes are counted")
+        # per rank: DDP's buckets are alive from before the step to its end; `peak_max` adds the buffers' broadcast, which may still be alive at the peak
+        self.world_size,self.strategy,self.buckets,self.broadcast,self.reason = world_size,strategy if world_size>1 else None,list(buckets),broadcast,reason
+        if world_size>1: self.notes.append(f"Per rank of {world_size} ({strategy.upper()}): the step at each rank's batch, plus DDP's {len(self.buckets)} gradient buckets (a copy of "
+                                           "the gradients, alive the whole step); `peak_max` adds the flat copy of the buffers DDP broadcasts before each forward" + (f". Not predicted: {reason}" if reason else ''))
+        if world_size>1 and not reason: blocks = blocks + [Block(n, -1, 'before', 0, kind=MemKind.ddp) for n in self.buckets]
         names = [n or type(m).__name__ for n,m,k in units]
         self.timeline = _timeline(blocks, trace, names)
         self.peak_event = int(self.timeline.live.values.argmax())
@@ -417,6 +482,8 @@ class MemorySummary:
         self.outside = {k.value: sum(b.nbytes for b in at if b.kind==k and b.unit<0) for k in MemKind}
         self.saved_total = sum(b.nbytes for b in blocks if b.kind==MemKind.saved)
         self.df = self._frame(blocks, at, units, recs)
+        if reason: self.peak = math.nan  # DDP's step of this model is not predicted: no figure
+        self.peak_max = self.peak + (broadcast if world_size>1 else 0)
 
     def _frame(self, blocks, at, units, recs):
         def per_unit(bs, kind=None): return np.bincount([b.unit for b in bs if b.unit>=0 and kind in (None, b.kind)],
@@ -439,7 +506,8 @@ def hooks_sentence(ns): return f"Hooks not run: {len(ns)} function hook{'s'*(len
 @patch
 def _header(self:MemorySummary):
     shp = ', '.join(' x '.join(str(s) for s in sh) for sh in self.input_shapes)
-    return f"{self.model_name} (Input shape: {shp}), one training step in {self.dtype} on {self.device}"
+    per = f" per rank of {self.world_size} ({self.strategy.upper()})" if self.world_size>1 else ""
+    return f"{self.model_name} (Input shape: {shp}), one training step{per} in {self.dtype} on {self.device}"
 
 @patch
 def _text_table(self:MemorySummary):
@@ -449,7 +517,7 @@ def _text_table(self:MemorySummary):
              r.saved_bytes, r.out_bytes, r.at_peak)] + [f"{r.pct_peak:.1f}"] for r in self.df.itertuples()]
     return text_table(cols, rows, self._header(), list(self.df.output_shape), at=2, right=set(range(3, len(cols))))
 
-_state = [k.value for k in (MemKind.param, MemKind.buffer, MemKind.grad, MemKind.opt)]
+_state = [k.value for k in (MemKind.param, MemKind.buffer, MemKind.grad, MemKind.opt, MemKind.ddp)]
 def _kinds(d, ks=None): return ', '.join(f"{k} {human(v,'B')}" for k,v in d.items() if v and (ks is None or k in ks)) or 'nothing'
 def _line(s, n=100): return s if len(s)<=n else s[:n-1].rstrip() + '…'
 
@@ -457,8 +525,12 @@ def _line(s, n=100): return s if len(s)<=n else s[:n-1].rstrip() + '…'
 def facts(self:MemorySummary):
     "The short fact lines after the table: the peak, when and where; what holds it by kind; the optimizer; what the prediction covers and leaves out"
     where = f"in {self.peak_unit}" if self.peak_unit else "outside the layers"
-    o = self.optimizer
-    return [f"Peak: {human(self.peak,'B')} ({gib(self.peak)}) during {_stages[self.peak_stage]}, {where} (event {self.peak_event} of {len(self.timeline)})",
+    o,n = self.optimizer,self.world_size
+    peak = ("Peak: unknown, not predicted (see below)" if self.peak!=self.peak else
+            f"Peak: {human(self.peak,'B')} ({gib(self.peak)}) during {_stages[self.peak_stage]}, {where} (event {self.peak_event} of {len(self.timeline)})")
+    b,bm = len(self.buckets),f"; up to {human(self.peak_max,'B')} (buffers' broadcast)" if self.peak_max>self.peak else ''
+    ddp = [_line(f"Per rank of {n} (DDP): {b} bucket{'s'*(b!=1)}, {human(sum(self.buckets),'B')} (a copy of the gradients){bm}")] if n>1 else []
+    return [peak, *ddp,
             f"At the peak, state: {_kinds(self.at_peak, _state)}",
             f"At the peak, activations: {_kinds({k:v for k,v in self.at_peak.items() if k not in _state})}",
             f"Outside the layers at the peak (batch, loss, optimizer): {_kinds(self.outside)}",
@@ -471,7 +543,7 @@ def facts(self:MemorySummary):
 @patch
 def conditions(self:MemorySummary):
     "One sentence for each condition that holds (`not_predicted`, `trained_as`, `amp_ignored`, `hooks_not_run`, `scratch`); the full text is in `.notes`"
-    res,np_ = [],self.not_predicted
+    res,np_ = ([_line(f"Not predicted: {self.reason}.")] if self.reason else []),self.not_predicted
     if np_: res.append(_line(f"Not predicted: {', '.join(np_)} on fake tensors: the peak may be off by up to {human(sum(np_.values()),'B')}."))
     res += [_line(n.rstrip('.') + '.') for n in self.trained_as]
     if self.amp_ignored: res.append(f"Mixed precision ignored: fastai autocasts on CUDA only, so on {self.device} the step runs in float32.")
@@ -551,16 +623,32 @@ def _coverage(device, ops=()):
             "the step is traced with CPU kernels and CPU autocast lists, which can save different tensors than CUDA's."]
 
 @patch(cls_method=True)
-def from_step(cls:MemorySummary, sm:StepMemory):
-    "The `MemorySummary` of a step `step_memory` recorded (the one place a summary is built from a step)"
+def from_step(cls:MemorySummary, sm:StepMemory, **ranks):
+    "The `MemorySummary` of a step `step_memory` recorded (the one place a summary is built from a step); `ranks`: `world_size`, `strategy`, `buckets`, `broadcast`, `reason`"
     mc,c,opt = sm.counter,sm.counting,sm.opt
     o = _opt_info(opt, [p for p in opt.all_params().itemgot(0)] if opt else [])
     notes = _coverage(sm.device, mc.ops) + mc.notes + [_opt_note(o)]
     return cls(mc.blocks, mc.trace, c.units, c.recs, sm.model_name, sm.input_shapes, sm.bs, amp_dtype(sm.dtype) and sm.dtype, sm.device, notes, mc.flags,
-               mc.ops, o, getattr(mc, 'not_run', []))
+               mc.ops, o, getattr(mc, 'not_run', []), **ranks)
 
-def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e-3, bs=None, dtype=None, channels_last=False, device='cpu', cast=False):
-    "`MemorySummary` of one training step of `model`, predicted on fake tensors (see `step_memory`)"
+def _ranks(model, xb, opt_func, size, world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn):
+    "What `MemorySummary` needs of each rank of a DDP job: its `buckets` (sized by `size`), the buffers' `broadcast` and the `reason` it is not predicted"
+    if world_size==1: return {}
+    reason = ddp_reason(model, opt_func, bool(gradient_as_bucket_view), ifnone(sync_bn, True))
+    bs = ddp_buckets(model, bucket_cap_mb, None if reason else grad_order(model, xb))
+    return dict(world_size=world_size, strategy=strategy, buckets=[size(n) for n in bs], reason=reason,
+                broadcast=size(sum(b.numel()*b.element_size() for b in model.buffers())))  # DDP's `broadcast_buffers`, its default and accelerate's
+
+def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e-3,
+                   bs=None, # Batch size (default: `xb`'s); with `world_size`, each rank's
+                   dtype=None, channels_last=False, device='cpu', cast=False,
+                   world_size:int=1, # Processes of a DDP job: >1 predicts each rank's step, with DDP's gradient buckets
+                   strategy:str='ddp', # How the job splits the work: 'ddp' (`DistributedDataParallel`, as fastai's `distrib_ctx` trains)
+                   bucket_cap_mb:float=None, gradient_as_bucket_view:bool=None, # DDP's options (default: DDP's own, False)
+                   sync_bn:bool=None, # As `distrib_ctx(sync_bn=...)` (default: True, fastai's)
+                  ):
+    "`MemorySummary` of one training step of `model`, predicted on fake tensors (see `step_memory`); with `world_size`, of each rank of a DDP job"
+    check_ranks(world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn)
     try: sm = step_memory(model, xb, yb, loss_func, opt_func, splitter, lr, bs, dtype, channels_last, device, cast=cast)
     except _fake_errors as e:
         if 'Sparse' in str(e): raise RuntimeError("Sparse gradients (`F.embedding(..., sparse=True)`) cannot be predicted: their size depends on which rows the batch reads. "
@@ -569,7 +657,7 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
                 }.get(getattr(e, 'stage', 'forward'), ' in the forward or the loss')
         raise RuntimeError(f"The training step could not run on fake tensors{where} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). An op that needs the data's values "
                            "(`.item()`, `nonzero`) cannot be predicted: report it, or measure on a real step with `step_memory(..., fake=False)`") from e
-    return MemorySummary.from_step(sm)
+    return MemorySummary.from_step(sm, **_ranks(model, xb, opt_func, sm.counter.size, world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn))
 
 # %% ../nbs/03a_memory.ipynb #e0000002
 def learner_batch(learn, xb, yb):
@@ -613,20 +701,25 @@ def as_trained(learn):
 # %% ../nbs/03a_memory.ipynb #1cb7a0dc
 @patch
 def memory_summary(self:Learner,
-                   bs:int=None, # Batch size (default: the data's)
+                   bs:int=None, # Batch size (default: the data's); with `world_size`, each rank's, as fastai's `DistributedDL` keeps `dls.bs` per rank
                    dtype=None, # 'fp32', 'fp16' or 'bf16' (default: as the learner trains on `device`: `to_fp16()`, `to_bf16()` where fastai's autocast acts)
                    device=None, # 'cuda' or 'cpu', the machine to predict for (default: where the model is)
                    channels_last:bool=None, # Parameters in channels_last (default: whether `to_channelslast()` was called)
                    xb=None, yb=None, # A batch to take the shapes from (default: one batch of `dls.train`)
+                   world_size:int=1, # Processes of a DDP job (`distrib_ctx`): >1 predicts each rank's step, DDP's gradient buckets added
+                   strategy:str='ddp', # 'ddp' (`DistributedDataParallel`; FSDP2 is coming)
+                   bucket_cap_mb:float=None, gradient_as_bucket_view:bool=None, # DDP's options, as accelerate's `DistributedDataParallelKwargs` pass them
+                   sync_bn:bool=None, # As `distrib_ctx(sync_bn=...)` (default: True, fastai's)
                   )->MemorySummary:
-    "Predicted memory of one training step of `self`, per layer and over time, without running it for real"
+    "Predicted memory of one training step of `self` (of each rank, with `world_size`), per layer and over time, without running it for real"
+    check_ranks(world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn)
     check_hookable(self.model)
     xb,yb = learner_batch(self, xb, yb)
     dev = ifnone(device, _model_device(self.model))
     dt,note = (dtype, '') if dtype is not None else learner_dtype(self, dev)
     with as_trained(self) as notes:
         res = predict_memory(self.model, xb, yb, learner_loss(self), self.opt_func, self.splitter, self.lr, bs, dt, ifnone(channels_last, hasattr(self, 'channels_last')), dev,
-                             learner_casts(self))
+                             learner_casts(self), world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn)
     res.notes += [n for n in [note, *notes] if n]
     res.amp_ignored,res.trained_as = bool(note),[n for n in notes if n]
     return res

@@ -21,7 +21,7 @@ from .core import *
 from .core import add_hooks, cost_units, flat_tensors
 from .fake import Undo, check_hookable, own_hook
 from .memory import *
-from .memory import learner_batch, batch_rows, learner_casts, learner_loss, learner_dtype, gib, hooks_sentence, as_trained, amp_dtype, step_memory
+from .memory import learner_batch, batch_rows, learner_casts, learner_loss, learner_dtype, gib, hooks_sentence, as_trained, amp_dtype, step_memory, check_ranks, ddp_reason
 from .summary import human, text_table
 
 # %% ../nbs/03b_plan.ipynb #e91da172
@@ -31,6 +31,7 @@ class MaxBatch:
     bs:int; peak:int; budget:int; sizes:list=field(default_factory=list); peaks:list=field(default_factory=list); capped:bool=False
     notes:list=field(default_factory=list)  # how the step was predicted, e.g. with a callback's checkpointed blocks
     hooks_not_run:list=field(default_factory=list)  # the user's function hooks the prediction skips (their state cannot be put back after fake tensors)
+    world_size:int=1  # the processes of the DDP job: `bs` and `peak` are each rank's
 
     @property
     def nothing_fits(self): return not self.bs  # even batch 1 needs more than `budget`
@@ -47,7 +48,8 @@ class MaxBatch:
     def facts(self):
         "The short fact lines after the table: the largest batch and its peak, and how it was found"
         pk = f"predicted peak {gib(self.peak)}, {100*self.peak/self.budget:.2f}% of {gib(self.budget)}"
-        big = f"Largest batch: {'≥ ' if self.capped else ''}{self.bs}, {pk}" if self.bs else \
+        per = f" per rank of {self.world_size} (DDP)" if self.world_size>1 else ''
+        big = f"Largest batch: {'≥ ' if self.capped else ''}{self.bs}{per}, {pk}" if self.bs else \
               f"Largest batch: none, even batch {min(self.sizes, default=1)} needs more than {gib(self.budget)}"
         return [big, f"Searched: {len(self.sizes)} batch sizes predicted on fake tensors, no out-of-memory trial"]
     def conditions(self):
@@ -110,8 +112,15 @@ def max_batch(self:Learner,
               channels_last:bool=None, # Parameters in channels_last (default: whether `to_channelslast()` was called)
               max_bs:int=2**16, # Largest batch size considered
               show_plot:bool=True, # Plot predicted peak against batch size, the suggestion marked
+              world_size:int=1, # Processes of a DDP job: >1 finds each rank's largest batch, its step with DDP's gradient buckets
+              strategy:str='ddp', # 'ddp' (`DistributedDataParallel`; FSDP2 is coming)
+              bucket_cap_mb:float=None, gradient_as_bucket_view:bool=None, sync_bn:bool=None, # DDP's options, as in `Learner.memory_summary`
              )->MaxBatch:
-    "The largest batch size whose predicted training step fits in `budget` GiB, found on fake tensors with no out-of-memory trials"
+    "The largest batch size whose predicted training step (each rank's, with `world_size`) fits in `budget` GiB, found on fake tensors with no out-of-memory trials"
+    ddp = dict(world_size=world_size, strategy=strategy, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=gradient_as_bucket_view, sync_bn=sync_bn)
+    check_ranks(**ddp)
+    why = world_size>1 and ddp_reason(self.model, self.opt_func, bool(gradient_as_bucket_view), ifnone(sync_bn, True))
+    if why: raise ValueError(f"Each rank's step cannot be predicted, so no batch size can be found: {why}")
     check_hookable(self.model)  # before the callbacks' `as_trained` changes anything
     if budget is None:
         if not torch.cuda.is_available():
@@ -125,7 +134,7 @@ def max_batch(self:Learner,
     tried,lives,not_run = {},{},[]
     def peak(b):
         if b not in tried:
-            try: ms = predict_memory(self.model, xb, yb, learner_loss(self), self.opt_func, self.splitter, self.lr, b, dt, cl, device, learner_casts(self))
+            try: ms = predict_memory(self.model, xb, yb, learner_loss(self), self.opt_func, self.splitter, self.lr, b, dt, cl, device, learner_casts(self), **ddp)
             except ValueError:
                 if b>1: raise
                 return math.inf  # batch norm cannot train on one sample
@@ -135,7 +144,7 @@ def max_batch(self:Learner,
     with as_trained(self) as notes:
         peak(a); peak(b)
         res = _search(peak, B, _guess(lives[a], lives[b], a, b, B), max_bs)
-    out = MaxBatch(res, tried.get(res, 0), B, list(tried), list(tried.values()), capped=res==max_bs, notes=notes, hooks_not_run=list(not_run))  # `capped`: the search stopped at `max_bs`
+    out = MaxBatch(res, tried.get(res, 0), B, list(tried), list(tried.values()), capped=res==max_bs, notes=notes, hooks_not_run=list(not_run), world_size=world_size)  # `capped`: the search stopped at `max_bs`
     if show_plot: out.plot()
     return out
 

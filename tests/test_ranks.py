@@ -1,9 +1,11 @@
-"""Per-rank memory of real 2-rank CPU/gloo training steps (`rank_refs`): the reference's invariants, and `cnn_cost.ranks.rank_memory`'s DDP
-prediction against it, to the byte. All configurations run in one launch of 2 ranks (tiny models)."""
+"""Per-rank memory: `predict_memory`/`Learner.memory_summary(world_size=N)` (DDP) on small models, its bad input, the CLI's; and real 2-rank
+CPU/gloo training steps (`rank_refs`): the reference's invariants, and the DDP prediction against it, to the byte. All configurations run in one
+launch of 2 ranks (tiny models)."""
 import math, pytest, torch, torch.nn as nn
 import rank_refs as rr, memory_refs as mr
-from cnn_cost.memory import predict_memory
-from cnn_cost.ranks import ddp_buckets, rank_memory, grad_order
+from cnn_cost.memory import predict_memory, MemKind
+from cnn_cost.memory import ddp_buckets, grad_order
+import cnn_cost.plan  # `Learner.max_batch`
 
 CNN = dict(model='tiny_cnn', bs=8, size=16, opt='sgd', strategy='ddp')
 VIT = dict(model='tiny_vit', bs=4, size=32, opt='adamw', strategy='fsdp')
@@ -17,9 +19,85 @@ def real(): return dict(zip(CFGS, rr.run_ranks(list(CFGS.values()), n=2)))
 def _broadcast(cfg): return sum(b.numel()*b.element_size() for b in rr.make_model(cfg['model']).buffers())
 
 def _pred(cfg, **kw):
+    "Each rank's predicted step of `cfg`, through `predict_memory(..., world_size=2)`"
     m = rr.make_model(cfg['model']); xb,yb = rr.batch(cfg['bs'], cfg['size'])
-    return rank_memory(m, predict_memory(m, xb, yb, nn.CrossEntropyLoss(), rr.opt_func(cfg['opt'])), cfg.get('bucket_cap_mb'), cfg.get('view', False),
-                       order=grad_order(m, xb), **kw)
+    return predict_memory(m, xb, yb, nn.CrossEntropyLoss(), rr.opt_func(cfg['opt']), world_size=2, bucket_cap_mb=cfg.get('bucket_cap_mb'),
+                          gradient_as_bucket_view=cfg.get('view'), **kw)
+
+# --- the prediction, in the default set (fast: tiny models, no ranks)
+def _learner():
+    from fastai.learner import Learner
+    from fastai.data.core import DataLoaders
+    from fastai.optimizer import SGD
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2048), nn.ReLU(), nn.Linear(2048, 10))  # large heads: buckets that matter
+    ds = [(torch.randn(3, 16, 16), torch.tensor(i%10)) for i in range(32)]
+    return Learner(DataLoaders.from_dsets(ds, ds, bs=8), m, loss_func=nn.CrossEntropyLoss(), opt_func=SGD)
+
+def _model_state(m): return [id(p) for p in m.parameters()], [m.training for m in m.modules()], sum(len(x._forward_hooks)+len(x._forward_pre_hooks)+len(x._backward_hooks) for x in m.modules())
+
+def test_memory_summary_world_size():
+    "Each rank's prediction is the single-process step plus DDP's buckets, a kind of its own alive the whole step; world_size=1 is the single-process step"
+    learn = _learner(); before = _model_state(learn.model)
+    one,ms = learn.memory_summary(),learn.memory_summary(world_size=2, sync_bn=False)
+    bk = ddp_buckets(learn.model, order=grad_order(learn.model, learn.dls.train.one_batch()[:1]))
+    assert ms.peak==one.peak+sum(bk) and ms.buckets==bk and sum(bk)==sum(p.numel()*4 for p in learn.model.parameters())
+    assert (ms.world_size, ms.strategy, ms.reason, one.world_size, one.strategy, one.buckets) == (2, 'ddp', None, 1, None, [])
+    assert sum(ms.at_peak.values())==ms.peak and ms.at_peak[MemKind.ddp.value]==sum(bk) and one.at_peak[MemKind.ddp.value]==0
+    assert (ms.timeline[MemKind.ddp.value]==sum(bk)).all() and ms.peak_event==one.peak_event  # alive the whole step: the peak at the same event
+    assert ms.peak_max-ms.peak==sum(b.numel()*b.element_size() for b in learn.model.buffers()) and one.peak_max==one.peak
+    w1 = learn.memory_summary(world_size=1)
+    assert (w1.peak, w1.at_peak, w1.peak_event, w1.facts()) == (one.peak, one.at_peak, one.peak_event, one.facts()) and w1.timeline.equals(one.timeline)
+    assert _model_state(learn.model)==before
+
+def test_world_size_per_rank_batch():
+    "`bs` is each rank's batch; the buckets do not depend on it; on a CUDA target each bucket takes whole 512 B blocks"
+    learn = _learner()
+    a,b = learn.memory_summary(bs=4, world_size=2, sync_bn=False),learn.memory_summary(bs=4, world_size=4, sync_bn=False)
+    assert a.peak==b.peak and a.bs==4 and b.world_size==4
+    cu = learn.memory_summary(world_size=2, sync_bn=False, device='cuda', bucket_cap_mb=1e-3)
+    assert len(cu.buckets)>1 and all(n%512==0 for n in cu.buckets)
+
+def test_not_predicted_is_nan():
+    "`SyncBatchNorm` (`distrib_ctx`'s default) and bucket views with fastai's optimizer: a NaN peak and a reason, no figure; `max_batch` refuses"
+    learn = _learner()
+    ms = learn.memory_summary(world_size=2)
+    assert math.isnan(ms.peak) and math.isnan(ms.peak_max) and 'sync_bn=False' in ms.reason
+    mv = learn.memory_summary(world_size=2, sync_bn=False, gradient_as_bucket_view=True)
+    assert math.isnan(mv.peak) and 'gradient_as_bucket_view=False' in mv.reason
+    with pytest.raises(ValueError, match='sync_bn=False'): learn.max_batch(1, device='cpu', world_size=2, show_plot=False)
+
+@pytest.mark.parametrize('kw,msg', [(dict(world_size=0), 'world_size'), (dict(world_size=2.0), 'world_size'), (dict(world_size=True), 'world_size'),
+                                    (dict(world_size=2, strategy='fsdp'), 'FSDP2'), (dict(bucket_cap_mb=25), 'world_size=2'),
+                                    (dict(sync_bn=False), 'world_size=2'), (dict(gradient_as_bucket_view=False), 'world_size=2'),
+                                    (dict(world_size=2, bucket_cap_mb=-1), 'positive'), (dict(world_size=2, sync_bn='yes'), 'True or False')])
+def test_bad_input(kw, msg, monkeypatch):
+    "A clear `ValueError` before any work (no step predicted), in `memory_summary` and `max_batch` alike; the model as it was"
+    import cnn_cost.memory as cm
+    learn = _learner(); before = _model_state(learn.model)
+    monkeypatch.setattr(cm, 'step_memory', lambda *a, **k: pytest.fail('work started before the arguments were checked'))
+    for f in (lambda: learn.memory_summary(**kw), lambda: learn.max_batch(1, device='cpu', show_plot=False, **kw)):
+        with pytest.raises(ValueError, match=msg): f()
+    assert _model_state(learn.model)==before
+
+def test_max_batch_world_size():
+    "The largest batch of each rank whose per-rank peak fits: one more does not"
+    learn = _learner()
+    ms = learn.memory_summary(bs=16, world_size=2, sync_bn=False)
+    mb = learn.max_batch(ms.peak/2**30, device='cpu', world_size=2, sync_bn=False, show_plot=False, max_bs=64)
+    assert mb.bs==16 and mb.peak==ms.peak and mb.world_size==2
+    assert learn.max_batch(ms.peak/2**30, device='cpu', show_plot=False, max_bs=64).bs > 16  # one process has no buckets: a larger batch fits
+
+@pytest.mark.parametrize('args', [['--memory', '--world-size', '0'], ['--memory', '--world-size', 'x'], ['--world-size', '2'],
+                                  ['--memory', '--world-size', '2', '--strategy', 'fsdp'], ['--memory', '--no-sync-bn']], ids=' '.join)
+def test_cli_bad_world_size(args, capsys, monkeypatch):
+    "`cnn-cost`: exit 2 and one line on stderr naming the argument, before any learner is built"
+    import cnn_cost.cli as cli
+    monkeypatch.setattr(cli, 'build_learner', lambda *a, **k: pytest.fail('work started before the arguments were checked'))
+    with pytest.raises(SystemExit) as e: cli.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code==2 and len(err.strip().splitlines())==1 and ('--world-size' in err or '--strategy' in err or '--no-sync-bn' in err), err
+
+# --- real ranks
 
 def test_tracker_is_memtracker():
     "The reference's tracker gives torch's `MemTracker` peak on a single-process step"
@@ -44,8 +122,10 @@ def test_ddp_buckets_extra(real, name):
 @pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); tests/test_callback_ddp.py keeps a 2-rank run in the default set
 @pytest.mark.parametrize('name', ['ddp', 'ddp_small', 'vit_ddp'])
 def test_ddp_prediction(real, name):
-    "Each real rank's peak lies in `rank_memory`'s `[peak, peak_max]` (single-process prediction + `ddp_buckets`, + the buffers' broadcast); its buckets are the `Reducer`'s"
+    "Each real rank's peak lies in `predict_memory(..., world_size=2)`'s `[peak, peak_max]` (single-process prediction + `ddp_buckets`, + the buffers' broadcast); its buckets are the `Reducer`'s"
     cfg = CFGS[name]; p = _pred(cfg, sync_bn=False)
+    m = rr.make_model(cfg['model']); xb,yb = rr.batch(cfg['bs'], cfg['size'])
+    assert p.peak==predict_memory(m, xb, yb, nn.CrossEntropyLoss(), rr.opt_func(cfg['opt'])).peak+sum(p.buckets)
     for r in real[name]:
         assert p.peak <= r['peak'] <= p.peak_max
         assert p.buckets==r['buckets']
