@@ -9,6 +9,7 @@ __all__ = ['CostSummary']
 
 # %% ../nbs/03_summary.ipynb #a5cf66b6
 import json, warnings, numpy as np, pandas as pd
+from pathlib import Path
 from dataclasses import fields
 from fastcore.basics import *
 from fastcore.foundation import L

@@ -1,5 +1,5 @@
 "Integration and reliability tests of `model_cost` / `learn.cost_summary()` and the `CostSummary` they return."
-import re, time, math, pytest, torch, torch.nn as nn, torch.nn.functional as F
+import re, json, time, math, pytest, torch, torch.nn as nn, torch.nn.functional as F
 from pathlib import Path
 from torch.utils.flop_counter import FlopCounterMode
 from fastai.callback.hook import layer_info
@@ -182,6 +182,8 @@ def test_renderings(seed_summary, tmp_path):
     assert cs._repr_html_().count('<table') == 2
     cs.to_csv(tmp_path/'a.csv'); assert (tmp_path/'a.csv').read_text().count('\n') == len(cs.df)+1
     assert cs.to_markdown().count('| Conv2d ') == 20
+    md,js = cs.to_markdown(path=tmp_path/'a.md'),cs.to_json(path=tmp_path/'a.json')  # written where asked, the same text as returned
+    assert (tmp_path/'a.md').read_text() == md and json.loads((tmp_path/'a.json').read_text())['totals']['total_macs'] == cs.total_macs
     assert cs.top(3).time_ms.is_monotonic_decreasing
 
 def test_forward_only_backward_unknown(seed_summary):
