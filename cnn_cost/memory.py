@@ -345,6 +345,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
             model.train()
             if cast: xs,ys = [cast_tensors(b) for b in (xs, ys)]  # inside `fake_subclasses`: a fake fastai tensor's alias, as the real `as_subclass` makes
             opt = None if opt_func is None else opt_func(gs, lr=lr)
+            if opt is not None and not hasattr(opt, 'opt_func'): opt.opt_func = getattr(opt_func, 'func', opt_func)  # its name for the summary
             if opt is not None and cuda and isinstance(opt, OptimWrapper):  # torch optimizers default to their foreach kernels on CUDA
                 for g in opt.opt.param_groups:
                     if 'foreach' in g and g['foreach'] is None and not g.get('fused'): g['foreach'] = True
@@ -535,7 +536,7 @@ def facts(self:MemorySummary):
             f"At the peak, activations: {_kinds({k:v for k,v in self.at_peak.items() if k not in _state})}",
             f"Outside the layers at the peak (batch, loss, optimizer): {_kinds(self.outside)}",
             f"Saved for backward: {human(self.saved_total,'B')} in all, each storage once",
-            _line(f"Optimizer: {o['name']}, {o['per_param']:.3g} state tensors per trained parameter" + (f" ({', '.join(o['state'])})" if o['state'] else '')
+            _line(f"Optimizer: {o['name']}, {o['per_param']:.3g} state tensor{'s'*(o['per_param']!=1)} per trained parameter" + (f" ({', '.join(o['state'])})" if o['state'] else '')
                   if o else "Optimizer: none, so no state and no step"),
             "Covers: one step's tensors in CUDA's 512 B blocks; not the context, cuBLAS/cuDNN workspaces, cache" if self.cuda else
             "Covers: one step's tensors (parameters, gradients, optimizer state, batch); not a kernel's scratch"]
@@ -603,12 +604,14 @@ def _opt_info(opt, ps):
     if opt is None: return None
     st = _opt_state(opt)
     n = len({id(p) for p in ps if p.requires_grad})
-    return dict(name=type(getattr(opt, 'opt', opt)).__name__, per_param=len(st)/max(n,1), state=sorted({k for _,k,_ in st}))
+    name = type(getattr(opt, 'opt', opt)).__name__
+    if name=='Optimizer': name = getattr(getattr(opt, 'opt_func', None), '__name__', name)  # fastai's `Adam`, `SGD`, ... each make an `Optimizer`
+    return dict(name=name, per_param=len(st)/max(n,1), state=sorted({k for _,k,_ in st}))
 
 def _opt_note(o):
     "How many state tensors the optimizer `o` (`_opt_info`) keeps per trained parameter, and their names"
     if o is None: return "No optimizer: its state and its step are not included"
-    return (f"Optimizer ({o['name']}): {o['per_param']:.3g} state tensors per trained parameter" + (f" ({', '.join(o['state'])})" if o['state'] else '')
+    return (f"Optimizer ({o['name']}): {o['per_param']:.3g} state tensor{'s'*(o['per_param']!=1)} per trained parameter" + (f" ({', '.join(o['state'])})" if o['state'] else '')
             + ", found by a first step on fake tensors")
 
 def _coverage(device, ops=()):
