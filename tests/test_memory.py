@@ -100,7 +100,7 @@ def test_summary_reads_at_a_glance(seed_learner):
         assert lines[2].split()[:4] == ['Layer', '(type)', 'Name', 'Output'] and len(s.facts()) <= 8 and all(len(l) <= 105 for l in s.facts() + s.conditions())
         assert len(lines) == len(s._text_table()) + len(s.facts()) + len(s.conditions()) and not any(n in lines for n in s.notes)
         assert (s.not_predicted, s.trained_as, s.amp_ignored, s.hooks_not_run) == ({}, [], False, [])
-        assert s.optimizer == dict(name='Optimizer', per_param=2, state=['grad_avg', 'sqr_avg']) and 'aten.native_batch_norm' in s.corrected
+        assert s.optimizer == dict(name='Adam', per_param=2, state=['grad_avg', 'sqr_avg']) and 'aten.native_batch_norm' in s.corrected
     assert (ms.cuda, ms.scratch, cu.cuda, cu.scratch) == (False, ['aten.convolution'], True, [])
     assert len(ms.conditions()) == 1 and cu.conditions() == []  # the CPU target's oneDNN scratch; nothing on CUDA
     seed_learner.opt_func = None
