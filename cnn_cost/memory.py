@@ -529,7 +529,7 @@ def facts(self:MemorySummary):
     o,n = self.optimizer,self.world_size
     peak = ("Peak: unknown, not predicted (see below)" if self.peak!=self.peak else
             f"Peak: {human(self.peak,'B')} ({gib(self.peak)}) during {_stages[self.peak_stage]}, {where} (event {self.peak_event} of {len(self.timeline)})")
-    b,bm = len(self.buckets),f"; +{human(self.peak_max-self.peak,'B')} while the buffers' broadcast is held" if self.peak_max>self.peak else ''
+    b,bm = len(self.buckets),f"; buffers' broadcast +{human(self.peak_max-self.peak,'B')}" if self.peak_max>self.peak else ''
     ddp = [_line(f"Per rank of {n} (DDP): {b} bucket{'s'*(b!=1)}, {human(sum(self.buckets),'B')} (a copy of the gradients){bm}")] if n>1 else []
     return [peak, *ddp,
             f"At the peak, state: {_kinds(self.at_peak, _state)}",
