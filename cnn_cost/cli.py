@@ -19,7 +19,7 @@ from fastai.vision.all import vision_learner, Learner, ImageDataLoaders, Resize,
 from .data import digits_dls
 from .learner import *
 from .memory import *
-from .memory import strategies
+from .memory import strategies, ddp_reason
 from .plan import *
 from .plots import *
 from .analysis import cost_sweep
@@ -226,6 +226,8 @@ def cost_report(arch:str='resnet18', # Any torchvision classification model, e.g
     with contextlib.redirect_stdout(sys.stderr), blame_images(path):  # the progress bar goes to stderr, the table to stdout
         mem = memory or max_batch_gib is not None
         learn = build_learner(arch, size, min(bs, 8) if mem else bs, device, path)  # a prediction takes only the batch's shapes: any --bs
+        why = mem and world_size>1 and ddp_reason(learn.model, learn.opt_func, False, not no_sync_bn)  # refused before any work
+        if why: raise UsageError(f"--world-size {world_size}: {why}")
         if mem: return memory_report(learn, bs, dtype, max_batch_gib, format, plot, world_size, strategy, False if no_sync_bn else None)
         if sweep:
             sw = cost_sweep(learn, sizes=sweep, bss=(bs,), n_warmup=n_warmup, n_repeat=n_repeat, progress=bar)

@@ -76,6 +76,7 @@ def swapped(model, new, held, undo=None):
     copy, its tensors `held(t)` (a forward fills a cache in the copy, not in the user's); then every module exactly as it was: the attributes, parameters,
     buffers and submodules the block set, replaced or added (a cache made in the step, fake) put back or removed: each module on its own (`undo`, an `Undo`)"""
     snap = [(n or 'the model', m, dict(vars(m)), [copy.copy(vars(m)[k]) for k in _state]) for n,m in model.named_modules()]
+    lists = [(n, {k: list(v) for k,v in a.items() if isinstance(v, list)}) for n,m,a,_ in snap]  # changed in place by the step (an RNN's `_flat_weights`)
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     try:
         for _,m,a,_ in snap:
@@ -89,8 +90,9 @@ def swapped(model, new, held, undo=None):
         yield
     finally:
         u = ifnone(undo, Undo())
-        for n,m,a,st in snap:
+        for (n,m,a,st),(_,ls) in zip(snap, lists):
             u(f"the attributes of {n}", _put_back, m, a, _module_keys)
+            for k,v in ls.items(): u(f"the list {k} of {n}", a[k].__setitem__, slice(None), v)
             for k,v in zip(_state, st): u(f"the {k.strip('_')} of {n}", _put_dict, vars(m)[k], v)
         if undo is None: u.check()
 

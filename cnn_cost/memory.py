@@ -20,8 +20,7 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import TensorBase
 from torch.utils._python_dispatch import _disable_current_modes, TorchDispatchMode
 from types import FunctionType
-from torch.func import functional_call
-from torch.utils._pytree import tree_flatten
+import numbers
 from fastai.learner import CastToTensor
 from .core import *
 from .core import PhaseTracker, flat_tensors, lazy_modules, learner_amp
@@ -290,6 +289,7 @@ class StepMemory:
     """One training step as `step_memory` recorded it: its `MemCounter` (`counter`: every storage with its kind, unit and lifetime), its `MemCounting`
     (`counting`: the units and rows), the optimizer `opt`, and how it ran; `MemorySummary.from_step` reads it"""
     counter:MemCounter; counting:MemCounting; opt:object; model_name:str; input_shapes:list; bs:int; dtype:object; device:str
+    grad_order:list=None  # `model`'s parameters in the order the step's backward made their gradients (DDP's buckets follow it)
 
 _stages = {'before':'before the step', 'forward':'the forward', 'backward':'the backward', 'step':"the optimizer's step", 'after':'after the step'}  # fastai's loop, not `PhaseTracker`'s autograd phases
 _fake_errors = (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException, NotImplementedError)  # what a fake step cannot run, not the model
@@ -339,6 +339,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
     ts = {id(t): shadow(t, fm, channels_last) for t in [*model.parameters(), *model.buffers()]}
     ps = [ts[id(p)] for p in model.parameters()]
     xs,ys = new_batch((list(xb), list(yb)), bs, fm)
+    real = list(model.parameters())  # the user's, in the order the step's `model.parameters()` lists their stand-ins
     gs,modes,u = (None if opt_func is None else _groups(model, splitter, ts)),[(n or 'the model', m, m.training) for n,m in model.named_modules()],Undo()
     try:
         with hooks_kept(model, u) as not_run, swapped(model, ts, functools.partial(held_copy, fm=fm), u), (fm or contextlib.nullcontext()), fake_subclasses():
@@ -352,7 +353,10 @@ def step_memory(model:nn.Module, # Any PyTorch model
             # a first step, not recorded: every later step starts with what it leaves. Gradients as the first backward made them (it hands a
             # parameter the incoming gradient when it can: slices of one storage for parameters joined by a `cat`, kept by fastai's `zero_grad`),
             # the optimizer's state, and buffers a forward replaces (ConViT's `rel_indices`, made for the input's size)
-            with FakeFixes(cuda) as fx: prev = _train_step(model, xs, ys, loss_func, opt, None, dt)  # its `pred` and loss live until the step replaces them
+            order,hs = [],[t.register_post_accumulate_grad_hook(lambda t, i=i: order.append(i)) for i,t in enumerate(model.parameters()) if t.requires_grad and t.is_leaf]
+            try:
+                with FakeFixes(cuda) as fx: prev = _train_step(model, xs, ys, loss_func, opt, None, dt)  # its `pred` and loss live until the step replaces them
+            finally: [h.remove() for h in hs]
             [setattr(t, 'grad', None) for t in (ps if opt is None else []) + flat_tensors((xs, ys))]  # no optimizer: nothing resets the gradients; each batch is new
             c = MemCounting(model, size=cuda_block if cuda else None, device=device)
             with c:
@@ -369,7 +373,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
                 c.records(warn=False)  # the cost summary warns about ops it cannot count, not the memory model
                 _resolve(mc, c.units, c.param_units, ps, opt, cuda)
             shapes = [(ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else () for t in flat_tensors(xb)]
-            return StepMemory(mc, c, opt, type(model).__name__, shapes, ifnone(bs, batch_rows(xb)), dtype, device)
+            return StepMemory(mc, c, opt, type(model).__name__, shapes, ifnone(bs, batch_rows(xb)), dtype, device, [real[i] for i in order])
     except RuntimeError as e:  # what the real step would raise too: its reason, in the stage it came from
         if getattr(e, 'stage', None) is None or isinstance(e, (RestoreError, *_fake_errors)): raise
         raise StepError(e.stage, str(e).splitlines()[0][:500]) from e
@@ -379,6 +383,23 @@ def step_memory(model:nn.Module, # Any PyTorch model
 
 # %% ../nbs/03a_memory.ipynb #r27ddp02
 _first_bucket = 1024*1024  # `torch.distributed._DEFAULT_FIRST_BUCKET_BYTES`, the first bucket's cap when `bucket_cap_mb` is left to its default
+
+def ddp_buckets(model:nn.Module, # The model DDP wraps
+                bucket_cap_mb:float=None, # DDP's `bucket_cap_mb` (default: 25 MiB, with a first bucket of 1 MiB)
+                order=None, # The parameters in the order their gradients are ready (default: the reverse of `model.parameters()`)
+               )->list:
+    "Bytes of each gradient bucket DDP's `Reducer` holds for `model` after its first step, when it has rebuilt them in the order gradients are ready"
+    if bucket_cap_mb is not None and not bucket_cap_mb>0: raise ValueError(f"`bucket_cap_mb` must be a positive number of MiB, not {bucket_cap_mb!r}: leave it None for DDP's default")
+    ps = L(ifnone(order, reversed(list(model.parameters())))).filter(lambda p: p.requires_grad)
+    cap = 25*2**20 if bucket_cap_mb is None else int(bucket_cap_mb*2**20)
+    first = _first_bucket if bucket_cap_mb is None else cap  # an explicit `bucket_cap_mb` caps the first bucket too
+    res,cur,n_done = [],{},{}
+    for p in ps:
+        k = (p.dtype, p.device)  # one bucket per dtype and device at a time
+        cur[k] = cur.get(k, 0) + p.numel()*p.element_size()
+        if cur[k] >= (first if not n_done.get(k) else cap): res.append(cur.pop(k)); n_done[k] = n_done.get(k, 0)+1
+    return res + list(cur.values())
+ket = 1024*1024  # `torch.distributed._DEFAULT_FIRST_BUCKET_BYTES`, the first bucket's cap when `bucket_cap_mb` is left to its default
 
 def ddp_buckets(model:nn.Module, # The model DDP wraps
                 bucket_cap_mb:float=None, # DDP's `bucket_cap_mb` (default: 25 MiB, with a first bucket of 1 MiB)
@@ -413,12 +434,12 @@ def grad_order(model:nn.Module, xb)->list:
 strategies = ('ddp',)  # multi-process strategies predicted; FSDP2 is coming
 def check_ranks(world_size=1, strategy='ddp', bucket_cap_mb=None, gradient_as_bucket_view=None, sync_bn=None):
     "Refuse, before any work, a `world_size`, `strategy` or DDP option the per-rank prediction cannot take, saying what to pass"
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size<1:
+    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size<1:
         raise ValueError(f"world_size must be a whole number of processes, at least 1 (1: no DDP), got {world_size!r}")
     if strategy not in strategies: raise ValueError(f"strategy must be one of {', '.join(map(repr, strategies))} (FSDP2 is coming), got {strategy!r}")
     given = [k for k,v in dict(bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=gradient_as_bucket_view, sync_bn=sync_bn).items() if v is not None]
     if given and world_size==1: raise ValueError(f"{', '.join(given)}: DDP's options apply to a job of several processes: pass world_size=2 or more, or leave them out")
-    if bucket_cap_mb is not None and (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb>0):
+    if bucket_cap_mb is not None and (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real) or not 0<bucket_cap_mb<math.inf):
         raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {bucket_cap_mb!r}: leave it out for DDP's default (25)")
     for k,v in dict(gradient_as_bucket_view=gradient_as_bucket_view, sync_bn=sync_bn).items():
         if v is not None and not isinstance(v, bool): raise ValueError(f"{k} must be True or False, got {v!r}")
@@ -431,8 +452,9 @@ def ddp_reason(model, opt_func=None, gradient_as_bucket_view=False, sync_bn=True
         return "DDP refuses fastai's `zero_grad` on bucket views: pass `gradient_as_bucket_view=False`"
     if gradient_as_bucket_view: return "gradients as bucket views are not modelled yet: pass `gradient_as_bucket_view=False`"
     bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if any(isinstance(m, nn.SyncBatchNorm) for m in bn) or (sync_bn and bn):
-        return "`SyncBatchNorm` (`distrib_ctx`'s default) is not modelled: pass `sync_bn=False`"
+    if any(isinstance(m, nn.SyncBatchNorm) for m in bn):
+        return "the model holds `SyncBatchNorm` layers, whose memory is not modelled: predict it with `nn.BatchNorm` layers and `sync_bn=False`"
+    if sync_bn and bn: return "`SyncBatchNorm` (`distrib_ctx`'s default) is not modelled: pass `sync_bn=False` (the CLI: `--no-sync-bn`)"
 
 # %% ../nbs/03a_memory.ipynb #e1153f79
 def _timeline(blocks, trace, names):
@@ -455,7 +477,7 @@ def _keep(units, recs):
 class MemorySummary:
     "Memory of one training step: per-layer `df`, the `timeline`, the `peak` and what holds it; prints as `CostSummary` does"
     def __init__(self, blocks, trace, units, recs, model_name='', input_shapes=(), bs=None, dtype=None, device='cpu', notes=(), flags=None,
-                 ops=(), optimizer=None, hooks_not_run=(), world_size=1, strategy=None, buckets=(), broadcast=0, reason=None):
+                 ops=(), optimizer=None, hooks_not_run=(), world_size=1, strategy=None, buckets=(), broadcast=0):
         store_attr('model_name,input_shapes,bs,device,optimizer'); self.hooks_not_run = list(hooks_not_run); self.dtype,self.notes,self.flags = str(dtype or 'fp32'),list(notes),dict(flags or {})
         self.cuda = torch.device(device).type=='cuda'  # the CUDA allocator's 512-byte rounding applied; else a CPU target
         # conditions, each an attribute, said in one sentence when it holds (`conditions`), in full in `notes`
@@ -468,10 +490,10 @@ class MemorySummary:
         if self.corrected: self.notes.append(f"Corrected: torch's fake kernels of {', '.join(self.corrected)} give other sizes than the real ones; "
                                              "the real kernels' sizes are counted")
         # per rank: DDP's buckets are alive from before the step to its end; `peak_max` adds the buffers' broadcast, which may still be alive at the peak
-        self.world_size,self.strategy,self.buckets,self.broadcast,self.reason = world_size,strategy if world_size>1 else None,list(buckets),broadcast,reason
+        self.world_size,self.strategy,self.buckets,self.broadcast = world_size,strategy if world_size>1 else None,list(buckets),broadcast
         if world_size>1: self.notes.append(f"Per rank of {world_size} ({strategy.upper()}): the step at each rank's batch, plus DDP's {len(self.buckets)} gradient buckets (a copy of "
-                                           "the gradients, alive the whole step); `peak_max` adds the flat copy of the buffers DDP broadcasts before each forward" + (f". Not predicted: {reason}" if reason else ''))
-        if world_size>1 and not reason: blocks = blocks + [Block(n, -1, 'before', 0, kind=MemKind.ddp) for n in self.buckets]
+                                           "the gradients, alive the whole step); `peak_max` adds the flat copy of the buffers DDP broadcasts before each forward")
+        if world_size>1: blocks = blocks + [Block(n, -1, 'before', 0, kind=MemKind.ddp) for n in self.buckets]
         names = [n or type(m).__name__ for n,m,k in units]
         self.timeline = _timeline(blocks, trace, names)
         self.peak_event = int(self.timeline.live.values.argmax())
@@ -483,7 +505,6 @@ class MemorySummary:
         self.outside = {k.value: sum(b.nbytes for b in at if b.kind==k and b.unit<0) for k in MemKind}
         self.saved_total = sum(b.nbytes for b in blocks if b.kind==MemKind.saved)
         self.df = self._frame(blocks, at, units, recs)
-        if reason: self.peak = math.nan  # DDP's step of this model is not predicted: no figure
         self.peak_max = self.peak + (broadcast if world_size>1 else 0)
 
     def _frame(self, blocks, at, units, recs):
@@ -527,8 +548,7 @@ def facts(self:MemorySummary):
     "The short fact lines after the table: the peak, when and where; what holds it by kind; the optimizer; what the prediction covers and leaves out"
     where = f"in {self.peak_unit}" if self.peak_unit else "outside the layers"
     o,n = self.optimizer,self.world_size
-    peak = ("Peak: unknown, not predicted (see below)" if self.peak!=self.peak else
-            f"Peak: {human(self.peak,'B')} ({gib(self.peak)}) during {_stages[self.peak_stage]}, {where} (event {self.peak_event} of {len(self.timeline)})")
+    peak = f"Peak: {human(self.peak,'B')} ({gib(self.peak)}) during {_stages[self.peak_stage]}, {where} (event {self.peak_event} of {len(self.timeline)})"
     b,bm = len(self.buckets),f"; buffers' broadcast +{human(self.peak_max-self.peak,'B')}" if self.peak_max>self.peak else ''
     ddp = [_line(f"Per rank of {n} (DDP): {b} bucket{'s'*(b!=1)}, {human(sum(self.buckets),'B')} (a copy of the gradients){bm}")] if n>1 else []
     return [peak, *ddp,
@@ -544,7 +564,7 @@ def facts(self:MemorySummary):
 @patch
 def conditions(self:MemorySummary):
     "One sentence for each condition that holds (`not_predicted`, `trained_as`, `amp_ignored`, `hooks_not_run`, `scratch`); the full text is in `.notes`"
-    res,np_ = ([_line(f"Not predicted: {self.reason}.")] if self.reason else []),self.not_predicted
+    res,np_ = [],self.not_predicted
     if np_: res.append(_line(f"Not predicted: {', '.join(np_)} on fake tensors: the peak may be off by up to {human(sum(np_.values()),'B')}."))
     res += [_line(n.rstrip('.') + '.') for n in self.trained_as]
     if self.amp_ignored: res.append(f"Mixed precision ignored: fastai autocasts on CUDA only, so on {self.device} the step runs in float32.")
@@ -627,19 +647,22 @@ def _coverage(device, ops=()):
 
 @patch(cls_method=True)
 def from_step(cls:MemorySummary, sm:StepMemory, **ranks):
-    "The `MemorySummary` of a step `step_memory` recorded (the one place a summary is built from a step); `ranks`: `world_size`, `strategy`, `buckets`, `broadcast`, `reason`"
+    "The `MemorySummary` of a step `step_memory` recorded (the one place a summary is built from a step); `ranks`: `world_size`, `strategy`, `buckets`, `broadcast`"
     mc,c,opt = sm.counter,sm.counting,sm.opt
     o = _opt_info(opt, [p for p in opt.all_params().itemgot(0)] if opt else [])
     notes = _coverage(sm.device, mc.ops) + mc.notes + [_opt_note(o)]
     return cls(mc.blocks, mc.trace, c.units, c.recs, sm.model_name, sm.input_shapes, sm.bs, amp_dtype(sm.dtype) and sm.dtype, sm.device, notes, mc.flags,
                mc.ops, o, getattr(mc, 'not_run', []), **ranks)
 
-def _ranks(model, xb, opt_func, size, world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn):
-    "What `MemorySummary` needs of each rank of a DDP job: its `buckets` (sized by `size`), the buffers' `broadcast` and the `reason` it is not predicted"
+def _ranks(model, sm, world_size, strategy, bucket_cap_mb):
+    "What `MemorySummary` needs of each rank of a DDP job: its `buckets` in the order the step made the gradients, and the buffers' `broadcast`"
     if world_size==1: return {}
-    reason = ddp_reason(model, opt_func, bool(gradient_as_bucket_view), ifnone(sync_bn, True))
-    bs = ddp_buckets(model, bucket_cap_mb, None if reason else grad_order(model, xb))
-    return dict(world_size=world_size, strategy=strategy, buckets=[size(n) for n in bs], reason=reason,
+    got = {id(p) for p in sm.grad_order}
+    none = [n for n,p in model.named_parameters() if p.requires_grad and id(p) not in got]
+    if none: raise ValueError(f"{len(none)} trainable parameter{'s'*(len(none)>1)} get no gradient in the step ({', '.join(none[:3])}{', ...'*(len(none)>3)}): DDP stops at "
+                              "its second step unless `find_unused_parameters=True`, which is not modelled. Freeze them (`requires_grad_(False)`) or remove them")
+    size = sm.counter.size
+    return dict(world_size=world_size, strategy=strategy, buckets=[size(n) for n in ddp_buckets(model, bucket_cap_mb, sm.grad_order)],
                 broadcast=size(sum(b.numel()*b.element_size() for b in model.buffers())))  # DDP's `broadcast_buffers`, its default and accelerate's
 
 def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e-3,
@@ -652,6 +675,8 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
                   ):
     "`MemorySummary` of one training step of `model`, predicted on fake tensors (see `step_memory`); with `world_size`, of each rank of a DDP job"
     check_ranks(world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn)
+    why = world_size>1 and ddp_reason(model, opt_func, bool(gradient_as_bucket_view), ifnone(sync_bn, True))
+    if why: raise ValueError(f"Each rank's step of this DDP job is not predicted: {why}")
     try: sm = step_memory(model, xb, yb, loss_func, opt_func, splitter, lr, bs, dtype, channels_last, device, cast=cast)
     except _fake_errors as e:
         if 'Sparse' in str(e): raise RuntimeError("Sparse gradients (`F.embedding(..., sparse=True)`) cannot be predicted: their size depends on which rows the batch reads. "
@@ -660,7 +685,7 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
                 }.get(getattr(e, 'stage', 'forward'), ' in the forward or the loss')
         raise RuntimeError(f"The training step could not run on fake tensors{where} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). An op that needs the data's values "
                            "(`.item()`, `nonzero`) cannot be predicted: report it, or measure on a real step with `step_memory(..., fake=False)`") from e
-    return MemorySummary.from_step(sm, **_ranks(model, xb, opt_func, sm.counter.size, world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn))
+    return MemorySummary.from_step(sm, **_ranks(model, sm, world_size, strategy, bucket_cap_mb))
 
 # %% ../nbs/03a_memory.ipynb #e0000002
 def learner_batch(learn, xb, yb):

@@ -241,7 +241,10 @@ def test_language_model(reg):
     if not reg:
         for cb in learn.cbs:
             if type(cb).__name__=='RNNRegularizer': cb.alpha = cb.beta = 0.
+    flat = {n: list(m._flat_weights) for n,m in learn.model.named_modules() if isinstance(m, nn.LSTM)}
     ms = learn.memory_summary()
+    # nothing fake left in the LSTMs' `_flat_weights`, which `WeightDropout` changes in place in every forward: the same tensors as before
+    assert flat and all(all(a is b for a,b in zip(m._flat_weights, flat[n])) for n,m in learn.model.named_modules() if isinstance(m, nn.LSTM))
     xb,yb = learn.dls.train.one_batch()
     assert ms.saved_total == hooked_saved(learn.model, (xb,), (yb,), learner_loss(learn))
     ref = cpu_peak(learn)

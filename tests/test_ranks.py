@@ -4,7 +4,7 @@ launch of 2 ranks (tiny models)."""
 import math, pytest, torch, torch.nn as nn
 import rank_refs as rr, memory_refs as mr
 from cnn_cost.memory import predict_memory, MemKind
-from cnn_cost.memory import ddp_buckets, grad_order
+from cnn_cost.memory import ddp_buckets, step_memory
 import cnn_cost.plan  # `Learner.max_batch`
 
 CNN = dict(model='tiny_cnn', bs=8, size=16, opt='sgd', strategy='ddp')
@@ -39,9 +39,10 @@ def test_memory_summary_world_size():
     "Each rank's prediction is the single-process step plus DDP's buckets, a kind of its own alive the whole step; world_size=1 is the single-process step"
     learn = _learner(); before = _model_state(learn.model)
     one,ms = learn.memory_summary(),learn.memory_summary(world_size=2, sync_bn=False)
-    bk = ddp_buckets(learn.model, order=grad_order(learn.model, learn.dls.train.one_batch()[:1]))
+    xb,yb = learn.dls.train.one_batch()[:1],learn.dls.train.one_batch()[1:]
+    bk = ddp_buckets(learn.model, order=step_memory(learn.model, xb, yb, learn.loss_func, learn.opt_func).grad_order)  # the order of the step's backward
     assert ms.peak==one.peak+sum(bk) and ms.buckets==bk and sum(bk)==sum(p.numel()*4 for p in learn.model.parameters())
-    assert (ms.world_size, ms.strategy, ms.reason, one.world_size, one.strategy, one.buckets) == (2, 'ddp', None, 1, None, [])
+    assert (ms.world_size, ms.strategy, one.world_size, one.strategy, one.buckets) == (2, 'ddp', 1, None, [])
     assert sum(ms.at_peak.values())==ms.peak and ms.at_peak[MemKind.ddp.value]==sum(bk) and one.at_peak[MemKind.ddp.value]==0
     assert (ms.timeline[MemKind.ddp.value]==sum(bk)).all() and ms.peak_event==one.peak_event  # alive the whole step: the peak at the same event
     assert ms.peak_max-ms.peak==sum(b.numel()*b.element_size() for b in learn.model.buffers()) and one.peak_max==one.peak
@@ -57,14 +58,68 @@ def test_world_size_per_rank_batch():
     cu = learn.memory_summary(world_size=2, sync_bn=False, device='cuda', bucket_cap_mb=1e-3)
     assert len(cu.buckets)>1 and all(n%512==0 for n in cu.buckets)
 
-def test_not_predicted_is_nan():
-    "`SyncBatchNorm` (`distrib_ctx`'s default) and bucket views with fastai's optimizer: a NaN peak and a reason, no figure; `max_batch` refuses"
+def test_not_predicted_refused(monkeypatch):
+    """`SyncBatchNorm` (`distrib_ctx`'s default), a model that holds it, and bucket views with fastai's optimizer: a `ValueError` saying what to
+    pass, before any work, from `memory_summary` and `max_batch` alike; no figure"""
+    import cnn_cost.memory as cm
+    learn = _learner(); before = _model_state(learn.model)
+    monkeypatch.setattr(cm, 'step_memory', lambda *a, **k: pytest.fail('work started before the job was refused'))
+    for kw,msg in [(dict(), 'sync_bn=False'), (dict(sync_bn=False, gradient_as_bucket_view=True), 'gradient_as_bucket_view=False')]:
+        with pytest.raises(ValueError, match=msg): learn.memory_summary(world_size=2, **kw)
+        with pytest.raises(ValueError, match=msg): learn.max_batch(1, device='cpu', world_size=2, show_plot=False, **kw)
+    learn.model = nn.SyncBatchNorm.convert_sync_batchnorm(learn.model)
+    with pytest.raises(ValueError, match='holds `SyncBatchNorm`'): learn.memory_summary(world_size=2, sync_bn=False)
+    learn.model = _learner().model
+    assert _model_state(learn.model)[1:]==before[1:]
+
+class _Aux(nn.Module):
+    "A net whose auxiliary head runs in training only, a parameter no forward uses, a plain tensor attribute in the forward and a function hook"
+    def __init__(self, unused=False):
+        super().__init__()
+        self.body,self.head,self.aux = nn.Linear(6, 16),nn.Linear(16, 4),nn.Linear(16, 4)
+        self.scale = torch.ones(16)  # not a buffer: a plain tensor attribute
+        if unused: self.spare = nn.Linear(16, 4)
+    def forward(self, x):
+        h = self.body(x)*self.scale
+        return self.head(h) + (self.aux(h) if self.training else 0)
+
+def test_buckets_from_the_step():
+    """The buckets follow the order of the predicted step's own backward (train mode, the user's function hooks not run, the model untouched),
+    whatever mode the model is left in; a trainable parameter that gets no gradient is refused (DDP stops at its second step)"""
+    from fastai.optimizer import SGD
+    m,seen = _Aux().eval(),[]
+    m.body.register_forward_hook(lambda mod, i, o: seen.append(o))
+    xb,yb = torch.randn(8, 6),torch.randint(0, 4, (8,))
+    ps,vals = list(m.parameters()),[p.detach().clone() for p in m.parameters()]
+    ms = predict_memory(m, xb, yb, nn.CrossEntropyLoss(), SGD, world_size=2)
+    assert sum(ms.buckets)==sum(p.numel()*4 for p in m.parameters()) and ms.hooks_not_run and seen==[]  # the train-only head has its bucket
+    assert [id(p) for p in m.parameters()]==[id(p) for p in ps] and all(torch.equal(p, v) for p,v in zip(m.parameters(), vals)) and not m.training
+    with pytest.raises(ValueError, match='spare.weight.*find_unused_parameters'): predict_memory(_Aux(True), xb, yb, nn.CrossEntropyLoss(), SGD, world_size=2)
+    sp = _Aux(True); sp.spare.requires_grad_(False)  # frozen: no bucket, no refusal
+    assert sum(predict_memory(sp, xb, yb, nn.CrossEntropyLoss(), SGD, world_size=2).buckets)==sum(p.numel()*4 for p in m.parameters())
+
+def test_tied_weight_alias():
+    "A tied weight reached through a second name of its module (fastai's AWD-LSTM: `encoder_dp.emb` is `encoder`): one bucket entry, the tie and the objects kept"
+    from fastai.learner import Learner
+    from fastai.data.core import DataLoaders
+    class M(nn.Module):
+        def __init__(s):
+            super().__init__(); s.emb,s.out = nn.Embedding(20, 8),nn.Linear(8, 20); s.out.weight = s.emb.weight; s.alias = s.emb
+        def forward(s, x): return s.out(s.alias(x).mean(1))
+    x,y = torch.randint(0, 20, (32, 5)),torch.randint(0, 20, (32,))
+    learn = Learner(DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y)), bs=4, device='cpu'), M(), loss_func=nn.CrossEntropyLoss())
+    m = learn.model; w = m.emb.weight
+    ms,one = learn.memory_summary(world_size=2),learn.memory_summary()
+    assert sum(ms.buckets)==(20*8+20)*4 and ms.peak==one.peak+sum(ms.buckets)
+    assert m.emb.weight is w and m.out.weight is w and type(w) is nn.Parameter
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)  # still trains
+
+def test_world_size_integral():
+    "Any whole number is a world size (`numpy.int64` from a config); an infinite bucket cap is refused"
+    import numpy as np
     learn = _learner()
-    ms = learn.memory_summary(world_size=2)
-    assert math.isnan(ms.peak) and math.isnan(ms.peak_max) and 'sync_bn=False' in ms.reason
-    mv = learn.memory_summary(world_size=2, sync_bn=False, gradient_as_bucket_view=True)
-    assert math.isnan(mv.peak) and 'gradient_as_bucket_view=False' in mv.reason
-    with pytest.raises(ValueError, match='sync_bn=False'): learn.max_batch(1, device='cpu', world_size=2, show_plot=False)
+    assert learn.memory_summary(world_size=np.int64(2), sync_bn=False).world_size==2
+    with pytest.raises(ValueError, match='bucket_cap_mb'): learn.memory_summary(world_size=2, sync_bn=False, bucket_cap_mb=math.inf)
 
 @pytest.mark.parametrize('kw,msg', [(dict(world_size=0), 'world_size'), (dict(world_size=2.0), 'world_size'), (dict(world_size=True), 'world_size'),
                                     (dict(world_size=2, strategy='fsdp'), 'FSDP2'), (dict(bucket_cap_mb=25), 'world_size=2'),
@@ -135,7 +190,7 @@ def test_ddp_prediction(real, name):
 def test_bucket_views(real):
     "Bucket views: fastai's `zero_grad` fails (and the prediction says so); with gradients set to None the buckets are the gradients, nothing more"
     assert all('detach' in r['error'] for r in real['view_fastai'])
-    assert math.isnan(_pred(CFGS['view_fastai']).peak) and 'zero_grad' in _pred(CFGS['view_fastai']).reason
+    with pytest.raises(ValueError, match='zero_grad'): _pred(CFGS['view_fastai'])
     for r in real['view_tsgd']:
         assert r['kinds']['state']==0 and r['kinds']['grad']==r['param_bytes']==sum(r['buckets'])
 
@@ -143,8 +198,7 @@ def test_bucket_views(real):
 def test_sync_bn_cpu(real):
     "`SyncBatchNorm` (fastai's `distrib_ctx` default) does not run on CPU: no reference here, and no figure from the prediction"
     assert all('SyncBatchNorm' in r['error'] for r in real['sync_bn'])
-    p = _pred(CFGS['ddp'])
-    assert math.isnan(p.peak) and 'sync_bn=False' in p.reason
+    with pytest.raises(ValueError, match='sync_bn=False'): _pred(CFGS['ddp'])
 
 @pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); tests/test_callback_ddp.py keeps a 2-rank run in the default set
 @pytest.mark.parametrize('name', ['fsdp', 'fsdp_keep'])
