@@ -51,13 +51,24 @@ class TrainHooks(TimeHooks):
             for i,(m,lf) in enumerate(zip(self.mods, self.leaf)):
                 if lf and self.cuda: self.hs.append(add_hooks(m, self._mem_pre, self._mem_post(i)))  # a module that takes no hooks: on its `Outside`
             super().__enter__()
-            self.sth = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack); self.sth.__enter__()
         except BaseException: self.remove(); raise
         return self
 
     def remove(self):
         super().remove()
         if self.sth is not None: self.sth.__exit__(None, None, None); self.sth = None
+
+    def _sth(self, on):
+        "The saved-tensor hooks, on from the outermost hooked forward's start to its end (even when it raises): never left on in the process"
+        if on and self.sth is None: self.sth = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack); self.sth.__enter__()
+        elif not on and self.sth is not None: self.sth.__exit__(None, None, None); self.sth = None
+
+    def _pre(self, i):
+        f,phase,sth = super()._pre(i),self.tracker.phase,self._sth
+        def g(m, args):
+            if self.sth is None and phase()=='fwd': sth(True)  # not in a recompute: checkpoint's own saved-tensor hooks stay innermost there
+            return f(m, args)
+        return g
 
     def start(self):
         super().start()
@@ -66,13 +77,17 @@ class TrainHooks(TimeHooks):
 
     def _post_hook(self, i):
         "A leaf's post-hook: its row ends, then its output-gradient hooks are armed in a stretch marked -2: cnn_cost's bookkeeping, charged to no row"
-        post = self._post()
-        if not self.leaf[i]: return post
+        post,stack,sth = self._post(),self.stack,self._sth
+        def off(m, args, out):
+            try: return post(m, args, out)
+            finally:
+                if not stack and self.sth is not None: sth(False)  # the outermost hooked forward ended (or raised)
+        if not self.leaf[i]: return off
         arm,stamp,phase = self._arm(i),self.clock.stamp,self.tracker.phase
         def f(m, args, out):
             if phase()!='fwd': arm(m, args, out); return post(m, args, out)  # a recompute is backward work: arming is part of it
             marks = self.marks  # `start` replaces the list
-            post(m, args, out); t,j = marks[-1]; marks[-1] = (t, -2)
+            off(m, args, out); t,j = marks[-1]; marks[-1] = (t, -2)
             arm(m, args, out); marks.append((stamp(), j))
         return f
 

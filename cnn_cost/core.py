@@ -102,8 +102,8 @@ def _stand_in(m):
         if not o.n and p._modules.get(k) is o: p._modules[k] = m
     return o,undo
 
-def add_hooks(m:nn.Module, pre=None, post=None, with_kwargs=False, prepend=False):
-    "Forward `pre`- and `post`-hooks on `m` (`prepend`: the pre-hook first); a handle to `remove()` them. A module that takes no hooks gets them on its `Outside`"
+def add_hooks(m:nn.Module, pre=None, post=None, with_kwargs=False, prepend=False, always_call=False):
+    "Forward `pre`- and `post`-hooks on `m` (`prepend`: the pre-hook first; `always_call`: the post-hook also when the forward raises); a handle to `remove()` them. A module that takes no hooks gets them on its `Outside`"
     tgt,undo = m,None
     if not takes_hooks(m):
         if m not in _outside: raise ValueError(hook_error(m))
@@ -111,7 +111,7 @@ def add_hooks(m:nn.Module, pre=None, post=None, with_kwargs=False, prepend=False
     res = _Handle([], undo)
     try:
         if pre is not None: res.hs.append(tgt.register_forward_pre_hook(pre, with_kwargs=with_kwargs, prepend=prepend))
-        if post is not None: res.hs.append(tgt.register_forward_hook(post, with_kwargs=with_kwargs))
+        if post is not None: res.hs.append(tgt.register_forward_hook(post, with_kwargs=with_kwargs, always_call=always_call))
     except BaseException: res.remove(); raise
     return res
 

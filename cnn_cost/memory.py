@@ -399,36 +399,6 @@ def ddp_buckets(model:nn.Module, # The model DDP wraps
         cur[k] = cur.get(k, 0) + p.numel()*p.element_size()
         if cur[k] >= (first if not n_done.get(k) else cap): res.append(cur.pop(k)); n_done[k] = n_done.get(k, 0)+1
     return res + list(cur.values())
-ket = 1024*1024  # `torch.distributed._DEFAULT_FIRST_BUCKET_BYTES`, the first bucket's cap when `bucket_cap_mb` is left to its default
-
-def ddp_buckets(model:nn.Module, # The model DDP wraps
-                bucket_cap_mb:float=None, # DDP's `bucket_cap_mb` (default: 25 MiB, with a first bucket of 1 MiB)
-                order=None, # The parameters in the order their gradients are ready (default: the reverse of `model.parameters()`)
-               )->list:
-    "Bytes of each gradient bucket DDP's `Reducer` holds for `model` after its first step, when it has rebuilt them in the order gradients are ready"
-    if bucket_cap_mb is not None and not bucket_cap_mb>0: raise ValueError(f"`bucket_cap_mb` must be a positive number of MiB, not {bucket_cap_mb!r}: leave it None for DDP's default")
-    ps = L(ifnone(order, reversed(list(model.parameters())))).filter(lambda p: p.requires_grad)
-    cap = 25*2**20 if bucket_cap_mb is None else int(bucket_cap_mb*2**20)
-    first = _first_bucket if bucket_cap_mb is None else cap  # an explicit `bucket_cap_mb` caps the first bucket too
-    res,cur,n_done = [],{},{}
-    for p in ps:
-        k = (p.dtype, p.device)  # one bucket per dtype and device at a time
-        cur[k] = cur.get(k, 0) + p.numel()*p.element_size()
-        if cur[k] >= (first if not n_done.get(k) else cap): res.append(cur.pop(k)); n_done[k] = n_done.get(k, 0)+1
-    return res + list(cur.values())
-
-def grad_order(model:nn.Module, xb)->list:
-    "The parameters of `model` in the order a backward through `model(*xb)` makes their gradients, found on fake tensors (`model` is not touched)"
-    ps,order = dict(model.named_parameters()),[]
-    with FakeTensorMode() as fm:
-        fp = {n: fm.from_tensor(p).requires_grad_(p.requires_grad) for n,p in ps.items()}
-        for n,t in fp.items():
-            if t.requires_grad: t.register_post_accumulate_grad_hook(lambda t, n=n: order.append(n))
-        fb = {n: fm.from_tensor(b) for n,b in model.named_buffers()}
-        x = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype) if isinstance(t, torch.Tensor) else t for t in tuplify(xb)]  # shapes only
-        outs = [o for o in tree_flatten(functional_call(model, {**fp, **fb}, tuple(x)))[0] if isinstance(o, torch.Tensor) and o.requires_grad]
-        sum(o.float().sum() for o in outs).backward()  # the loss is one node after the outputs: it does not change the order
-    return [ps[n] for n in order]
 
 # %% ../nbs/03a_memory.ipynb #r27ddp03
 strategies = ('ddp',)  # multi-process strategies predicted; FSDP2 is coming
@@ -448,6 +418,7 @@ def _torch_opt(opt_func): f = getattr(opt_func, 'func', opt_func); return isinst
 
 def ddp_reason(model, opt_func=None, gradient_as_bucket_view=False, sync_bn=True):
     "Why DDP's step of `model` is not predicted (None if it is): bucket views with fastai's optimizer fail, and `SyncBatchNorm` is not modelled"
+    if not any(p.requires_grad for p in model.parameters()): return "no parameter takes a gradient, and DDP refuses such a model (it has nothing to all-reduce)"
     if gradient_as_bucket_view and opt_func is not None and not _torch_opt(opt_func):
         return "DDP refuses fastai's `zero_grad` on bucket views: pass `gradient_as_bucket_view=False`"
     if gradient_as_bucket_view: return "gradients as bucket views are not modelled yet: pass `gradient_as_bucket_view=False`"
@@ -659,11 +630,11 @@ def _ranks(model, sm, world_size, strategy, bucket_cap_mb):
     if world_size==1: return {}
     got = {id(p) for p in sm.grad_order}
     none = [n for n,p in model.named_parameters() if p.requires_grad and id(p) not in got]
-    if none: raise ValueError(f"{len(none)} trainable parameter{'s'*(len(none)>1)} get no gradient in the step ({', '.join(none[:3])}{', ...'*(len(none)>3)}): DDP stops at "
+    if none: raise ValueError(f"{len(none)} trainable parameter{'s get' if len(none)>1 else ' gets'} no gradient in the step ({', '.join(none[:3])}{', ...'*(len(none)>3)}): DDP stops at "
                               "its second step unless `find_unused_parameters=True`, which is not modelled. Freeze them (`requires_grad_(False)`) or remove them")
     size = sm.counter.size
     return dict(world_size=world_size, strategy=strategy, buckets=[size(n) for n in ddp_buckets(model, bucket_cap_mb, sm.grad_order)],
-                broadcast=size(sum(b.numel()*b.element_size() for b in model.buffers())))  # DDP's `broadcast_buffers`, its default and accelerate's
+                broadcast=sum(size(sum(b.nbytes for b in model.buffers() if b.dtype==dt)) for dt in {b.dtype for b in model.buffers()}))  # DDP's `broadcast_buffers` (its default and accelerate's): one flat tensor per dtype
 
 def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e-3,
                    bs=None, # Batch size (default: `xb`'s); with `world_size`, each rank's

@@ -143,7 +143,7 @@ def max_batch(self:Learner,
     a = min(max(2, batch_rows(xb)), max_bs); b = min(2*a, max_bs)
     with as_trained(self) as notes:
         peak(a); peak(b)
-        res = _search(peak, B, _guess(lives[a], lives[b], a, b, B), max_bs)
+        res = _search(peak, B, _guess(lives[a], lives[b], a, b, B) if a in lives and b in lives else 1, max_bs)  # `max_bs=1`: no line to extend
     out = MaxBatch(res, tried.get(res, 0), B, list(tried), list(tried.values()), capped=res==max_bs, notes=notes, hooks_not_run=list(not_run), world_size=world_size)  # `capped`: the search stopped at `max_bs`
     if show_plot: out.plot()
     return out

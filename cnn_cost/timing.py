@@ -139,7 +139,7 @@ class TimeHooks:
     def __init__(self, mods, clock): self.mods,self.clock,self.hs,self.tracker = list(mods),clock,[],PhaseTracker(); TimeHooks.start(self)
     def __enter__(self):
         try:
-            for i,m in enumerate(self.mods): self.hs.append(add_hooks(m, self._pre(i), self._post_hook(i)))  # an opaque module's go on its stand-in
+            for i,m in enumerate(self.mods): self.hs.append(add_hooks(m, self._pre(i), self._post_hook(i), always_call=True))  # an opaque module's go on its stand-in; a forward that raises still closes its row
         except BaseException: self.remove(); raise
         return self
     def __exit__(self, *args): self.remove()

@@ -350,10 +350,25 @@ def test_profiler_hooks_after_failed_fit():
         if attached: learn.add_cb(cp)
         with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=[Boom()] + ([] if attached else [cp]))
         try:
-            if attached: assert hook_count(learn.model) > 0  # fastai calls no event on this error: the hooks wait for the next one, or `remove()`
-        finally: cp.remove()  # also when the assertion fails: a profiler left open keeps its saved-tensor hooks on every autograd op of the process
+            # fastai calls no event on this error: the module hooks wait for the next one, or `remove()`; nothing global is left on in the process
+            # (the saved-tensor hooks are on only while the outermost hooked forward runs, raises included)
+            if attached: assert hook_count(learn.model) > 0 and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+        finally: cp.remove()
         assert hook_count(learn.model) == 0 and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
         pickle.dumps(learn.model)
+
+def test_profiler_forward_raises():
+    "A forward that raises inside a profiled batch (the profiler attached): no saved-tensor hooks left on, and the next fit profiles as usual"
+    learn,cp = tiny_learner(),CostProfiler(skip=1, n_batches=None)
+    learn.add_cb(cp); state = dict(n=0)
+    def boom(m, args):
+        state['n'] += 1
+        if state['n']==4: raise RuntimeError('boom')  # the third training batch, a profiled one
+    h = learn.model[1].register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None and cp.hooks.sth is None
+    h.remove(); learn.fit(1)
+    assert len(cp.batches) > 0 and hook_count(learn.model) == 0
 
 class Views(nn.Module):
     "A conv on the input (it saves the batch), a slice, an expand and a transpose view feeding layers that save them"

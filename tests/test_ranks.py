@@ -114,6 +114,17 @@ def test_tied_weight_alias():
     assert m.emb.weight is w and m.out.weight is w and type(w) is nn.Parameter
     with learn.no_bar(), learn.no_logging(): learn.fit(1)  # still trains
 
+def test_review_cases():
+    "A model with no trainable parameter is refused (DDP refuses it); `max_bs=1` searches; on a CUDA target the broadcast is one flat tensor per buffer dtype, each in 512 B blocks"
+    from fastai.optimizer import SGD
+    m = nn.Sequential(nn.Linear(4, 4)); m.requires_grad_(False)
+    with pytest.raises(ValueError, match='no parameter takes a gradient'): predict_memory(m, torch.randn(2, 4), torch.randn(2, 4), nn.MSELoss(), SGD, world_size=2)
+    m = nn.Sequential(nn.Linear(4, 10), nn.BatchNorm1d(10), nn.Linear(10, 2))
+    cu = predict_memory(m, torch.randn(4, 4), torch.randint(0, 2, (4,)), nn.CrossEntropyLoss(), SGD, world_size=2, sync_bn=False, device='cuda')
+    assert cu.broadcast==2*512  # float32 running stats (80 B) and the int64 batch count (8 B): two flat tensors, a block each
+    learn = _learner()
+    assert learn.max_batch(1, device='cpu', world_size=2, sync_bn=False, show_plot=False, max_bs=1).bs==1
+
 def test_world_size_integral():
     "Any whole number is a world size (`numpy.int64` from a config); an infinite bucket cap is refused"
     import numpy as np
