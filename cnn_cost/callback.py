@@ -162,8 +162,9 @@ _in_batch = {'after_pred','after_loss','before_backward','after_cancel_backward'
 # %% ../nbs/06_callback.ipynb #253f3f53
 class CostProfiler(Callback):
     """Profile per-layer forward and backward time, saved-for-backward bytes, memory and MACs of training batches.
-    Its hooks live for one training batch. A fit that dies of an ordinary exception or `KeyboardInterrupt` (fastai then calls no event) leaves
-    them on the model until the learner's next event, or removes them at once when the profiler was passed to `fit(cbs=...)`; `remove()` does it now"""
+    Its hooks live for one training batch; its saved-tensor hooks only while the model's forward runs, even when it raises. A fit that dies of an
+    ordinary exception or `KeyboardInterrupt` (fastai then calls no event) leaves the module hooks (and, in the one counted batch, its op counter)
+    until the learner's next event, or removes them at once when the profiler was passed to `fit(cbs=...)`; `remove()` does it now"""
     order,run_valid,remove_on_fetch = 5,False,True
     _stateattrs = ('hooks','units','recs','batches','rank_tables','skip_ptrs','_ev','_cm','_c','_cw','patterns')
     def __init__(self,
