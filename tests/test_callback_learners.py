@@ -145,6 +145,7 @@ def vit_attention_hand(model, xb, backward=False):
         for h in hs: h.remove()
     return sum(res), len(hs)
 
+@pytest.mark.slow  # a timm ViT trained with the profiler; tests/test_counting.py counts every timm family in the default set
 def test_timm_vit():
     learn = kinds.timm_vision('vit_tiny_patch16_224', 224, bs=2, n=8)
     xb,model = xb_of(learn),learn.model

@@ -112,6 +112,7 @@ def test_checkpoint_sequential():
     assert list(lin.calls) == [1]*4 and list(lin.recompute_macs) == [16*32*32]*2 + [0]*2  # the last segment is not checkpointed
     rows_inside_step(cp)
 
+@pytest.mark.slow  # a torchvision DenseNet trained with its own checkpointing; test_pairs_compose keeps a checkpointed fit in the default set
 def test_densenet_memory_efficient():
     "torchvision's checkpointed dense layers (a recompute torch stops early, before conv1 computes): counts per phase and rows inside the step"
     from torchvision.models import densenet121

@@ -8,7 +8,7 @@ from cnn_cost.core import LayerRecord, eager_module
 from cnn_cost.summary import CostSummary
 from cnn_cost.learner import is_compiled
 from cnn_cost.callback import CostProfiler
-from conftest import hook_count
+from conftest import hook_count, heavy
 for _n in [n for n in dir() if n.startswith('test')]: del globals()[_n]  # fastcore's test_* helpers, not tests
 
 def mlp(seed=0):
@@ -102,7 +102,7 @@ def compiled_fit(compile, cb=None):
     learn.fit(1, 1e-2, cbs=cb)
     return learn, torch.stack(learn.recorder.losses), *frames()
 
-@pytest.mark.parametrize('compile', ['eager', 'aot_eager', 'inplace'])
+@pytest.mark.parametrize('compile', heavy(['eager', 'aot_eager', 'inplace'], ('inplace',)))
 def test_profiler_compiled_fit(compile):
     "No recompilation (the same frames and graphs as without the profiler), the same losses, the step split measured, rows of the eager model with blank times"
     _,la,fa,ga = compiled_fit(compile)

@@ -199,6 +199,7 @@ def test_structured_batches(kind):
     assert 'Masked (Input shape: 8 x 6 x 8, 8 x 6)' in memory_report(learn, 8)
     assert learn.cost_summary(n_repeat=1).records[0].macs == 16*6*8*4
 
+@pytest.mark.slow  # resnet-sized real steps; test_cost_summary_fp16_on_cpu and test_callback_modes.py::test_to_fp16_on_cpu keep fp16 on the CPU in the default set
 def test_fp16_on_a_cpu_learner():
     "fastai's `MixedPrecision` autocasts on CUDA only: a CPU learner after `to_fp16()` is predicted in float32 for a CPU target, with a note; fp16 for CUDA"
     from fastai.callback.fp16 import MixedPrecision
