@@ -1,7 +1,8 @@
 "Two processes on CPU/gloo, each profiling its own batches of a model that fastai's `DistributedTrainer` (`learn.distrib_ctx`) wraps in `DistributedDataParallel`; rank 0 gathers both ranks' tables"
-import json, subprocess, sys, os, numpy as np
+import json, subprocess, sys, os, pytest, numpy as np
 from pathlib import Path
 
+@pytest.mark.slow  # 2 processes (gloo) through fastai's DistributedTrainer; the per-rank prediction's tests (test_ranks.py) stay in the default set
 def test_two_rank_gloo(tmp_path):
     out = tmp_path/'rank0.json'
     env = {**os.environ, 'OMP_NUM_THREADS':'1'}

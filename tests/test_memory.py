@@ -84,6 +84,7 @@ def test_cuda_rounding_and_channels_last():
     cl = learn.memory_summary(bs=8, channels_last=True)
     assert cl.df.param_bytes.sum() == cpu.df.param_bytes.sum()
 
+@pytest.mark.slow  # the search against direct predictions at many sizes; test_max_batch_reads_at_a_glance runs max_batch in the default set
 def test_max_batch():
     "The largest batch whose predicted peak fits: exact at a budget equal to a predicted peak"
     learn = seed()

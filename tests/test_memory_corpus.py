@@ -26,7 +26,7 @@ def check(name):
     assert r['kinds_equal'] and not r['ops_diff'], r
 
 # the heavier half of the CI subset (real steps of full-size CNNs, the typed U-Net) runs with the slow set
-@pytest.mark.parametrize('name', heavy(CI + ['lstm_packed', 'fastai_text_classifier'], ('tv_mobilenet_v3_small', 'tv_squeezenet1_1', 'timm_convnext_atto', 'fastai_unet_typed', 'lstm_issue17', 'gru_2layer_bidir')))
+@pytest.mark.parametrize('name', heavy(CI + ['lstm_packed', 'fastai_text_classifier'], ('tv_mobilenet_v3_small', 'tv_squeezenet1_1', 'timm_convnext_atto', 'fastai_unet_typed', 'lstm_issue17', 'gru_2layer_bidir', 'rnn_relu_2layer_bidir', 'lstm_cell')))
 def test_corpus(name): check(name)
 
 @pytest.mark.slow

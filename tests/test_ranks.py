@@ -170,7 +170,7 @@ def test_tracker_is_memtracker():
     cfg = CFGS['ddp']; m = rr.make_model(cfg['model']); xb,yb = rr.batch(cfg['bs'], cfg['size'])
     assert rr.single_step(cfg)['peak']==mr.step_peak(m, xb, yb, nn.CrossEntropyLoss(), rr.opt_func(cfg['opt']))
 
-@pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); tests/test_callback_ddp.py keeps a 2-rank run in the default set
+@pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); the prediction's own tests above run in the default set
 @pytest.mark.parametrize('name', ['ddp', 'ddp_tsgd', 'ddp_small', 'vit_ddp'])
 def test_ddp_buckets_extra(real, name):
     """Without bucket views each rank holds the single-process step plus DDP's buckets, a copy of every gradient, the whole step long; and, some
@@ -185,7 +185,7 @@ def test_ddp_buckets_extra(real, name):
     # the ranks agree up to that broadcast's timing (a 16 B difference was seen once on CI: gloo's thread freed a small tensor later on one rank)
     assert abs(real[name][0]['peak']-real[name][1]['peak']) <= bc
 
-@pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); tests/test_callback_ddp.py keeps a 2-rank run in the default set
+@pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); the prediction's own tests above run in the default set
 @pytest.mark.parametrize('name', ['ddp', 'ddp_small', 'vit_ddp'])
 def test_ddp_prediction(real, name):
     "Each real rank's peak lies in `predict_memory(..., world_size=2)`'s `[peak, peak_max]` (single-process prediction + `ddp_buckets`, + the buffers' broadcast); its buckets are the `Reducer`'s"
@@ -197,7 +197,7 @@ def test_ddp_prediction(real, name):
         assert p.buckets==r['buckets']
     if name=='ddp_small': assert len(p.buckets)>1
 
-@pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); tests/test_callback_ddp.py keeps a 2-rank run in the default set
+@pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); the prediction's own tests above run in the default set
 def test_bucket_views(real):
     "Bucket views: fastai's `zero_grad` fails (and the prediction says so); with gradients set to None the buckets are the gradients, nothing more"
     assert all('detach' in r['error'] for r in real['view_fastai'])
@@ -205,13 +205,13 @@ def test_bucket_views(real):
     for r in real['view_tsgd']:
         assert r['kinds']['state']==0 and r['kinds']['grad']==r['param_bytes']==sum(r['buckets'])
 
-@pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); tests/test_callback_ddp.py keeps a 2-rank run in the default set
+@pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); the prediction's own tests above run in the default set
 def test_sync_bn_cpu(real):
     "`SyncBatchNorm` (fastai's `distrib_ctx` default) does not run on CPU: no reference here, and no figure from the prediction"
     assert all('SyncBatchNorm' in r['error'] for r in real['sync_bn'])
     with pytest.raises(ValueError, match='sync_bn=False'): _pred(CFGS['ddp'])
 
-@pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); tests/test_callback_ddp.py keeps a 2-rank run in the default set
+@pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); the prediction's own tests above run in the default set
 @pytest.mark.parametrize('name', ['fsdp', 'fsdp_keep'])
 def test_fsdp2(real, name):
     "FSDP2 runs on 2 CPU ranks: each holds half the parameters (sharded on dim 0, padded), the same peak on both ranks, and `FSDPMemTracker` agrees on the shards"
@@ -222,7 +222,7 @@ def test_fsdp2(real, name):
         assert one['param_bytes']/2 <= r['param_bytes'] < one['param_bytes']
     assert real[name][0]['peak']==real[name][1]['peak'] and real[name][0]['fsdp_peak']==real[name][1]['fsdp_peak']
 
-@pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); tests/test_callback_ddp.py keeps a 2-rank run in the default set
+@pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); the prediction's own tests above run in the default set
 @pytest.mark.parametrize('name', ['fsdp', 'fsdp_keep'])
 def test_fsdp2_fake(real, name):
     """One process with a fake process group and fake tensors gives each real rank's `FSDPMemTracker` peak and kinds, to the byte; the storage-level
