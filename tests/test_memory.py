@@ -48,6 +48,7 @@ def test_large_batch_allocates_nothing():
     assert ms.input_shapes == [(512,3,224,224)] and ms.peak > 30*2**30
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024 < ms.peak/4
 
+@pytest.mark.slow  # every optimizer's state against a real step; the default set checks Adam's in test_summary_reads_at_a_glance
 def test_optimizer_state():
     "State from the learner's actual `opt_func`: Adam two tensors per parameter, SGD with momentum one, without none; torch's step on the host on CUDA"
     learn = seed()
@@ -121,6 +122,7 @@ def test_not_predicted_is_an_attribute():
     assert len(cu.conditions()) == 1 and len(cu.notes) == len(cpu.notes) + 1  # its full text: one note more than the CPU target's
     assert (cpu.not_predicted, cpu.scratch, len(cpu.conditions())) == ({}, ['aten.mkldnn_rnn_layer'], 1)
 
+@pytest.mark.slow  # several resnet-sized searches; max_batch's layout runs in the default set in nbs/03b_plan.ipynb and test_ranks.py::test_max_batch_world_size
 def test_max_batch_reads_at_a_glance(seed_learner):
     "`MaxBatch` prints the sizes tried in the same layout, then short facts; `capped`, `nothing_fits` and `trained_as` are attributes, a sentence each only when they hold"
     mb = seed_learner.max_batch(budget=0.5, show_plot=False)
