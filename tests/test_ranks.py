@@ -114,7 +114,7 @@ def test_tied_weight_alias():
     assert m.emb.weight is w and m.out.weight is w and type(w) is nn.Parameter
     with learn.no_bar(), learn.no_logging(): learn.fit(1)  # still trains
 
-def test_review_cases():
+def test_no_trainable_max_bs_one_cuda_broadcast():
     "A model with no trainable parameter is refused (DDP refuses it); `max_bs=1` searches; on a CUDA target the broadcast is one flat tensor per buffer dtype, each in 512 B blocks"
     from fastai.optimizer import SGD
     m = nn.Sequential(nn.Linear(4, 4)); m.requires_grad_(False)
