@@ -19,7 +19,7 @@ from fastai.vision.all import vision_learner, Learner, ImageDataLoaders, Resize,
 from .data import digits_dls
 from .learner import *
 from .memory import *
-from .memory import strategies, ddp_reason
+from .memory import strategies, strategy_names, ranks_reason
 from .plan import *
 from .plots import *
 from .analysis import cost_sweep
@@ -69,7 +69,7 @@ def render_sweep(sw, fmt='text'):
 # %% ../nbs/09_cli.ipynb #a3c1e0f1
 def memory_report(learn, bs, dtype='fp32', max_batch_gib=None, fmt='text', plot=None, world_size=1, strategy='ddp', sync_bn=None):
     """The predicted memory of a training step at `bs` on a CUDA GPU as `fmt`; with `max_batch_gib`, the largest batch that fits and the breakdown of its peak, and if `bs` does not fit, the plan that makes it fit.
-    With `world_size`>1, each rank's step of a DDP job (`bs` each rank's batch)"""
+    With `world_size`>1, each rank's step of a DDP or FSDP2 job (`bs` each rank's batch)"""
     rk = dict(world_size=world_size, strategy=strategy, sync_bn=sync_bn)
     if max_batch_gib is None:
         ms = learn.memory_summary(bs=bs, dtype=dtype, device='cuda', **rk)
@@ -81,11 +81,11 @@ def memory_report(learn, bs, dtype='fp32', max_batch_gib=None, fmt='text', plot=
         return df.to_markdown(index=False, disable_numparse=True) if fmt=='markdown' else df.to_html(index=False)
     mb = learn.max_batch(budget=max_batch_gib, dtype=dtype, show_plot=False, **rk)
     if plot: mb.plot().figure.savefig(plot, dpi=100)
-    plan = [] if mb.bs>=bs else ['', f"--bs {bs} does not fit each rank; the plan that makes a batch fit is single-process: run it without --world-size"] if world_size>1 else \
-           ['', str(learn.memory_plan(max_batch_gib, bs=bs, dtype=dtype, device='cuda', show_plot=False))]
-    if not mb.bs: return '\n'.join([f"No batch fits in {max_batch_gib} GiB: even batch 1 needs more"] + plan)
+    plan = [] if mb.bs>=bs else ['', str(learn.memory_plan(max_batch_gib, bs=bs, dtype=dtype, device='cuda', show_plot=False, world_size=world_size))]
+    per = f" per rank of {world_size} ({strategy_names[strategy]})" if world_size>1 else ''
+    if not mb.bs: return '\n'.join([f"No batch fits in {max_batch_gib} GiB{per}: even batch 1 needs more"] + plan)
     ms = learn.memory_summary(bs=mb.bs, dtype=dtype, device='cuda', **rk)
-    at_least = (f"at least {mb.bs}, the largest batch size tried" if mb.capped else f"{mb.bs}") + (f" per rank of {world_size} (DDP)" if world_size>1 else '')
+    at_least = (f"at least {mb.bs}, the largest batch size tried" if mb.capped else f"{mb.bs}") + per
     return '\n'.join([f"Largest batch that fits in {max_batch_gib} GiB: {at_least} (predicted peak {mb.peak/2**30:.3g} GiB, {dtype}, CUDA target)"]
                      + ms.facts() + ms.conditions() + plan)
 
@@ -179,8 +179,9 @@ def check_args(arch='resnet18', size=28, bs=64, device=None, path=None, format='
           f"--max-batch-gib {max_batch_gib}: pass a positive number of GiB, e.g. --max-batch-gib 16")
     _need(world_size>=1, f"--world-size {world_size}: pass the number of processes of the job, at least 1, e.g. --world-size 2")
     _need(mem or world_size==1, f"--world-size {world_size} applies to a memory prediction: add --memory or --max-batch-gib")
-    _need(strategy in strategies, f"unknown --strategy {strategy!r}: use {', '.join(strategies)} (FSDP2 is coming)")
+    _need(strategy in strategies, f"unknown --strategy {strategy!r}: use {' or '.join(strategies)}")
     _need(world_size>1 or not no_sync_bn, "--no-sync-bn is an option of DDP's ranks: add --world-size 2 or more, or leave it out")
+    _need(strategy=='ddp' or not no_sync_bn, f"--no-sync-bn is an option of DDP, not of --strategy {strategy}: leave it out")
     _need(not (mem and sweep), "--sweep times the model at several sizes: leave it out with --memory or --max-batch-gib")
     _need(not (mem and roofline), "--roofline plots measured times: leave it out with --memory or --max-batch-gib")
     if device is not None: _check_device(device)
@@ -216,8 +217,8 @@ def cost_report(arch:str='resnet18', # Any torchvision classification model, e.g
                 memory:bool=False, # Predict one training step's GPU memory per layer instead, on fake tensors (any --bs, no GPU needed)
                 max_batch_gib:float=None, # Print the largest batch whose predicted training step fits in this many GiB of GPU memory, and if --bs does not fit, the plan that makes it fit
                 dtype:str='fp32', # With --memory or --max-batch-gib: fp32, fp16 or bf16 (as `to_fp16()`, `to_bf16()` train)
-                world_size:int=1, # With --memory or --max-batch-gib: predict each rank of a DDP job of this many processes (--bs is each rank's batch)
-                strategy:str='ddp', # With --world-size: how the job splits the work: ddp (FSDP2 is coming)
+                world_size:int=1, # With --memory or --max-batch-gib: predict each rank of a job of this many processes (--bs is each rank's batch)
+                strategy:str='ddp', # With --world-size: how the job splits the work: ddp (DistributedDataParallel) or fsdp (FSDP2, the model's blocks as units)
                 no_sync_bn:bool=False, # With --world-size: BatchNorm stays BatchNorm, as `distrib_ctx(sync_bn=False)` trains (SyncBatchNorm is not predicted)
                )->str:
     "Measure per-layer params, activations, MACs and time of a CNN on one real batch"
@@ -226,9 +227,9 @@ def cost_report(arch:str='resnet18', # Any torchvision classification model, e.g
     with contextlib.redirect_stdout(sys.stderr), blame_images(path):  # the progress bar goes to stderr, the table to stdout
         mem = memory or max_batch_gib is not None
         learn = build_learner(arch, size, min(bs, 8) if mem else bs, device, path)  # a prediction takes only the batch's shapes: any --bs
-        why = mem and world_size>1 and ddp_reason(learn.model, learn.opt_func, False, not no_sync_bn)  # refused before any work
+        why = mem and ranks_reason(learn.model, learn.opt_func, world_size, strategy, sync_bn=not no_sync_bn)  # refused before any work
         if why: raise UsageError(f"--world-size {world_size}: {why}")
-        if mem: return memory_report(learn, bs, dtype, max_batch_gib, format, plot, world_size, strategy, False if no_sync_bn else None)
+        if mem: return memory_report(learn, bs, dtype, max_batch_gib, format, plot, world_size, strategy, False if no_sync_bn and strategy=='ddp' else None)
         if sweep:
             sw = cost_sweep(learn, sizes=sweep, bss=(bs,), n_warmup=n_warmup, n_repeat=n_repeat, progress=bar)
             if plot: sw.plot(plot)

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from fastcore.basics import *
 from .core import *
-from .core import LayerRecord, PhaseTracker, act_size, add_hooks, cost_units, flat_tensors, opaque
+from .core import LayerRecord, PhaseTracker, act_size, add_hooks, cost_units, flat_tensors, opaque, sharded_op
 
 # %% ../nbs/01_counting.ipynb #ed341b16
 _layer_rules = {}
@@ -359,6 +359,7 @@ class OpCounter(TorchDispatchMode):
         return -1 if i is None else i
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if sharded_op(types): return NotImplemented  # a `DTensor` op: its local ops come next, each rank's own work
         kwargs = kwargs or {}
         if self.pending and nodes_ready(func): self._map_nodes()
         r = decomposed(self, func, args, kwargs)

@@ -16,7 +16,7 @@ from fastcore.basics import *
 from fastai.torch_core import TensorBase
 from fasttransform.cast import cast as _cast
 from .core import *
-from .core import flat_tensors, map_tensors
+from .core import flat_tensors, map_tensors, sharded_op
 from .counting import *
 from .counting import aten
 from .summary import human
@@ -296,6 +296,7 @@ class FakeFixes(TorchDispatchMode):
     "`fake_fix` for a step that is not recorded (the warm-up): outputs corrected, and the real bytes of their storages in `known` (for `MemCounter.known`)"
     def __init__(self, cuda): super().__init__(); self.cuda,self.known = cuda,{}
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if sharded_op(types): return NotImplemented  # a `DTensor` op: its local ops come next
         check_op(func, args)  # the warm-up runs every op the recorded step runs: what a real kernel refuses fails here
         out,fix = fixed_outputs(func, args, func(*args, **(kwargs or {})), self.cuda)
         outs = out if isinstance(out, (tuple,list)) else [out]

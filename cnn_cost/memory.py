@@ -23,7 +23,7 @@ from types import FunctionType
 import numbers
 from fastai.learner import CastToTensor
 from .core import *
-from .core import PhaseTracker, flat_tensors, lazy_modules, learner_amp
+from .core import PhaseTracker, inner_blocks, flat_tensors, lazy_modules, learner_amp, local, sharded_op
 from .counting import *
 from .counting import Counting, OpCounter, aten, has_row, nodes_ready
 from .summary import human, text_table
@@ -35,7 +35,8 @@ class MemKind(Enum):
     "What a block of memory holds, after `_MemRefType` in PyTorch's `MemTracker`"
     param='parameters'; buffer='buffers'; grad='gradients'; opt='optimizer state'; input='inputs'
     saved='saved activations'; output='outputs'; temp='temporaries'; other='other'
-    ddp='ddp buckets'  # DDP's flat copy of the gradients, on each rank of a multi-process job
+    comm='collective buffers'  # on each rank of a multi-process job: DDP's gradient buckets, FSDP's all-gather and reduce-scatter buffers
+    unsharded='unsharded parameters'  # FSDP's all-gathered parameters of a unit, alive from its all-gather to its reshard
 
 # %% ../nbs/03a_memory.ipynb #4b67206f
 def cuda_block(n:int):
@@ -52,6 +53,11 @@ class Block:
 # %% ../nbs/03a_memory.ipynb #403fad80
 def _unpack(t): return t
 
+c10d = torch.ops.c10d
+# a collective op -> (name, its buffer, the tensor it reduces into or None) from its arguments; the buffer's bytes are what the op moves per rank
+_collectives = {c10d._allgather_base_.default: lambda a: ('all-gather', a[0], None), c10d._reduce_scatter_base_.default: lambda a: ('reduce-scatter', a[1], a[0]),
+                c10d.allreduce_.default: lambda a: ('all-reduce', a[0][0], None)}
+
 class MemCounter(OpCounter):
     "`OpCounter` that also records every storage: its bytes, unit, stage and lifetime, and whether autograd saved it for backward"
     map_recompute = False  # a step frees a recompute's graph once used: holding its nodes would keep what they saved alive
@@ -64,19 +70,22 @@ class MemCounter(OpCounter):
         self.depth = 0  # `with` levels: a composite op's decomposition (`decomposed`) enters the mode again inside the step
         self.notes = []  # what the step left out, for the summary
         self.known = {}  # id of a storage made before the step -> (weak reference, its real bytes), from a `FakeFixes` of the warm-up step
+        self.comm,self.owners = {},{}  # bytes of each collective's buffers (`_collectives`); id of an FSDP unsharded parameter's storage -> id of its sharded parameter
 
     def cur_unit(self):
         "The unit running now (`OpCounter.unit_now`: the phase from its `PhaseTracker`, a recompute charged to its units); -1 for none"
         return self.unit_now()
 
     def block(self, t):
-        "The `Block` of tensor `t`'s storage, None if it is not tracked"
-        i = self.idx.get(id(t.untyped_storage()))
+        "The `Block` of tensor `t`'s storage (a `DTensor`'s local shard's), None if it is not tracked"
+        i = self.idx.get(id(local(t).untyped_storage()))
         return None if i is None else self.blocks[i]
 
     def add(self, t, unit=-1, kind=None, nbytes=None):
-        "Track the storage of `t` if it is new (an allocation event), of `nbytes` (default: the storage's); its `Block`"
-        st = t.untyped_storage()
+        "Track the storage of `t` (a `DTensor`'s local shard's) if it is new (an allocation event), of `nbytes` (default: the storage's); its `Block`"
+        return self.add_storage(local(t).untyped_storage(), unit, kind, nbytes)
+
+    def add_storage(self, st, unit=-1, kind=None, nbytes=None):
         k = id(st)  # a storage's Python object lives as long as the storage, so its id is a key until it is freed
         if k in self.idx: return self.blocks[self.idx[k]]
         if nbytes is None and k in self.known and self.known[k][0]() is st: nbytes = self.known[k][1]  # made before the step, corrected then
@@ -93,9 +102,11 @@ class MemCounter(OpCounter):
         b.e1 = len(self.trace); self.trace.append((self.stage, self.cur_unit()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if sharded_op(types): return NotImplemented  # a `DTensor` op: the ops on this rank's local shards come next
         if (self.pending or self.views) and nodes_ready(func): self._map_nodes()
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if self.stage=='before': return out
+        if func in _collectives: self._collective(func, args)
         if torch.is_grad_enabled() and hasattr(func, '_schema'):
             vs = [weakref.ref(t) for a,t in zip(func._schema.arguments, args) if a.alias_info is not None and a.alias_info.is_write
                   and isinstance(t, FakeTensor) and t.requires_grad and t._is_view()]
@@ -149,13 +160,36 @@ class MemCounter(OpCounter):
             return torch.autograd.grad(v, b, go[0])  # torch's own `as_strided_backward`, as the real node runs it
         n.register_hook(hook)
 
-    def __enter__(self): self.depth += 1; return super().__enter__()
+    def _collective(self, func, args):
+        "A collective's buffer (all-gather output, reduce-scatter input) is kind `comm`; what it reduces into is a gradient; `comm`: the buffers' bytes per collective"
+        name,buf,out = _collectives[func](args)
+        b = self.block(buf)
+        if b is not None and b.kind is None: b.kind = MemKind.comm
+        if out is not None and (b := self.block(out)) is not None and b.kind is None: b.kind = MemKind.grad  # FSDP's sharded gradients of a unit, one storage
+        self.comm[name] = self.comm.get(name, 0) + buf.numel()*buf.element_size()
+
+    def _resize(self, st, n):
+        "`UntypedStorage.resize_` (FSDP frees and re-allocates each unit's unsharded parameters so): the storage's block ends, a new one starts at `n` bytes"
+        k = id(st)
+        if k in self.idx: self._free(k, self.blocks[self.idx[k]])
+        r = self._resize_(st, n)
+        if n: self.add_storage(st, self.cur_unit(), MemKind.unsharded).param = self.owners.get(k)
+        return r
+
+    def __enter__(self):
+        self.depth += 1
+        if self.depth==1:
+            self._resize_,me = torch.UntypedStorage.resize_,weakref.ref(self)
+            torch.UntypedStorage.resize_ = lambda st, n: me()._resize(st, n)
+        return super().__enter__()
     def __exit__(self, *exc):
         "Stop following frees on the outermost exit: the blocks still alive now stay alive (`e1` None)"
         self.depth -= 1
         try: return super().__exit__(*exc)
         finally:
-            if not self.depth: self.refs.clear(); self.views,self.hooked,self.written = [],set(),[]  # not on an inner exit: every block so far would never be freed, and new storages at their addresses taken for them
+            if not self.depth:
+                torch.UntypedStorage.resize_ = self._resize_
+                self.refs.clear(); self.views,self.hooked,self.written = [],set(),[]  # not on an inner exit: every block so far would never be freed, and new storages at their addresses taken for them
 
     def pack(self, t):
         "Saved-tensor hook: mark `t`'s storage saved for backward by the running unit (the first unit to save it keeps it)"
@@ -316,6 +350,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
                 device='cpu', # The target: 'cuda' rounds every storage as the CUDA caching allocator does
                 fake:bool=True, # Fake tensors (nothing allocated); False runs the step for real, on the CPU, on copies of the weights
                 cast:bool=False, # Each tensor of `xb` and `yb` cast to a plain `Tensor` (an alias), as fastai's `CastToTensor` callback does in `before_batch`
+                wrap=None, # A function of the model as the step holds it (fake parameters) returning the model the step trains (`fsdp_model`: a sharded copy), same parameter names
                ):
     "Memory of one training step of `model`: a `StepMemory`, whose `counter` holds every storage with its kind, unit and lifetime"
     xb,yb,dt,cuda = tuplify(xb),tuplify(yb),amp_dtype(dtype),torch.device(device).type=='cuda'
@@ -337,15 +372,18 @@ def step_memory(model:nn.Module, # Any PyTorch model
                               "e.g. `learn.cost_summary()` or `learn.model(*xb)`, then predict the step")
     fm = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     ts = {id(t): shadow(t, fm, channels_last) for t in [*model.parameters(), *model.buffers()]}
-    ps = [ts[id(p)] for p in model.parameters()]
     xs,ys = new_batch((list(xb), list(yb)), bs, fm)
-    real = list(model.parameters())  # the user's, in the order the step's `model.parameters()` lists their stand-ins
-    gs,modes,u = (None if opt_func is None else _groups(model, splitter, ts)),[(n or 'the model', m, m.training) for n,m in model.named_modules()],Undo()
+    names,real = zip(*model.named_parameters()) if first(model.parameters()) is not None else ((), ())  # the user's, in the order the step lists their stand-ins
+    groups = None if opt_func is None else _groups(model, splitter, {id(p): p for p in real})
+    modes,u = [(n or 'the model', m, m.training) for n,m in model.named_modules()],Undo()
     try:
         with hooks_kept(model, u) as not_run, swapped(model, ts, functools.partial(held_copy, fm=fm), u), (fm or contextlib.nullcontext()), fake_subclasses():
-            model.train()
+            run = model if wrap is None else wrap(model)
+            pm = ts if wrap is None else {id(p): dict(run.named_parameters())[n] for n,p in zip(names, real)}  # the user's parameter -> the step's
+            ps = [pm[id(p)] for p in real]
+            run.train()
             if cast: xs,ys = [cast_tensors(b) for b in (xs, ys)]  # inside `fake_subclasses`: a fake fastai tensor's alias, as the real `as_subclass` makes
-            opt = None if opt_func is None else opt_func(gs, lr=lr)
+            opt = None if opt_func is None else opt_func([L(pm[id(p)] for p in g) for g in groups], lr=lr)
             if opt is not None and not hasattr(opt, 'opt_func'): opt.opt_func = getattr(opt_func, 'func', opt_func)  # its name for the summary
             if opt is not None and cuda and isinstance(opt, OptimWrapper):  # torch optimizers default to their foreach kernels on CUDA
                 for g in opt.opt.param_groups:
@@ -353,23 +391,23 @@ def step_memory(model:nn.Module, # Any PyTorch model
             # a first step, not recorded: every later step starts with what it leaves. Gradients as the first backward made them (it hands a
             # parameter the incoming gradient when it can: slices of one storage for parameters joined by a `cat`, kept by fastai's `zero_grad`),
             # the optimizer's state, and buffers a forward replaces (ConViT's `rel_indices`, made for the input's size)
-            order,hs = [],[t.register_post_accumulate_grad_hook(lambda t, i=i: order.append(i)) for i,t in enumerate(model.parameters()) if t.requires_grad and t.is_leaf]
+            order,hs = [],[t.register_post_accumulate_grad_hook(lambda t, i=i: order.append(i)) for i,t in enumerate(ps) if t.requires_grad and t.is_leaf]
             try:
-                with FakeFixes(cuda) as fx: prev = _train_step(model, xs, ys, loss_func, opt, None, dt)  # its `pred` and loss live until the step replaces them
+                with FakeFixes(cuda) as fx: prev = _train_step(run, xs, ys, loss_func, opt, None, dt)  # its `pred` and loss live until the step replaces them
             finally: [h.remove() for h in hs]
             [setattr(t, 'grad', None) for t in (ps if opt is None else []) + flat_tensors((xs, ys))]  # no optimizer: nothing resets the gradients; each batch is new
-            c = MemCounting(model, size=cuda_block if cuda else None, device=device)
+            c = MemCounting(run, size=cuda_block if cuda else None, device=device)
             with c:
                 mc = c.counter
                 mc.known,mc.not_run = fx.known,not_run  # the user's hooks whose state cannot be put back (functions): not run, so nothing of theirs turns fake
                 mc.notes = [f"Hooks not run in the predicted step: {', '.join(not_run)}: functions, whose state (globals, closures) cannot be put back after "
                             "fake tensors; a real step runs them (make one a method of an object, fastai's `Hook`, to have it run)"] if not_run else []
                 # what the step starts with; not a loop: its variable would hold the last one to the step's end (a buffer the forward replaces)
-                kinds = [(MemKind.param, ps), (MemKind.buffer, list(model.buffers())), (MemKind.input, flat_tensors(xs+ys)), (MemKind.grad, [p.grad for p in ps if p.grad is not None]),
-                         (MemKind.opt, [v for *_,v in (_opt_state(opt) if opt is not None else [])]), (MemKind.other, flat_tensors(prev) + attr_tensors(model))]
+                kinds = [(MemKind.param, ps), (MemKind.buffer, list(run.buffers())), (MemKind.input, flat_tensors(xs+ys)), (MemKind.grad, [p.grad for p in ps if p.grad is not None]),
+                         (MemKind.opt, [v for *_,v in (_opt_state(opt) if opt is not None else [])]), (MemKind.other, flat_tensors(prev) + attr_tensors(run))]
                 [mc.add(t, kind=k) for k,ts_ in kinds for t in ts_]
                 del kinds
-                res = _train_step(model, xs, ys, loss_func, opt, mc, dt, prev)  # kept alive, as the learner keeps them, until the step is read
+                res = _train_step(run, xs, ys, loss_func, opt, mc, dt, prev)  # kept alive, as the learner keeps them, until the step is read
                 c.records(warn=False)  # the cost summary warns about ops it cannot count, not the memory model
                 _resolve(mc, c.units, c.param_units, ps, opt, cuda)
             shapes = [(ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else () for t in flat_tensors(xb)]
@@ -400,15 +438,62 @@ def ddp_buckets(model:nn.Module, # The model DDP wraps
         if cur[k] >= (first if not n_done.get(k) else cap): res.append(cur.pop(k)); n_done[k] = n_done.get(k, 0)+1
     return res + list(cur.values())
 
+# %% ../nbs/03a_memory.ipynb #r27fsdp1
+@contextlib.contextmanager
+def fake_group(world_size:int):
+    """A fake process group of `world_size` ranks (this process is rank 0) and its 1-D CPU `DeviceMesh`, for the block: collectives run on fake
+    tensors and move nothing. The mesh is made before any fake mode: `DeviceMesh` reads its ranks' values. Refused inside a job's own process group"""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    if dist.is_initialized(): raise RuntimeError("This process has a process group already: predict each rank's step before the job starts, in a process of its own")
+    dist.init_process_group('fake', store=dist.HashStore(), rank=0, world_size=world_size)
+    try: yield init_device_mesh('cpu', (world_size,))
+    finally: dist.destroy_process_group()
+
+@contextlib.contextmanager
+def _tensors_shared():
+    """In the block, `copy.deepcopy` copies modules and objects but shares every tensor (the step's fake stand-ins, a hook's stored output, an RNN's
+    dropped weights, which autograd refuses to copy): `fully_shard` then replaces the copy's parameters, and the user's model is not touched"""
+    cls = (torch.Tensor, nn.Parameter, nn.parameter.UninitializedTensorMixin)
+    old = [vars(c).get('__deepcopy__') for c in cls]
+    for c in cls: c.__deepcopy__ = lambda self, memo: self
+    try: yield
+    finally:
+        for c,f in zip(cls, old):
+            if f is None: del c.__deepcopy__
+            else: c.__deepcopy__ = f
+
+def fsdp_model(model:nn.Module, # The model, its parameters fake (inside `step_memory`)
+               mesh, # The `DeviceMesh` of the ranks (`fake_group`)
+               units=None, # Names of the modules `fully_shard` makes units of (default: `inner_blocks(model)`); the root is one too
+               reshard_after_forward:bool=True, mp_policy=None, # `fully_shard`'s options: free each unit's gathered parameters after its forward; its `MixedPrecisionPolicy`
+              )->nn.Module:
+    "A copy of `model` as FSDP2 trains it on each rank: `fully_shard` on each of `units`, then on the root. `model` is not changed"
+    from torch.distributed.fsdp import fully_shard
+    with _tensors_shared(): m = copy.deepcopy(model)
+    mods,kw = dict(m.named_modules()),dict(mesh=mesh, reshard_after_forward=reshard_after_forward, **({'mp_policy': mp_policy} if mp_policy is not None else {}))
+    for n in ifnone(units, inner_blocks(model)): fully_shard(mods[n], **kw)
+    return fully_shard(m, **kw)
+
 # %% ../nbs/03a_memory.ipynb #r27ddp03
-strategies = ('ddp',)  # multi-process strategies predicted; FSDP2 is coming
-def check_ranks(world_size=1, strategy='ddp', bucket_cap_mb=None, gradient_as_bucket_view=None, sync_bn=None):
-    "Refuse, before any work, a `world_size`, `strategy` or DDP option the per-rank prediction cannot take, saying what to pass"
+strategies = ('ddp', 'fsdp')  # multi-process strategies predicted: DDP (as fastai's `distrib_ctx` trains) and FSDP2 (`fully_shard`)
+strategy_names = {'ddp': 'DDP', 'fsdp': 'FSDP2'}
+def check_ranks(world_size=1, strategy='ddp', bucket_cap_mb=None, gradient_as_bucket_view=None, sync_bn=None, fsdp_units=None, reshard_after_forward=None, mp_policy=None):
+    "Refuse, before any work, a `world_size`, `strategy` or strategy option the per-rank prediction cannot take, saying what to pass"
     if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size<1:
-        raise ValueError(f"world_size must be a whole number of processes, at least 1 (1: no DDP), got {world_size!r}")
-    if strategy not in strategies: raise ValueError(f"strategy must be one of {', '.join(map(repr, strategies))} (FSDP2 is coming), got {strategy!r}")
-    given = [k for k,v in dict(bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=gradient_as_bucket_view, sync_bn=sync_bn).items() if v is not None]
-    if given and world_size==1: raise ValueError(f"{', '.join(given)}: DDP's options apply to a job of several processes: pass world_size=2 or more, or leave them out")
+        raise ValueError(f"world_size must be a whole number of processes, at least 1 (1: a single process), got {world_size!r}")
+    if strategy not in strategies: raise ValueError(f"strategy must be one of {', '.join(map(repr, strategies))}, got {strategy!r}")
+    ddp = [k for k,v in dict(bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=gradient_as_bucket_view, sync_bn=sync_bn).items() if v is not None]
+    fsdp = [k for k,v in dict(fsdp_units=fsdp_units, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy).items() if v is not None]
+    if (ddp or fsdp) and world_size==1: raise ValueError(f"{', '.join(ddp+fsdp)}: options of a job of several processes: pass world_size=2 or more, or leave them out")
+    if ddp and strategy!='ddp': raise ValueError(f"{', '.join(ddp)}: DDP's options, not {strategy}'s: pass strategy='ddp', or leave them out")
+    if fsdp and strategy!='fsdp': raise ValueError(f"{', '.join(fsdp)}: FSDP2's options, not {strategy}'s: pass strategy='fsdp', or leave them out")
+    if reshard_after_forward is not None and not isinstance(reshard_after_forward, bool): raise ValueError(f"reshard_after_forward must be True or False, got {reshard_after_forward!r}")
+    if fsdp_units is not None and (isinstance(fsdp_units, str) or not all(isinstance(n, str) and n for n in fsdp_units)):
+        raise ValueError(f"fsdp_units must be a list of module names (`learn.model.named_modules()`), e.g. ['layers.0', 'layers.1'], got {fsdp_units!r}")
+    if mp_policy is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        if not isinstance(mp_policy, MixedPrecisionPolicy): raise ValueError(f"mp_policy must be a `torch.distributed.fsdp.MixedPrecisionPolicy`, got {mp_policy!r}")
     if bucket_cap_mb is not None and (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real) or not 0<bucket_cap_mb<math.inf):
         raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {bucket_cap_mb!r}: leave it out for DDP's default (25)")
     for k,v in dict(gradient_as_bucket_view=gradient_as_bucket_view, sync_bn=sync_bn).items():
@@ -426,6 +511,22 @@ def ddp_reason(model, opt_func=None, gradient_as_bucket_view=False, sync_bn=True
     if any(isinstance(m, nn.SyncBatchNorm) for m in bn):
         return "the model holds `SyncBatchNorm` layers, whose memory is not modelled: predict it with `nn.BatchNorm` layers and `sync_bn=False`"
     if sync_bn and bn: return "`SyncBatchNorm` (`distrib_ctx`'s default) is not modelled: pass `sync_bn=False` (the CLI: `--no-sync-bn`)"
+
+def fsdp_reason(model, fsdp_units=None):
+    "Why FSDP2's step of `model` is not predicted (None if it is): a unit name that is not a module, the root named, or a forward replaced on a module (activation checkpointing)"
+    mods = dict(model.named_modules())
+    bad = [n for n in (fsdp_units or []) if n not in mods]
+    if bad: return f"{', '.join(map(repr, bad[:3]))} {'are not modules' if len(bad)>1 else 'is not a module'} of the model: name modules of `model.named_modules()` in `fsdp_units`"
+    own = [n or 'the model' for n,m in mods.items() if 'forward' in vars(m)]
+    if own: return (f"{', '.join(own[:3])} {'have' if len(own)>1 else 'has'} its forward replaced (activation checkpointing, `learn.checkpoint`), which FSDP2's prediction "
+                    "does not model yet: predict without it")
+    if not any(p.requires_grad for p in model.parameters()): return "no parameter takes a gradient: FSDP2 has nothing to shard"
+
+def ranks_reason(model, opt_func=None, world_size=1, strategy='ddp', gradient_as_bucket_view=None, sync_bn=None, fsdp_units=None):
+    "Why each rank's step of `model` under `strategy` is not predicted (`ddp_reason`, `fsdp_reason`); None if it is, or for one process"
+    if world_size==1: return None
+    if strategy=='fsdp': return fsdp_reason(model, fsdp_units)
+    return ddp_reason(model, opt_func, bool(gradient_as_bucket_view), ifnone(sync_bn, True))
 
 # %% ../nbs/03a_memory.ipynb #e1153f79
 def _timeline(blocks, trace, names):
@@ -448,7 +549,7 @@ def _keep(units, recs):
 class MemorySummary:
     "Memory of one training step: per-layer `df`, the `timeline`, the `peak` and what holds it; prints as `CostSummary` does"
     def __init__(self, blocks, trace, units, recs, model_name='', input_shapes=(), bs=None, dtype=None, device='cpu', notes=(), flags=None,
-                 ops=(), optimizer=None, hooks_not_run=(), world_size=1, strategy=None, buckets=(), broadcast=0):
+                 ops=(), optimizer=None, hooks_not_run=(), world_size=1, strategy=None, buckets=(), broadcast=0, comm=None, shards=()):
         store_attr('model_name,input_shapes,bs,device,optimizer'); self.hooks_not_run = list(hooks_not_run); self.dtype,self.notes,self.flags = str(dtype or 'fp32'),list(notes),dict(flags or {})
         self.cuda = torch.device(device).type=='cuda'  # the CUDA allocator's 512-byte rounding applied; else a CPU target
         # conditions, each an attribute, said in one sentence when it holds (`conditions`), in full in `notes`
@@ -462,9 +563,13 @@ class MemorySummary:
                                              "the real kernels' sizes are counted")
         # per rank: DDP's buckets are alive from before the step to its end; `peak_max` adds the buffers' broadcast, which may still be alive at the peak
         self.world_size,self.strategy,self.buckets,self.broadcast = world_size,strategy if world_size>1 else None,list(buckets),broadcast
-        if world_size>1: self.notes.append(f"Per rank of {world_size} ({strategy.upper()}): the step at each rank's batch, plus DDP's {len(self.buckets)} gradient buckets (a copy of "
-                                           "the gradients, alive the whole step); `peak_max` adds the flat copy of the buffers DDP broadcasts before each forward")
-        if world_size>1: blocks = blocks + [Block(n, -1, 'before', 0, kind=MemKind.ddp) for n in self.buckets]
+        self.comm,self.shards = dict(comm or {}),list(shards)  # bytes of each collective's buffers per step; FSDP2's units
+        if self.strategy=='ddp': self.notes.append(f"Per rank of {world_size} (DDP): the step at each rank's batch, plus DDP's {len(self.buckets)} gradient buckets (a copy of "
+                                                   "the gradients, alive the whole step); `peak_max` adds the flat copy of the buffers DDP broadcasts before each forward")
+        if self.strategy=='fsdp': self.notes.append(f"Per rank of {world_size} (FSDP2): the step at each rank's batch, on a copy of the model with `fully_shard` on {len(self.shards)} "
+                                                    "unit(s) and the root, run with a fake process group (rank 0: a shard padded to the largest). Not included: the device mesh's "
+                                                    "8-byte host tensors, and what the collectives' backend (NCCL, gloo) allocates outside PyTorch's ops")
+        if self.strategy=='ddp': blocks = blocks + [Block(n, -1, 'before', 0, kind=MemKind.comm) for n in self.buckets]
         names = [n or type(m).__name__ for n,m,k in units]
         self.timeline = _timeline(blocks, trace, names)
         self.peak_event = int(self.timeline.live.values.argmax())
@@ -499,7 +604,7 @@ def hooks_sentence(ns): return f"Hooks not run: {len(ns)} function hook{'s'*(len
 @patch
 def _header(self:MemorySummary):
     shp = ', '.join(' x '.join(str(s) for s in sh) for sh in self.input_shapes)
-    per = f" per rank of {self.world_size} ({self.strategy.upper()})" if self.world_size>1 else ""
+    per = f" per rank of {self.world_size} ({strategy_names[self.strategy]})" if self.world_size>1 else ""
     return f"{self.model_name} (Input shape: {shp}), one training step{per} in {self.dtype} on {self.device}"
 
 @patch
@@ -510,7 +615,7 @@ def _text_table(self:MemorySummary):
              r.saved_bytes, r.out_bytes, r.at_peak)] + [f"{r.pct_peak:.1f}"] for r in self.df.itertuples()]
     return text_table(cols, rows, self._header(), list(self.df.output_shape), at=2, right=set(range(3, len(cols))))
 
-_state = [k.value for k in (MemKind.param, MemKind.buffer, MemKind.grad, MemKind.opt, MemKind.ddp)]
+_state = [k.value for k in (MemKind.param, MemKind.buffer, MemKind.grad, MemKind.opt, MemKind.comm, MemKind.unsharded)]
 def _kinds(d, ks=None): return ', '.join(f"{k} {human(v,'B')}" for k,v in d.items() if v and (ks is None or k in ks)) or 'nothing'
 def _line(s, n=100): return s if len(s)<=n else s[:n-1].rstrip() + '…'
 
@@ -521,8 +626,10 @@ def facts(self:MemorySummary):
     o,n = self.optimizer,self.world_size
     peak = f"Peak: {human(self.peak,'B')} ({gib(self.peak)}) during {_stages[self.peak_stage]}, {where} (event {self.peak_event} of {len(self.timeline)})"
     b,bm = len(self.buckets),f"; buffers' broadcast +{human(self.peak_max-self.peak,'B')}" if self.peak_max>self.peak else ''
-    ddp = [_line(f"Per rank of {n} (DDP): {b} bucket{'s'*(b!=1)}, {human(sum(self.buckets),'B')} (a copy of the gradients){bm}")] if n>1 else []
-    return [peak, *ddp,
+    rk = [_line(f"Per rank of {n} (DDP): {b} bucket{'s'*(b!=1)}, {human(sum(self.buckets),'B')} (a copy of the gradients){bm}")] if self.strategy=='ddp' else \
+         [_line(f"Per rank of {n} (FSDP2): {len(self.shards)} unit{'s'*(len(self.shards)!=1)} and the root, each rank holding 1/{n} of their parameters")] if self.strategy=='fsdp' else []
+    if self.comm: rk.append(_line("Sent per step by each rank (ring): " + ', '.join(f"{k} {human(v,'B')}" for k,v in self.sent().items())))
+    return [peak, *rk,
             f"At the peak, state: {_kinds(self.at_peak, _state)}",
             f"At the peak, activations: {_kinds({k:v for k,v in self.at_peak.items() if k not in _state})}",
             f"Outside the layers at the peak (batch, loss, optimizer): {_kinds(self.outside)}",
@@ -531,6 +638,13 @@ def facts(self:MemorySummary):
                   if o else "Optimizer: none, so no state and no step"),
             "Covers: one step's tensors in CUDA's 512 B blocks; not the context, cuBLAS/cuDNN workspaces, cache" if self.cuda else
             "Covers: one step's tensors (parameters, gradients, optimizer state, batch); not a kernel's scratch"]
+
+@patch
+def sent(self:MemorySummary):
+    """Bytes each rank sends (and receives) per step, by collective, in ring algorithms: (n-1)/n of each all-gather's output and reduce-scatter's
+    input, 2(n-1)/n of each all-reduce's buffer (NCCL's `PERFORMANCE.md`, "bus bandwidth"); `comm` holds the buffers' bytes"""
+    n = self.world_size
+    return {k: round(v*(n-1)/n*(2 if k=='all-reduce' else 1)) for k,v in self.comm.items()}
 
 @patch
 def conditions(self:MemorySummary):
@@ -625,30 +739,38 @@ def from_step(cls:MemorySummary, sm:StepMemory, **ranks):
     return cls(mc.blocks, mc.trace, c.units, c.recs, sm.model_name, sm.input_shapes, sm.bs, amp_dtype(sm.dtype) and sm.dtype, sm.device, notes, mc.flags,
                mc.ops, o, getattr(mc, 'not_run', []), **ranks)
 
-def _ranks(model, sm, world_size, strategy, bucket_cap_mb):
-    "What `MemorySummary` needs of each rank of a DDP job: its `buckets` in the order the step made the gradients, and the buffers' `broadcast`"
+def _ranks(model, sm, world_size, strategy, bucket_cap_mb, fsdp_units=None):
+    """What `MemorySummary` needs of each rank of a job: the bytes of each collective's buffers per step (`comm`); of DDP, its `buckets` in the order the
+    step made the gradients and the buffers' `broadcast`; of FSDP2, the names of its units (`shards`)"""
     if world_size==1: return {}
+    if strategy=='fsdp': return dict(world_size=world_size, strategy=strategy, comm=dict(sm.counter.comm), shards=list(ifnone(fsdp_units, inner_blocks(model))))
     got = {id(p) for p in sm.grad_order}
     none = [n for n,p in model.named_parameters() if p.requires_grad and id(p) not in got]
     if none: raise ValueError(f"{len(none)} trainable parameter{'s get' if len(none)>1 else ' gets'} no gradient in the step ({', '.join(none[:3])}{', ...'*(len(none)>3)}): DDP stops at "
                               "its second step unless `find_unused_parameters=True`, which is not modelled. Freeze them (`requires_grad_(False)`) or remove them")
     size = sm.counter.size
-    return dict(world_size=world_size, strategy=strategy, buckets=[size(n) for n in ddp_buckets(model, bucket_cap_mb, sm.grad_order)],
+    bk = ddp_buckets(model, bucket_cap_mb, sm.grad_order)
+    return dict(world_size=world_size, strategy=strategy, buckets=[size(n) for n in bk], comm={'all-reduce': sum(bk)},
                 broadcast=sum(size(sum(b.nbytes for b in model.buffers() if b.dtype==dt)) for dt in {b.dtype for b in model.buffers()}))  # DDP's `broadcast_buffers` (its default and accelerate's): one flat tensor per dtype
 
 def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e-3,
                    bs=None, # Batch size (default: `xb`'s); with `world_size`, each rank's
                    dtype=None, channels_last=False, device='cpu', cast=False,
-                   world_size:int=1, # Processes of a DDP job: >1 predicts each rank's step, with DDP's gradient buckets
-                   strategy:str='ddp', # How the job splits the work: 'ddp' (`DistributedDataParallel`, as fastai's `distrib_ctx` trains)
+                   world_size:int=1, # Processes of the job: >1 predicts each rank's step
+                   strategy:str='ddp', # How the job splits the work: 'ddp' (`DistributedDataParallel`, as fastai's `distrib_ctx` trains) or 'fsdp' (FSDP2's `fully_shard`)
                    bucket_cap_mb:float=None, gradient_as_bucket_view:bool=None, # DDP's options (default: DDP's own, False)
                    sync_bn:bool=None, # As `distrib_ctx(sync_bn=...)` (default: True, fastai's)
+                   fsdp_units:list=None, # FSDP2: names of the modules sharded as units (default: `inner_blocks(model)`); the root is one too
+                   reshard_after_forward:bool=None, mp_policy=None, # FSDP2's `fully_shard` options (default: True; no `MixedPrecisionPolicy`)
                   ):
-    "`MemorySummary` of one training step of `model`, predicted on fake tensors (see `step_memory`); with `world_size`, of each rank of a DDP job"
-    check_ranks(world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn)
-    why = world_size>1 and ddp_reason(model, opt_func, bool(gradient_as_bucket_view), ifnone(sync_bn, True))
-    if why: raise ValueError(f"Each rank's step of this DDP job is not predicted: {why}")
-    try: sm = step_memory(model, xb, yb, loss_func, opt_func, splitter, lr, bs, dtype, channels_last, device, cast=cast)
+    "`MemorySummary` of one training step of `model`, predicted on fake tensors (see `step_memory`); with `world_size`, of each rank of a DDP or FSDP2 job"
+    check_ranks(world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn, fsdp_units, reshard_after_forward, mp_policy)
+    why = ranks_reason(model, opt_func, world_size, strategy, gradient_as_bucket_view, sync_bn, fsdp_units)
+    if why: raise ValueError(f"Each rank's step of this {strategy_names[strategy]} job is not predicted: {why}")
+    try:
+        with (fake_group(world_size) if strategy=='fsdp' and world_size>1 else contextlib.nullcontext()) as mesh:
+            wrap = None if mesh is None else functools.partial(fsdp_model, mesh=mesh, units=fsdp_units, reshard_after_forward=ifnone(reshard_after_forward, True), mp_policy=mp_policy)
+            sm = step_memory(model, xb, yb, loss_func, opt_func, splitter, lr, bs, dtype, channels_last, device, cast=cast, wrap=wrap)
     except _fake_errors as e:
         if 'Sparse' in str(e): raise RuntimeError("Sparse gradients (`F.embedding(..., sparse=True)`) cannot be predicted: their size depends on which rows the batch reads. "
                                                   "Predict the step with `sparse=False`: a dense gradient of the whole table") from e
@@ -656,7 +778,7 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
                 }.get(getattr(e, 'stage', 'forward'), ' in the forward or the loss')
         raise RuntimeError(f"The training step could not run on fake tensors{where} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). An op that needs the data's values "
                            "(`.item()`, `nonzero`) cannot be predicted: report it, or measure on a real step with `step_memory(..., fake=False)`") from e
-    return MemorySummary.from_step(sm, **_ranks(model, sm, world_size, strategy, bucket_cap_mb))
+    return MemorySummary.from_step(sm, **_ranks(model, sm, world_size, strategy, bucket_cap_mb, fsdp_units))
 
 # %% ../nbs/03a_memory.ipynb #e0000002
 def learner_batch(learn, xb, yb):
@@ -705,20 +827,21 @@ def memory_summary(self:Learner,
                    device=None, # 'cuda' or 'cpu', the machine to predict for (default: where the model is)
                    channels_last:bool=None, # Parameters in channels_last (default: whether `to_channelslast()` was called)
                    xb=None, yb=None, # A batch to take the shapes from (default: one batch of `dls.train`)
-                   world_size:int=1, # Processes of a DDP job (`distrib_ctx`): >1 predicts each rank's step, DDP's gradient buckets added
-                   strategy:str='ddp', # 'ddp' (`DistributedDataParallel`; FSDP2 is coming)
+                   world_size:int=1, # Processes of the job: >1 predicts each rank's step
+                   strategy:str='ddp', # 'ddp' (`DistributedDataParallel`, as `distrib_ctx` trains) or 'fsdp' (FSDP2's `fully_shard`)
                    bucket_cap_mb:float=None, gradient_as_bucket_view:bool=None, # DDP's options, as accelerate's `DistributedDataParallelKwargs` pass them
                    sync_bn:bool=None, # As `distrib_ctx(sync_bn=...)` (default: True, fastai's)
+                   fsdp_units:list=None, reshard_after_forward:bool=None, mp_policy=None, # FSDP2's options, as in `predict_memory`
                   )->MemorySummary:
     "Predicted memory of one training step of `self` (of each rank, with `world_size`), per layer and over time, without running it for real"
-    check_ranks(world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn)
+    check_ranks(world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn, fsdp_units, reshard_after_forward, mp_policy)
     check_hookable(self.model)
     xb,yb = learner_batch(self, xb, yb)
     dev = ifnone(device, _model_device(self.model))
     dt,note = (dtype, '') if dtype is not None else learner_dtype(self, dev)
     with as_trained(self) as notes:
         res = predict_memory(self.model, xb, yb, learner_loss(self), self.opt_func, self.splitter, self.lr, bs, dt, ifnone(channels_last, hasattr(self, 'channels_last')), dev,
-                             learner_casts(self), world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn)
+                             learner_casts(self), world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn, fsdp_units, reshard_after_forward, mp_policy)
     res.notes += [n for n in [note, *notes] if n]
     res.amp_ignored,res.trained_as = bool(note),[n for n in notes if n]
     return res

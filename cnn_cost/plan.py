@@ -21,7 +21,7 @@ from .core import *
 from .core import add_hooks, cost_units, flat_tensors
 from .fake import Undo, check_hookable, own_hook
 from .memory import *
-from .memory import learner_batch, batch_rows, learner_casts, learner_loss, learner_dtype, gib, hooks_sentence, as_trained, amp_dtype, step_memory, check_ranks, ddp_reason
+from .memory import learner_batch, batch_rows, learner_casts, learner_loss, learner_dtype, gib, hooks_sentence, as_trained, amp_dtype, step_memory, check_ranks, ranks_reason
 from .summary import human, text_table
 
 # %% ../nbs/03b_plan.ipynb #e91da172
@@ -112,14 +112,16 @@ def max_batch(self:Learner,
               channels_last:bool=None, # Parameters in channels_last (default: whether `to_channelslast()` was called)
               max_bs:int=2**16, # Largest batch size considered
               show_plot:bool=True, # Plot predicted peak against batch size, the suggestion marked
-              world_size:int=1, # Processes of a DDP job: >1 finds each rank's largest batch, its step with DDP's gradient buckets
-              strategy:str='ddp', # 'ddp' (`DistributedDataParallel`; FSDP2 is coming)
+              world_size:int=1, # Processes of the job: >1 finds each rank's largest batch
+              strategy:str='ddp', # 'ddp' (`DistributedDataParallel`) or 'fsdp' (FSDP2's `fully_shard`)
               bucket_cap_mb:float=None, gradient_as_bucket_view:bool=None, sync_bn:bool=None, # DDP's options, as in `Learner.memory_summary`
+              fsdp_units:list=None, reshard_after_forward:bool=None, mp_policy=None, # FSDP2's options, as in `Learner.memory_summary`
              )->MaxBatch:
     "The largest batch size whose predicted training step (each rank's, with `world_size`) fits in `budget` GiB, found on fake tensors with no out-of-memory trials"
-    ddp = dict(world_size=world_size, strategy=strategy, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=gradient_as_bucket_view, sync_bn=sync_bn)
+    ddp = dict(world_size=world_size, strategy=strategy, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=gradient_as_bucket_view, sync_bn=sync_bn,
+               fsdp_units=fsdp_units, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
     check_ranks(**ddp)
-    why = world_size>1 and ddp_reason(self.model, self.opt_func, bool(gradient_as_bucket_view), ifnone(sync_bn, True))
+    why = ranks_reason(self.model, self.opt_func, world_size, strategy, gradient_as_bucket_view, sync_bn, fsdp_units)
     if why: raise ValueError(f"Each rank's step cannot be predicted, so no batch size can be found: {why}")
     check_hookable(self.model)  # before the callbacks' `as_trained` changes anything
     if budget is None:
@@ -269,6 +271,8 @@ class PlanOption:
     recompute_ms:float=float('nan') # the blocks' forward ms as measured by a `CostSummary` (at its batch size and device), NaN if none given
     changes:str=''          # what changes in training
     how:str=''              # the code that applies it
+    sent:dict=field(default_factory=dict) # bytes each rank sends per step of `micro` samples, by collective (`MemorySummary.sent`); empty for one process
+    ranks:tuple=()          # `predict_memory`'s per-rank arguments of this option as pairs, e.g. `(('world_size', 8), ('strategy', 'fsdp'), ...)`; () for one process
 
     @property
     def bs(self): return self.micro*self.n_acc
@@ -290,42 +294,36 @@ def _inputs(model, names):
         for h in hs: h.remove()
 
 class _Steps:
-    "Predicted training steps of `learn` by (batch size, dtype, checkpointed blocks), each run once on fake tensors"
-    def __init__(self, learn, xb, yb, device, cl): store_attr(); self.peaks,self.lives = {},{}
-    def run(self, b, dt, blocks=(), ins=()):
-        "`(MemorySummary, StepMemory, in_bytes)` of the step at batch size `b` in `dt` with `blocks` checkpointed; `in_bytes`: of the inputs of modules `ins`"
-        l = self.learn
+    """Predicted training steps of `learn` by (batch size, dtype, checkpointed blocks, ranks), each run once on fake tensors; `rk`: `predict_memory`'s
+    per-rank arguments as a tuple of pairs (`world_size`, `strategy`, ...), () for one process"""
+    def __init__(self, learn, xb, yb, device, cl): store_attr(); self.peaks,self.lives,self.sent = {},{},{}
+    def run(self, b, dt, blocks=(), ins=(), rk=()):
+        "`(MemorySummary, StepMemory or None, in_bytes)` of the step at batch size `b` in `dt` with `blocks` checkpointed; `in_bytes`: of the inputs of modules `ins`"
+        l,k,sm = self.learn,(b, dt, tuple(blocks), rk),None
         with checkpointed(l.model, blocks), _inputs(l.model, ins) as res:
-            sm = step_memory(l.model, self.xb, self.yb, learner_loss(l), l.opt_func, l.splitter, l.lr, b, dt, self.cl, self.device, cast=learner_casts(l))
-        ms = MemorySummary.from_step(sm)
-        self.peaks[b,dt,tuple(blocks)],self.lives[b,dt,tuple(blocks)] = ms.peak,ms.timeline.live.values
+            args = (l.model, self.xb, self.yb, learner_loss(l), l.opt_func, l.splitter, l.lr, b, dt, self.cl, self.device)
+            if rk: ms = predict_memory(*args, learner_casts(l), **dict(rk))
+            else: sm = step_memory(*args, cast=learner_casts(l)); ms = MemorySummary.from_step(sm)
+        self.peaks[k],self.lives[k],self.sent[k] = ms.peak,ms.timeline.live.values,ms.sent()
         return ms,sm,res
-    def __call__(self, b, dt, blocks=()):
+    def __call__(self, b, dt, blocks=(), rk=()):
         "Predicted peak bytes at batch size `b`; inf if the step cannot train on one sample (batch norm)"
-        k = (b, dt, tuple(blocks))
+        k = (b, dt, tuple(blocks), rk)
         if k not in self.peaks:
-            try: self.run(b, dt, blocks)
+            try: self.run(b, dt, blocks, rk=rk)
             except ValueError:
                 if b>1: raise
-                self.peaks[k],self.lives[k] = math.inf,None
+                self.peaks[k],self.lives[k],self.sent[k] = math.inf,None,{}
         return self.peaks[k]
-    def largest(self, dt, blocks, budget, max_bs):
+    def largest(self, dt, blocks, budget, max_bs, rk=()):
         "Largest batch size up to `max_bs` whose step fits in `budget` bytes, 0 if none"
         a,b = max(1, max_bs//2),max_bs
-        self(a, dt, blocks); self(b, dt, blocks)
-        la,lb = self.lives[a,dt,tuple(blocks)],self.lives[b,dt,tuple(blocks)]
+        self(a, dt, blocks, rk); self(b, dt, blocks, rk)
+        la,lb = self.lives[a,dt,tuple(blocks),rk],self.lives[b,dt,tuple(blocks),rk]
         g = _guess(la, lb, a, b, budget) if la is not None and a<b else 1
-        return _search(lambda n: self(n, dt, blocks), budget, g, max_bs)
+        return _search(lambda n: self(n, dt, blocks, rk), budget, g, max_bs)
 
 # %% ../nbs/03b_plan.ipynb #71c8e264
-def plan_blocks(model:nn.Module, prefix=''):
-    "The candidates for checkpointing: `block_names(model)`, each block that holds repeated blocks itself replaced by those (a fastai body, a U-Net's encoder)"
-    res = []
-    for n in block_names(model):
-        inner = plan_blocks(model.get_submodule(n), f'{prefix}{n}.')
-        res += inner or [f'{prefix}{n}']
-    return res
-
 def block_stats(sm, names, ins):
     "Per block in `names` of step `sm` (a `StepMemory`): bytes its units save for backward, `ins[name]` the bytes of its inputs (which a checkpoint saves instead), and its forward MACs"
     mc,c = sm.counter,sm.counting
@@ -351,16 +349,16 @@ def choose_blocks(st, need, exact=12):
 
 # %% ../nbs/03b_plan.ipynb #48a3f47e
 _ranked = ("Ranked: options that fit first, then by extra compute (the checkpointed blocks' forward MACs run again in backward, as a share of the step's "
-           "forward and backward MACs), then by how much training changes (none, precision, micro-batches)")
+           "forward and backward MACs), then by the bytes each rank sends per step, then by how much training changes (none, precision, micro-batches)")
 class MemoryPlan:
     "Ways to train batch `bs` in `budget` bytes on `device`, ranked by price: `options` (a list of `PlanOption`), `suggestion` the first that fits"
-    def __init__(self, options, budget, bs, device, peak, step_macs, model_name='', notes=(), steps=None, hooks_not_run=()):
-        store_attr('budget,bs,device,peak,step_macs,model_name,steps'); self.hooks_not_run = list(hooks_not_run); self.notes = list(notes) + [_ranked]
-        tier = {'as is':0, 'checkpointing':0, 'mixed precision':1}
-        self.options = sorted(options, key=lambda o: (not o.fits, round(o.extra, 4), tier.get(o.name, 2)))
+    def __init__(self, options, budget, bs, device, peak, step_macs, model_name='', notes=(), steps=None, hooks_not_run=(), world_size=1):
+        store_attr('budget,bs,device,peak,step_macs,model_name,steps,world_size'); self.hooks_not_run = list(hooks_not_run); self.notes = list(notes) + [_ranked]
+        tier = {'as is':0, 'DDP':0, 'checkpointing':0, 'mixed precision':1}
+        self.options = sorted(options, key=lambda o: (not o.fits, round(o.extra, 4), sum(o.sent.values())*o.n_acc, tier.get(o.name, 2)))
         self.suggestion = first(o for o in self.options if o.fits)
         # conditions, each an attribute, said in one sentence when it holds (`conditions`), in full in `notes`
-        base,self.cuda = first(o for o in self.options if o.name=='as is'),torch.device(device).type=='cuda'
+        base,self.cuda = first(o for o in self.options if o.name in ('as is', 'DDP')),torch.device(device).type=='cuda'
         self.nothing_fits = self.suggestion is None  # no option tried fits in `budget`
         self.amp_skipped = not self.cuda and base is not None and not base.fits  # a CPU target: fastai's mixed precision autocasts on CUDA only
         self.already_amp = self.cuda and base is not None and not base.fits and base.dtype!='fp32'  # the step trains in fp16/bf16 already
@@ -382,10 +380,14 @@ def _line(s, n=100): return s if len(s)<=n else s[:n-1].rstrip() + '…'
 @patch
 def _text_table(self:MemoryPlan):
     "The options in `text_table`'s layout, ranked: name, batch (micro-batches x size), dtype, blocks checkpointed, peak, fits, recompute MACs, extra compute"
+    rk = self.world_size>1
     def row(o): return [o.name, f"{o.n_acc} x {o.micro}" if o.n_acc>1 else str(o.micro), o.dtype, str(len(o.blocks)), gib(o.peak) if math.isfinite(o.peak) else '-',
-                        'yes' if o.fits else 'no', human(o.recompute_macs*o.n_acc, 'MACs') if o.recompute_macs else '0', f"{o.extra:.1%}"]
-    h = f"Memory plan: {self.model_name} at batch {self.bs} in {gib(self.budget)} on {self.device}; as it is, its step needs {gib(self.peak)}"
-    return text_table(['Option', 'Batch', 'Dtype', 'Checkpointed', 'Peak', 'Fits', 'Recompute', 'Extra'], [row(o) for o in self.options], h, right=set(range(1, 8)))
+                        'yes' if o.fits else 'no', human(o.recompute_macs*o.n_acc, 'MACs') if o.recompute_macs else '0', f"{o.extra:.1%}"] + \
+                       ([human(sum(o.sent.values())*o.n_acc, 'B')] if rk else [])
+    per = f" per rank of {self.world_size}" if rk else ''
+    h = f"Memory plan: {self.model_name} at batch {self.bs}{per} in {gib(self.budget)} on {self.device}; as it is, its step needs {gib(self.peak)}"
+    cols = ['Option', 'Batch', 'Dtype', 'Checkpointed', 'Peak', 'Fits', 'Recompute', 'Extra'] + (['Sent'] if rk else [])
+    return text_table(cols, [row(o) for o in self.options], h, right=set(range(1, len(cols))))
 
 @patch
 def facts(self:MemoryPlan):
@@ -393,15 +395,18 @@ def facts(self:MemoryPlan):
     s = self.suggestion
     if s is None:
         lo = min(self.options, key=lambda o: o.peak)
-        return [f"Nothing tried fits in {gib(self.budget)}: the lowest peak is {gib(lo.peak)} ({lo.name})", _ranked_short]
+        return [f"Nothing tried fits in {gib(self.budget)}: the lowest peak is {gib(lo.peak)} ({lo.name})", self._ranked_short()]
     rc = f" ({human(s.recompute_macs*s.n_acc, 'MACs')} recomputed)" if s.recompute_macs else ''
     price = f"Price: peak {gib(s.peak)} of {gib(self.budget)}, {s.extra:.1%} extra compute{rc}"
-    res = [f"Suggestion: {s.name}", f"Apply: {s.how}", price]
+    res = [f"Suggestion: {s.name}", _line(f"Apply: {s.how}"), price]
+    if s.sent: res.append(_line(f"Sent per step by each rank (ring): {human(sum(s.sent.values())*s.n_acc, 'B')} (" + ', '.join(f"{k} {human(v*s.n_acc, 'B')}" for k,v in s.sent.items()) + ")"))
     if not math.isnan(s.recompute_ms): res.append(f"Recompute: the checkpointed blocks' forward took {s.recompute_ms:.3g} ms where it was measured")
     if s.blocks: res.append(_line(f"Checkpointed: {', '.join(s.blocks)}"))
     if s.changes: res.append(_line(f"What changes: {s.changes}"))
-    return res + [_ranked_short]
-_ranked_short = "Ranked: options that fit first, then by extra compute, then by how much training changes"
+    return res + [self._ranked_short()]
+
+@patch
+def _ranked_short(self:MemoryPlan): return f"Ranked: options that fit first, then by extra compute{', bytes sent' if self.world_size>1 else ''}, then by how much training changes"
 
 @patch
 def conditions(self:MemoryPlan):
@@ -419,11 +424,12 @@ def plot(self:MemoryPlan, sizes=None, ax=None):
     "Predicted peak against batch size per step for each option's dtype and checkpointed blocks, the budget line and each option marked, the suggestion in red"
     if ax is None: _,ax = plt.subplots(figsize=(7, 4))
     sizes = sorted({max(1, s) for s in ifnone(sizes, [self.bs//4, self.bs//2, self.bs])})
-    cfgs = list(dict.fromkeys((o.dtype, o.blocks) for o in self.options))
-    for dt,bl in cfgs:
-        ss = sorted(set(sizes) | {o.micro for o in self.options if (o.dtype,o.blocks)==(dt,bl)})
-        ps = [self.steps(s, dt, bl)/2**30 if self.steps else math.nan for s in ss]
-        ax.plot(ss, ps, '.-', lw=1, label=f"{dt}, {len(bl)} blocks checkpointed" if bl else f"{dt}, nothing checkpointed")
+    cfgs = list(dict.fromkeys((o.dtype, o.blocks, o.ranks) for o in self.options))
+    for dt,bl,rk in cfgs:
+        ss = sorted(set(sizes) | {o.micro for o in self.options if (o.dtype,o.blocks,o.ranks)==(dt,bl,rk)})
+        ps = [self.steps(s, dt, bl, rk)/2**30 if self.steps else math.nan for s in ss]
+        st = dict(rk).get('strategy', 'ddp').upper().replace('FSDP', 'FSDP2') + (', no reshard' if dict(rk).get('reshard_after_forward') is False else '') + ', ' if rk else ''
+        ax.plot(ss, ps, '.-', lw=1, label=st + (f"{dt}, {len(bl)} blocks checkpointed" if bl else f"{dt}, nothing checkpointed"))
     ax.axhline(self.budget/2**30, color='k', ls='--', lw=0.8, label=f'budget {gib(self.budget)}')
     for o in self.options:
         if math.isfinite(o.peak): ax.plot(o.micro, o.peak/2**30, 'o', mfc='none', color='r' if o is self.suggestion else 'gray')
@@ -441,48 +447,66 @@ def memory_plan(self:Learner,
                 bs:int=None, # The batch size to train with (default: the data's)
                 device='cuda', # The target: 'cuda' (the CUDA allocator's rounding, mixed precision possible) or 'cpu'
                 dtype=None, # 'fp32', 'fp16' or 'bf16' as the step trains now (default: as the learner trains: `to_fp16()`, `to_bf16()`)
-                blocks=None, # Names of the modules that may be checkpointed (default: `plan_blocks(self.model)`)
+                blocks=None, # Names of the modules that may be checkpointed (default: `inner_blocks(self.model)`)
                 amp:str='fp16', # The mixed precision tried on a CUDA target: 'fp16' (`to_fp16()`) or 'bf16' (`to_bf16()`)
                 cost=None, # A `CostSummary` of this model (`learn.cost_summary()`), for the blocks' measured forward ms
                 show_plot:bool=True, # Plot predicted peak against batch size per option, with the budget
+                world_size:int=1, # GPUs of the job: >1 plans each rank's step (`bs` each rank's batch) with DDP and FSDP2 among the options
                )->MemoryPlan:
-    "What makes batch `bs` fit in `budget` GiB: the largest batch with gradient accumulation, mixed precision, activation checkpointing, and their combinations, predicted on fake tensors"
+    """What makes batch `bs` fit in `budget` GiB: the largest batch with gradient accumulation, mixed precision, activation checkpointing, and their
+    combinations, predicted on fake tensors; with `world_size`, on each rank of DDP (BatchNorm as it is, `sync_bn=False`) or FSDP2 (`inner_blocks` as units)"""
+    check_ranks(world_size)
+    why = ranks_reason(self.model, self.opt_func, world_size, sync_bn=False) or ranks_reason(self.model, self.opt_func, world_size, 'fsdp')
+    if why: raise ValueError(f"Each rank's step cannot be predicted, so no plan across ranks: {why}")
     check_hookable(self.model)
     if not budget>0: raise ValueError(f"budget is in GiB and must be positive, got {budget}")
     check_gib(budget)
     B,(xb,yb) = int(budget*2**30),learner_batch(self, None, None)
     bs,dt,cuda = ifnone(bs, batch_rows(xb)),_dnames[amp_dtype(ifnone(dtype, learner_dtype(self, device)[0]))],torch.device(device).type=='cuda'
     if bs<1: raise ValueError(f"bs must be at least 1, got {bs}")
-    cands = plan_blocks(self.model) if blocks is None else list(blocks)
+    cands = inner_blocks(self.model) if blocks is None else list(blocks)
     with checkpointed(self.model, cands): pass  # unknown names fail here
     S = _Steps(self, xb, yb, device, hasattr(self, 'channels_last'))
     ms,sm,ins = S.run(bs, dt, ins=cands)
     step_macs = sum(r.macs+r.bwd_macs for r in sm.counting.recs)
     st = block_stats(sm, cands, ins)
     ms_of = lambda bl: sum(cost.df.time_ms[cost.df.name.map(lambda n: any(n==b or n.startswith(b+'.') for b in bl))]) if cost is not None and bl else math.nan
-    def opt(name, micro, n, d, bl=(), changes='', how=''):
-        p,rm = S(micro, d, bl),float(st.macs[st.block.isin(bl)].sum())*micro/bs  # counted at `bs`: MACs scale with the batch
-        return PlanOption(name, micro, n, d, tuple(bl), p, p<=B, rm, rm*n/step_macs if step_macs else 0., ms_of(bl), changes, how)
-    def acc(d, bl=(), name='gradient accumulation'):
-        m = S.largest(d, bl, B, bs)
+    ddp = (('world_size', world_size), ('sync_bn', False)) if world_size>1 else ()  # each rank's step: `_Steps`'s `rk`
+    def fsdp(r): return (('world_size', world_size), ('strategy', 'fsdp'), ('reshard_after_forward', r))
+    def opt(name, micro, n, d, bl=(), changes='', how='', rk=ddp):
+        p,rm = S(micro, d, bl, rk),float(st.macs[st.block.isin(bl)].sum())*micro/bs  # counted at `bs`: MACs scale with the batch
+        return PlanOption(name, micro, n, d, tuple(bl), p, p<=B, rm, rm*n/step_macs if step_macs else 0., ms_of(bl), changes, how, S.sent[micro, d, tuple(bl), rk], rk)
+    def acc(d, bl=(), name='gradient accumulation', rk=ddp):
+        m = S.largest(d, bl, B, bs, rk)
         if not m: return None
         mi = max(d for d in range(1, m+1) if bs%d==0); n = bs//mi  # micro-batches that add up to `bs` exactly: fastai's `GradientAccumulation` counts samples, and steps at `bs` or more
         ch = f"BatchNorm normalises over micro-batches of {mi}, not {bs}" if _has_bn(self.model) else f"the gradient summed over {n} micro-batches"
-        return opt(name, mi, n, d, bl, ch, f"DataLoaders with bs={mi} and `cbs=GradientAccumulation(n_acc={bs})`")
+        return opt(name, mi, n, d, bl, ch, f"DataLoaders with bs={mi} and `cbs=GradientAccumulation(n_acc={bs})`", rk)
     def ckpt(d, name='checkpointing'):
         if not cands: return None
-        need,tried = S(bs, d)-B,[]
+        need,tried = S(bs, d, (), ddp)-B,[]
         for _ in range(4):  # the saving is estimated from the saved bytes: check by running the step, and ask for more when short
             bl = choose_blocks(st, need) or cands
-            tried.append(bl); short = S(bs, d, bl)-B
+            tried.append(bl); short = S(bs, d, bl, ddp)-B
             if short<=0 or len(bl)==len(cands): break
             need += short
         if short>0 and cands not in tried: tried.append(cands)
         macs = lambda bl: st.macs[st.block.isin(bl)].sum()
-        bl = min(tried, key=lambda bl: (S(bs, d, bl)>B, macs(bl) if S(bs, d, bl)<=B else S(bs, d, bl)))  # the cheapest that fits, else the lowest peak
+        bl = min(tried, key=lambda bl: (S(bs, d, bl, ddp)>B, macs(bl) if S(bs, d, bl, ddp)<=B else S(bs, d, bl, ddp)))  # the cheapest that fits, else the lowest peak
         return opt(name, bs, 1, d, bl, '', "`learn.checkpoint(plan)`")
-    base = opt('as is', bs, 1, dt, how='nothing to change')
+    base = opt('as is', bs, 1, dt, how='nothing to change') if world_size==1 else \
+           opt('DDP', bs, 1, dt, changes="BatchNorm's statistics per rank" if _has_bn(self.model) else '', how="`learn.distrib_ctx(sync_bn=False)`, launched on each GPU")
     opts,notes = [base],[]
+    if world_size>1:  # FSDP2 shards what DDP copies on every rank: tried beside DDP, whether DDP fits or not
+        n,sh = len(inner_blocks(self.model)),"parameters, gradients and optimizer state sharded across ranks"
+        f1,f2 = [opt('FSDP2' + ('' if r else ', no reshard'), bs, 1, dt, changes=sh, how=f"`fully_shard(m, reshard_after_forward={r})` on each of {n} `inner_blocks`, then on the model",
+                     rk=fsdp(r)) for r in (True, False)]
+        opts += [f1, f2]
+        if not (f1.fits or f2.fits):
+            fm = opt('FSDP2 + mixed precision', bs, 1, amp, changes=f"{sh}; activations in {amp}", how=f"`learn.to_{amp}()`, {f1.how}", rk=fsdp(True)) if cuda and dt=='fp32' else None
+            fa = acc(dt, name='FSDP2 + gradient accumulation', rk=fsdp(True))
+            if fa is not None: fa.changes,fa.how = f"{sh}; {fa.changes}",f"{fa.how}, {f1.how}"
+            opts += [fm, fa]
     if not base.fits:
         mp = cuda and dt=='fp32'
         a,k = acc(dt),ckpt(dt)
@@ -500,6 +524,6 @@ def memory_plan(self:Learner,
         if not cuda: notes.append("Mixed precision is not tried: fastai's `MixedPrecision` autocasts on CUDA only, so on a CPU the step runs in float32")
         elif dt!='fp32': notes.append(f"The step already trains in {dt} (mixed precision)")
     if cost is not None: notes.append(f"Forward ms measured by the cost summary on {cost.device} at input {cost.input_shapes}")
-    res = MemoryPlan([o for o in opts if o is not None], B, bs, device, base.peak, step_macs, type(self.model).__name__, notes, S, ms.hooks_not_run)
+    res = MemoryPlan([o for o in opts if o is not None], B, bs, device, base.peak, step_macs, type(self.model).__name__, notes, S, ms.hooks_not_run, world_size)
     if show_plot: res.plot()
     return res

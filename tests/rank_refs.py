@@ -11,13 +11,16 @@ from pathlib import Path
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
+c10d = torch.ops.c10d
+COLLECTIVES = {c10d._allgather_base_.default: lambda a: ('all-gather', a[0]), c10d._reduce_scatter_base_.default: lambda a: ('reduce-scatter', a[1]),
+               c10d.allreduce_.default: lambda a: ('all-reduce', a[0][0])}  # an op -> its name and the buffer it moves (the all-gather's output)
 KINDS = ('param', 'buffer', 'grad', 'opt', 'batch', 'saved', 'state', 'rest')  # `state`: alive before the step and none of the others (DDP's buckets)
 
 class StorageTracker(TorchDispatchMode):
     """Every storage an op makes while active (and every `UntypedStorage.resize_`): `cur` live bytes, `peak` since `reset`, `at_peak` {id: bytes}.
     Each storage gets a new id (`ids`: its `_cdata` -> id while alive), as a freed storage's address is soon another's; `made`: id -> (op, phase)"""
     def __init__(self): super().__init__(); self.live,self.ids,self.made,self.cur,self.phase,self.n = {},{},{},0,'init',0; self.reset()
-    def reset(self): self.peak,self.at_peak,self.peak_phase = self.cur,dict(self.live),self.phase
+    def reset(self): self.peak,self.at_peak,self.peak_phase,self.comm = self.cur,dict(self.live),self.phase,{}  # `comm`: bytes of each collective's buffers
     def _set(self, i, n):
         self.cur += n - self.live.get(i, 0)
         if n: self.live[i] = n
@@ -36,6 +39,8 @@ class StorageTracker(TorchDispatchMode):
     def keys(self, ts): return {self.ids.get(_local(t).untyped_storage()._cdata) for t in ts if isinstance(t, torch.Tensor)} - {None}
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if func in COLLECTIVES:
+            name,buf = COLLECTIVES[func](args); self.comm[name] = self.comm.get(name, 0) + buf.numel()*buf.element_size()
         for t in _plain(tree_flatten(out)[0]):
             if t.is_meta or t.device.type!='cpu': continue
             st = t.untyped_storage(); i = self.track(st, str(func))
@@ -76,23 +81,52 @@ def tiny_cnn(n_cls=10):
     return nn.Sequential(nn.Conv2d(3,16,3,padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16,32,3,stride=2,padding=1), nn.BatchNorm2d(32), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32,n_cls))
 
-def make_model(name):
-    "A fresh model called `name`: 'tiny_cnn', 'tiny_vit', 'vit' or a torchvision model name (10 classes)"
+VOCAB = 100  # the AWD-LSTM language model's vocabulary
+def make_model(name, size=32):
+    """A fresh model called `name`: 'tiny_cnn', 'tiny_vit', 'vit', fastai's 'unet' (resnet18 encoder, 3 classes per pixel, for `size` x `size`
+    images), fastai's 'awd_lm' (a small AWD-LSTM language model) or a torchvision model name (10 classes)"""
     torch.manual_seed(0)
     if name=='tiny_cnn': return tiny_cnn()
     if name=='tiny_vit': return Blocks(d=32, n=2, heads=2)
     if name=='vit': return Blocks(d=192, n=4, heads=4)
+    if name=='unet':
+        from fastai.vision.all import create_unet_model, resnet18
+        return create_unet_model(resnet18, 3, (size, size), pretrained=False)
+    if name=='awd_lm':
+        from fastai.text.all import get_language_model, AWD_LSTM, awd_lstm_lm_config
+        return get_language_model(AWD_LSTM, VOCAB, config={**awd_lstm_lm_config, 'emb_sz': 64, 'n_hid': 96, 'n_layers': 2})
     import torchvision
     return torchvision.models.get_model(name, weights=None, num_classes=10)
 
-def units(model):
-    "The blocks FSDP2 shards one by one: the `TransformerEncoderLayer`s, torchvision resnets' `BasicBlock`/`Bottleneck`s, else the top children"
+def units(model, inner=False):
+    """The blocks FSDP2 shards one by one: the `TransformerEncoderLayer`s, torchvision resnets' `BasicBlock`/`Bottleneck`s, else the top children;
+    with `inner`, the package's default (`inner_blocks`)"""
+    if inner:
+        from cnn_cost.core import inner_blocks
+        return [model.get_submodule(n) for n in inner_blocks(model)]
     us = [m for m in model.modules() if type(m).__name__ in ('TransformerEncoderLayer', 'BasicBlock', 'Bottleneck')]
     return us or [m for m in model.children() if any(p.requires_grad for p in m.parameters())]
 
-def batch(bs, size, rank=0, n_cls=10):
+def unit_names(model, inner=False):
+    "Names of `units(model, inner)`, for `predict_memory(..., fsdp_units=...)`"
+    us = {id(u) for u in units(model, inner)}
+    return [n for n,m in model.named_modules() if id(m) in us]
+
+def batch(bs, size, rank=0, n_cls=10, model=''):
+    "`(xb, yb)` of `model`: images and classes; for 'unet' a class per pixel; for 'awd_lm' `size` tokens and the next ones"
     g = torch.Generator().manual_seed(rank)
+    if model=='awd_lm': t = torch.randint(0, VOCAB, (bs, size+1), generator=g); return (t[:, :-1].clone(),),(t[:, 1:].clone(),)
+    if model=='unet': return (torch.randn(bs, 3, size, size, generator=g),),(torch.randint(0, 3, (bs, size, size), generator=g),)
     return (torch.randn(bs, 3, size, size, generator=g),),(torch.randint(0, n_cls, (bs,), generator=g),)
+
+def setup(cfg, rank=0):
+    "`(model, xb, yb, loss_func)` of configuration `cfg` (its model, batch size and size), the batch of `rank`"
+    return (make_model(cfg['model'], cfg['size']), *batch(cfg['bs'], cfg['size'], rank, model=cfg['model']), loss_func(cfg['model']))
+
+def loss_func(model=''):
+    "Cross-entropy; for 'awd_lm' on the first of its outputs (the decoder's), each token a sample"
+    ce = nn.CrossEntropyLoss()
+    return (lambda pred, y: ce(pred[0].flatten(0, 1), y.flatten())) if model=='awd_lm' else ce
 
 def opt_func(name):
     from fastai.optimizer import SGD, Adam
@@ -116,7 +150,7 @@ def _wrap(model, cfg, mesh=None):
         from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
         kw = dict(reshard_after_forward=cfg.get('reshard', True), mesh=mesh)
         if cfg.get('mp'): kw['mp_policy'] = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg['mp']), reduce_dtype=torch.float32)
-        for u in units(model): fully_shard(u, **kw)
+        for u in units(model, cfg.get('units')=='inner'): fully_shard(u, **kw)
         return fully_shard(model, **kw)
     raise ValueError(f"Unknown strategy {s!r}: use 'none', 'ddp' or 'fsdp'")
 
@@ -129,9 +163,8 @@ def rank_step(cfg, rank=0):
     tr = StorageTracker()
     res = {}
     with tr:
-        model = _wrap(make_model(cfg['model']), cfg)
-        xb,yb = batch(cfg['bs'], cfg['size'], rank)
-        lf = nn.CrossEntropyLoss()
+        model,xb,yb,lf = setup(cfg, rank)
+        model = _wrap(model, cfg)
         of = opt_func(cfg.get('opt', 'sgd'))
         opt = of(list(model.parameters()), lr=1e-3) if of else _torch_opt(cfg.get('opt'), model.parameters())
         model.train()
@@ -163,7 +196,7 @@ def rank_step(cfg, rank=0):
         kinds[kind] += n
         if kind=='state': state.append((n, *tr.made.get(k, ('', ''))))
         if kind=='rest': rest.append((n, *tr.made.get(k, ('', ''))))
-    res.update(peak=tr.peak, kinds=kinds, state=sorted(state, reverse=True), rest=sorted(rest, reverse=True), phase=tr.peak_phase, base=base, rank=rank, torch=torch.__version__,
+    res.update(peak=tr.peak, kinds=kinds, comm=tr.comm, state=sorted(state, reverse=True), rest=sorted(rest, reverse=True), phase=tr.peak_phase, base=base, rank=rank, torch=torch.__version__,
                param_bytes=sum(_local(p).untyped_storage().nbytes() for p in model.parameters()))
     if cfg.get('strategy')=='ddp':
         res['buckets'] = [b.buffer().nbytes for b in model.reducer._get_zeros_like_grad_buckets()]
@@ -194,9 +227,9 @@ def fake_fsdp_step(cfg, world_size=2, rank=0):
         mesh = init_device_mesh('cpu', (world_size,))
         with FakeTensorMode():
             torch.manual_seed(0)
-            model = _wrap(make_model(cfg['model']), cfg, mesh)
-            xb,yb = batch(cfg['bs'], cfg['size'])
-            opt,lf = _torch_opt(cfg.get('opt', 'adamw'), model.parameters()),nn.CrossEntropyLoss()
+            model,xb,yb,lf = setup(cfg)
+            model = _wrap(model, cfg, mesh)
+            opt = _torch_opt(cfg.get('opt', 'adamw'), model.parameters())
             def step(prev=None):
                 r = mr._fwd(model, xb, yb, lf, prev); r[1].backward(); opt.step(); opt.zero_grad(); return r
             r = None

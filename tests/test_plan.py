@@ -4,7 +4,7 @@ from fastai.vision.all import Learner, CrossEntropyLossFlat, set_seed, Callback
 from cnn_cost.core import block_names
 from cnn_cost.memory import step_memory, MemorySummary, learner_batch
 from cnn_cost.plan import *
-from cnn_cost.plan import checkpointed, plan_blocks
+from cnn_cost.plan import checkpointed, inner_blocks
 from memory_refs import tv_learner, rand_dls, cpu_peak, unet
 from conftest import heavy
 
@@ -23,7 +23,7 @@ def test_plan_peak_is_real(name):
     make,f = cases[name]
     learn = make()
     full = learn.memory_summary(device='cpu').peak
-    with checkpointed(learn.model, plan_blocks(learn.model)): floor = learn.memory_summary(device='cpu').peak
+    with checkpointed(learn.model, inner_blocks(learn.model)): floor = learn.memory_summary(device='cpu').peak
     plan = learn.memory_plan((full-f*(full-floor))/2**30, device='cpu', show_plot=False)
     k = plan['checkpointing']
     assert k.fits and 2 <= len(k.blocks) <= 4 and not plan['as is'].fits
@@ -50,7 +50,7 @@ def _fit(make, blocks):
 def test_plan_training_unchanged(name):
     "Training with blocks checkpointed (float32, CPU): the same losses and weights and buffers, bit for bit; nothing left on the model or learner"
     make,_ = cases[name]
-    bl = plan_blocks(make().model)
+    bl = inner_blocks(make().model)
     bl = bl[:1] + bl[len(bl)//2:len(bl)//2+2]  # three blocks, the first among them (whose recompute updates batch norms' statistics)
     (l0,s0,_),(l1,s1,learn) = _fit(make, None),_fit(make, bl)
     assert len(l0) >= 2 and l0 == l1
