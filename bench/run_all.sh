@@ -12,5 +12,6 @@ python bench/memory_gpu.py --cpu-timing
 python bench/memory_corpus.py
 python bench/memory_alloc.py
 python bench/plan_time.py --rounds 3
+python bench/ranks_check.py 2 4
 if python -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then bash bench/gpu_check.sh --out bench/out; fi
 python bench/report.py

@@ -470,10 +470,16 @@ def fsdp_model(model:nn.Module, # The model, its parameters fake (inside `step_m
               )->nn.Module:
     "A copy of `model` as FSDP2 trains it on each rank: `fully_shard` on each of `units`, then on the root. `model` is not changed"
     from torch.distributed.fsdp import fully_shard
-    with _tensors_shared(): m = copy.deepcopy(model)
+    try:
+        with _tensors_shared(): m = copy.deepcopy(model)
+    except Exception as e: raise ValueError(f"FSDP2's step is predicted on a copy of the model, and `copy.deepcopy` cannot copy it ({type(e).__name__}: {str(e)[:200]}): "
+                                            "make the objects it holds copyable (a lock, a generator, an open file cannot be)") from e
     mods,kw = dict(m.named_modules()),dict(mesh=mesh, reshard_after_forward=reshard_after_forward, **({'mp_policy': mp_policy} if mp_policy is not None else {}))
-    for n in ifnone(units, inner_blocks(model)): fully_shard(mods[n], **kw)
-    return fully_shard(m, **kw)
+    for n in [*ifnone(units, inner_blocks(model)), '']:
+        try: fully_shard(mods[n], **kw)
+        except Exception as e: raise ValueError(f"FSDP2's `fully_shard` refuses {repr(n) if n else 'the model'} ({type(e).__name__}: {str(e).splitlines()[0][:300]}): "
+                                                "a real job would fail there too; choose other `fsdp_units`") from e
+    return m
 
 # %% ../nbs/03a_memory.ipynb #r27ddp03
 strategies = ('ddp', 'fsdp')  # multi-process strategies predicted: DDP (as fastai's `distrib_ctx` trains) and FSDP2 (`fully_shard`)

@@ -104,6 +104,10 @@ def _bisect(peak, budget, lo, hi):
     return lo
 
 # %% ../nbs/03b_plan.ipynb #b4e11722
+def _one_sample(e):
+    "Whether error `e` is batch norm's refusal to train on one sample per channel (a batch of 1): that batch does not fit, whatever its memory"
+    return 'more than 1 value per channel' in str(e)
+
 @patch
 def max_batch(self:Learner,
               budget:float=None, # GiB the step may use (default: this GPU's free memory plus what PyTorch already holds on it)
@@ -137,8 +141,8 @@ def max_batch(self:Learner,
     def peak(b):
         if b not in tried:
             try: ms = predict_memory(self.model, xb, yb, learner_loss(self), self.opt_func, self.splitter, self.lr, b, dt, cl, device, learner_casts(self), **ddp)
-            except ValueError:
-                if b>1: raise
+            except ValueError as e:
+                if b>1 or not _one_sample(e): raise
                 return math.inf  # batch norm cannot train on one sample
             tried[b],lives[b],not_run[:] = ms.peak,ms.timeline.live.values,ms.hooks_not_run
         return tried[b]
@@ -311,8 +315,8 @@ class _Steps:
         k = (b, dt, tuple(blocks), rk)
         if k not in self.peaks:
             try: self.run(b, dt, blocks, rk=rk)
-            except ValueError:
-                if b>1: raise
+            except ValueError as e:
+                if b>1 or not _one_sample(e): raise
                 self.peaks[k],self.lives[k],self.sent[k] = math.inf,None,{}
         return self.peaks[k]
     def largest(self, dt, blocks, budget, max_bs, rk=()):
