@@ -41,7 +41,7 @@ def main(ns=(2, 4)):
             for r in rs:
                 if 'error' in r: print(f"{n} ranks, {cfg}, rank {r['rank']}: real run failed: {r['error'][:200]}"); row['diffs'].append(None); continue
                 mesh = sum(b for b,op,ph in r['state'] if (op, ph)==('aten.arange.default', 'init'))  # the device mesh's host tensors
-                d = r['peak']-mesh-p.peak
+                d = r['peak_ops']-mesh-p.peak  # without gloo's copy of a running reduce-scatter's input (`rank_refs.StorageTracker.peak_ops`)
                 eq = p.buckets==r['buckets'] if cfg['strategy']=='ddp' else p.comm==r['comm']
                 row['diffs'].append(d); row['opt'].append(r['kinds']['opt']-p.at_peak['optimizer state']); row['equal'].append(eq)
                 print(f"{n} ranks, {cfg}, rank {r['rank']}: predicted {p.peak} real {r['peak']} (mesh {mesh}) diff {d} | optimizer state real-predicted "
@@ -51,8 +51,9 @@ def main(ns=(2, 4)):
           " processes (`torch.distributed.run`), each rank under a dispatch mode that sees every storage an op makes from before the model is built "
           "(`tests/rank_refs.py`); the prediction runs in one process on fake tensors: for DDP the single-process step plus DDP's buckets (`sync_bn=False`), "
           "for FSDP2 the step of a `fully_shard`ed copy on a fake process group, its units `inner_blocks(model)`. \"real − predicted\" is each rank's peak "
-          "of live tensor bytes minus the prediction's `peak`, less, for FSDP2, the device mesh's 8-byte host tensors (made with the mesh, outside the "
-          "predicted step). \"Collectives\": for DDP the `Reducer`'s buckets equal `MemorySummary.buckets`; for FSDP2 the bytes of every all-gather output "
+          "of live tensor bytes minus the prediction's `peak`, less, for FSDP2, the device mesh's host tensors (4 bytes per rank, one per unit, made with "
+          "the mesh, outside the predicted step) and what gloo allocates outside PyTorch's ops (its copy of a running reduce-scatter's input, which NCCL "
+          "does not make). \"Collectives\": for DDP the `Reducer`'s buckets equal `MemorySummary.buckets`; for FSDP2 the bytes of every all-gather output "
           "and reduce-scatter input of the real step equal `MemorySummary.comm`.", "",
           "| ranks | model, batch per rank | strategy | predicted peak per rank, B | real − predicted, each rank, B | collectives equal |", "|---|---|---|---|---|---|"]
     for r in rows:

@@ -182,6 +182,7 @@ def check_args(arch='resnet18', size=28, bs=64, device=None, path=None, format='
     _need(strategy in strategies, f"unknown --strategy {strategy!r}: use {' or '.join(strategies)}")
     _need(world_size>1 or not no_sync_bn, "--no-sync-bn is an option of DDP's ranks: add --world-size 2 or more, or leave it out")
     _need(strategy=='ddp' or not no_sync_bn, f"--no-sync-bn is an option of DDP, not of --strategy {strategy}: leave it out")
+    _need(strategy=='ddp' or world_size>1, f"--strategy {strategy} splits a job of several processes: add --world-size 2 or more, or leave it out")
     _need(not (mem and sweep), "--sweep times the model at several sizes: leave it out with --memory or --max-batch-gib")
     _need(not (mem and roofline), "--roofline plots measured times: leave it out with --memory or --max-batch-gib")
     if device is not None: _check_device(device)

@@ -263,11 +263,12 @@ def _functional(p):
     n = getattr(p, '__name__', '')
     return getattr(aten, n[:-1], None) if n.endswith('_') and not n.endswith('__') else None
 
+_comm_namespaces = ('c10d', '_c10d_functional', 'fsdp')  # collectives and FSDP2's copies around them: communication, no MACs nor activations
 def op_kind(func):
     "'zero' (no work: a view or an allocation), 'elem' (elementwise work, no MACs), 'formula' (MACs counted) or 'unknown'"
     p,tags = _packet(func),getattr(func, 'tags', ())
     if p in flop_registry or p in _op_rules: return 'formula'
-    if getattr(func, 'is_view', False) or p in _zero_ops: return 'zero'
+    if getattr(func, 'is_view', False) or p in _zero_ops or getattr(func, 'namespace', '') in _comm_namespaces: return 'zero'
     if torch.Tag.pointwise in tags or torch.Tag.reduction in tags or torch.Tag.view_copy in tags or p in _elem_ops: return 'elem'
     f = _functional(p)  # `x.op_()` does `op`'s work in place: torch tags some only in `op` (hardtanh_ on 2.11, masked_fill_), formulas are for `op`
     f = getattr(f, getattr(func, '_overloadname', 'default'), None) or getattr(f, 'default', None)  # the same overload: masked_fill_.Scalar

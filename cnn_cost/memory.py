@@ -70,7 +70,7 @@ class MemCounter(OpCounter):
         self.depth = 0  # `with` levels: a composite op's decomposition (`decomposed`) enters the mode again inside the step
         self.notes = []  # what the step left out, for the summary
         self.known = {}  # id of a storage made before the step -> (weak reference, its real bytes), from a `FakeFixes` of the warm-up step
-        self.comm,self.owners = {},{}  # bytes of each collective's buffers (`_collectives`); id of an FSDP unsharded parameter's storage -> id of its sharded parameter
+        self.comm,self.owners,self.owners_of = {},{},None  # bytes of each collective's buffers (`_collectives`); id of an FSDP unsharded parameter's storage -> id of its sharded parameter, from `owners_of()`
 
     def cur_unit(self):
         "The unit running now (`OpCounter.unit_now`: the phase from its `PhaseTracker`, a recompute charged to its units); -1 for none"
@@ -161,11 +161,11 @@ class MemCounter(OpCounter):
         n.register_hook(hook)
 
     def _collective(self, func, args):
-        "A collective's buffer (all-gather output, reduce-scatter input) is kind `comm`; what it reduces into is a gradient; `comm`: the buffers' bytes per collective"
+        "A collective's buffers (all-gather output, reduce-scatter input and output) are kind `comm`; `comm`: the bytes of each collective's buffer"
         name,buf,out = _collectives[func](args)
         b = self.block(buf)
         if b is not None and b.kind is None: b.kind = MemKind.comm
-        if out is not None and (b := self.block(out)) is not None and b.kind is None: b.kind = MemKind.grad  # FSDP's sharded gradients of a unit, one storage
+        if out is not None and (b := self.block(out)) is not None and b.kind is None: b.kind = MemKind.comm  # a gradient if a parameter holds it at the end (`_resolve`)
         self.comm[name] = self.comm.get(name, 0) + buf.numel()*buf.element_size()
 
     def _resize(self, st, n):
@@ -173,7 +173,9 @@ class MemCounter(OpCounter):
         k = id(st)
         if k in self.idx: self._free(k, self.blocks[self.idx[k]])
         r = self._resize_(st, n)
-        if n: self.add_storage(st, self.cur_unit(), MemKind.unsharded).param = self.owners.get(k)
+        if n:
+            if not self.owners and self.owners_of is not None: self.owners = self.owners_of()
+            self.add_storage(st, self.cur_unit(), MemKind.unsharded).param = self.owners.get(k)  # charged to its parameter's unit (`_resolve`)
         return r
 
     def __enter__(self):
@@ -203,6 +205,7 @@ class MemCounting(Counting):
     def __init__(self, model, units=None, size=None, device='cpu'):
         super().__init__(model, units)
         self.counter = MemCounter(len(self.units), self.tracker.unit, size, device)
+        self.counter.owners_of = lambda: _fsdp_owners(model)
     def _post(self, i):
         f,c = super()._post(i),self.counter
         def g(m, args, kw, out):
@@ -213,6 +216,16 @@ class MemCounting(Counting):
             # not a recompute's: checkpointing frees its nodes after use, and holding them in `nodes` would keep what they saved alive
             if PhaseTracker.phase()=='fwd': _claim(c.nodes, [t.grad_fn for t in flat_tensors(out)], i)
         return g
+
+def _fsdp_owners(model):
+    "id of each FSDP2 unsharded parameter's storage in `model` -> id of its sharded parameter (empty for a model FSDP2 did not shard, or a torch that keeps them otherwise)"
+    res = {}
+    for m in model.modules():
+        st = getattr(m, '_get_fsdp_state', None)
+        g = getattr(st(), '_fsdp_param_group', None) if callable(st) else None
+        for fp in getattr(g, 'fsdp_params', []):
+            for t in getattr(fp, 'all_gather_outputs', []): res[id(t.untyped_storage())] = id(fp.sharded_param)
+    return res
 
 def _claim(nodes, todo, i):
     "Map to unit `i` the autograd nodes behind `todo` that no unit has yet: the inner units, whose forwards end first, have claimed theirs"
@@ -256,11 +269,23 @@ def _host_step(opt, k, v):
     return not (g.get('capturable') or g.get('fused'))
 
 # %% ../nbs/03a_memory.ipynb #f9953935
+def _common_unit(units, us):
+    "The innermost unit that holds all of the units `us` (indices into `units`, a `Counting`'s `(name, module, kind)`), -1 for none"
+    ns = [units[u][0].split('.') if units[u][0] else [] for u in us if u>=0]
+    if not ns: return -1
+    pre = next((ns[0][:i] for i in range(min(map(len, ns)), -1, -1) if all(n[:i]==ns[0][:i] for n in ns)), [])
+    names = {n: i for i,(n,_,_) in enumerate(units)}
+    while pre and '.'.join(pre) not in names: pre = pre[:-1]
+    return names.get('.'.join(pre), -1)
+
 def _resolve(mc, units, pu, ps, opt, cuda):
     "Kind and unit of every block once the step has run; `pu`: the unit of each parameter (`Counting.param_units`)"
+    shared = {}  # a gradient storage of several parameters (FSDP's sharded gradients of a unit): the units of its parameters
     for p in ps:
         b = mc.block(p); b.kind,b.unit = MemKind.param,pu.get(id(p), -1)
-        if p.grad is not None: b = mc.block(p.grad); b.kind,b.unit = MemKind.grad,pu.get(id(p), -1)
+        if p.grad is not None: b = mc.block(p.grad); b.kind,b.unit = MemKind.grad,pu.get(id(p), -1); shared.setdefault(id(b), (b, set()))[1].add(b.unit)
+    for b,us in shared.values():
+        if len(us)>1: b.unit = _common_unit(units, us)
     for i,(n,m,k) in enumerate(units):
         for t in m.buffers(recurse=k=='leaf'): mc.block(t).unit = i
     for p,k,v in (_opt_state(opt) if opt is not None else []):
@@ -468,18 +493,25 @@ def fsdp_model(model:nn.Module, # The model, its parameters fake (inside `step_m
                units=None, # Names of the modules `fully_shard` makes units of (default: `inner_blocks(model)`); the root is one too
                reshard_after_forward:bool=True, mp_policy=None, # `fully_shard`'s options: free each unit's gathered parameters after its forward; its `MixedPrecisionPolicy`
               )->nn.Module:
-    "A copy of `model` as FSDP2 trains it on each rank: `fully_shard` on each of `units`, then on the root. `model` is not changed"
-    from torch.distributed.fsdp import fully_shard
+    "A copy of `model` as FSDP2 trains it on each rank (`shard_units`). `model` is not changed"
     try:
         with _tensors_shared(): m = copy.deepcopy(model)
     except Exception as e: raise ValueError(f"FSDP2's step is predicted on a copy of the model, and `copy.deepcopy` cannot copy it ({type(e).__name__}: {str(e)[:200]}): "
                                             "make the objects it holds copyable (a lock, a generator, an open file cannot be)") from e
-    mods,kw = dict(m.named_modules()),dict(mesh=mesh, reshard_after_forward=reshard_after_forward, **({'mp_policy': mp_policy} if mp_policy is not None else {}))
-    for n in [*ifnone(units, inner_blocks(model)), '']:
+    return shard_units(m, mesh, units, reshard_after_forward, mp_policy)
+
+def shard_units(model:nn.Module, mesh, units=None, reshard_after_forward:bool=True, mp_policy=None)->nn.Module:
+    """`model` sharded in place as FSDP2 trains it on each rank of `mesh`: `fully_shard` on each of `units` (names; default `inner_blocks(model)`;
+    a unit inside another first, as `fully_shard` needs), then on the root; what `fully_shard` refuses, a `ValueError` saying so"""
+    from torch.distributed.fsdp import fully_shard
+    mods,kw = dict(model.named_modules()),dict(mesh=mesh, reshard_after_forward=reshard_after_forward, **({'mp_policy': mp_policy} if mp_policy is not None else {}))
+    for n in [*sorted(ifnone(units, inner_blocks(model)), key=lambda n: -n.count('.')), '']:
         try: fully_shard(mods[n], **kw)
-        except Exception as e: raise ValueError(f"FSDP2's `fully_shard` refuses {repr(n) if n else 'the model'} ({type(e).__name__}: {str(e).splitlines()[0][:300]}): "
-                                                "a real job would fail there too; choose other `fsdp_units`") from e
-    return m
+        except Exception as e:
+            tied = " (modules that share a parameter must be in one unit: name a module that holds them all)" if 'fully_shard([' in str(e) else ''
+            raise ValueError(f"FSDP2's `fully_shard` refuses {repr(n) if n else 'the model'} ({type(e).__name__}: {str(e).splitlines()[0][:300]}): "
+                             f"a real job would fail there too; choose other `fsdp_units`{tied}") from e
+    return model
 
 # %% ../nbs/03a_memory.ipynb #r27ddp03
 strategies = ('ddp', 'fsdp')  # multi-process strategies predicted: DDP (as fastai's `distrib_ctx` trains) and FSDP2 (`fully_shard`)
@@ -491,7 +523,8 @@ def check_ranks(world_size=1, strategy='ddp', bucket_cap_mb=None, gradient_as_bu
     if strategy not in strategies: raise ValueError(f"strategy must be one of {', '.join(map(repr, strategies))}, got {strategy!r}")
     ddp = [k for k,v in dict(bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=gradient_as_bucket_view, sync_bn=sync_bn).items() if v is not None]
     fsdp = [k for k,v in dict(fsdp_units=fsdp_units, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy).items() if v is not None]
-    if (ddp or fsdp) and world_size==1: raise ValueError(f"{', '.join(ddp+fsdp)}: options of a job of several processes: pass world_size=2 or more, or leave them out")
+    if (ddp or fsdp or strategy!='ddp') and world_size==1:
+        raise ValueError(f"{', '.join(ddp+fsdp) or 'strategy=' + repr(strategy)}: options of a job of several processes: pass world_size=2 or more, or leave them out")
     if ddp and strategy!='ddp': raise ValueError(f"{', '.join(ddp)}: DDP's options, not {strategy}'s: pass strategy='ddp', or leave them out")
     if fsdp and strategy!='fsdp': raise ValueError(f"{', '.join(fsdp)}: FSDP2's options, not {strategy}'s: pass strategy='fsdp', or leave them out")
     if reshard_after_forward is not None and not isinstance(reshard_after_forward, bool): raise ValueError(f"reshard_after_forward must be True or False, got {reshard_after_forward!r}")
@@ -522,6 +555,8 @@ def fsdp_reason(model, fsdp_units=None):
     "Why FSDP2's step of `model` is not predicted (None if it is): a unit name that is not a module, the root named, or a forward replaced on a module (activation checkpointing)"
     mods = dict(model.named_modules())
     bad = [n for n in (fsdp_units or []) if n not in mods]
+    dup = sorted({n for n in (fsdp_units or []) if list(fsdp_units).count(n)>1})
+    if dup: return f"{', '.join(map(repr, dup))} named more than once in `fsdp_units`: a module is one unit"
     if bad: return f"{', '.join(map(repr, bad[:3]))} {'are not modules' if len(bad)>1 else 'is not a module'} of the model: name modules of `model.named_modules()` in `fsdp_units`"
     own = [n or 'the model' for n,m in mods.items() if 'forward' in vars(m)]
     if own: return (f"{', '.join(own[:3])} {'have' if len(own)>1 else 'has'} its forward replaced (activation checkpointing, `learn.checkpoint`), which FSDP2's prediction "
@@ -815,7 +850,7 @@ def learner_casts(learn):
     "Whether `learn` casts its batches to plain tensors before the model sees them (fastai's default `CastToTensor` callback)"
     return any(isinstance(cb, CastToTensor) for cb in learn.cbs)
 
-def _model_device(model): return next((p.device.type for p in model.parameters()), 'cpu')
+def model_device(model): return next((p.device.type for p in model.parameters()), 'cpu')
 
 @contextlib.contextmanager
 def as_trained(learn):
@@ -843,7 +878,7 @@ def memory_summary(self:Learner,
     check_ranks(world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn, fsdp_units, reshard_after_forward, mp_policy)
     check_hookable(self.model)
     xb,yb = learner_batch(self, xb, yb)
-    dev = ifnone(device, _model_device(self.model))
+    dev = ifnone(device, model_device(self.model))
     dt,note = (dtype, '') if dtype is not None else learner_dtype(self, dev)
     with as_trained(self) as notes:
         res = predict_memory(self.model, xb, yb, learner_loss(self), self.opt_func, self.splitter, self.lr, bs, dt, ifnone(channels_last, hasattr(self, 'channels_last')), dev,

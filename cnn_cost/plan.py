@@ -9,7 +9,7 @@ __all__ = ['MaxBatch', 'check_gib', 'CheckpointBlocks', 'PlanOption', 'MemoryPla
 
 # %% ../nbs/03b_plan.ipynb #2eea3d72
 import torch, torch.nn as nn, contextlib, math, itertools, sys, numpy as np, pandas as pd, matplotlib.pyplot as plt
-import torch.utils.checkpoint as tuc
+import torch.utils.checkpoint as tuc, torch.distributed as dist
 from functools import partial
 from dataclasses import dataclass, field, astuple
 from fastcore.basics import *
@@ -17,11 +17,12 @@ from fastcore.foundation import L
 from fastcore.xtras import PrettyString
 from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelBatchException, CancelTrainException, CancelEpochException
+from fastai.distributed import DistributedDL
 from .core import *
 from .core import add_hooks, cost_units, flat_tensors
 from .fake import Undo, check_hookable, own_hook
 from .memory import *
-from .memory import learner_batch, batch_rows, learner_casts, learner_loss, learner_dtype, gib, hooks_sentence, as_trained, amp_dtype, step_memory, check_ranks, ranks_reason
+from .memory import learner_batch, batch_rows, learner_casts, learner_loss, learner_dtype, gib, hooks_sentence, as_trained, amp_dtype, step_memory, check_ranks, ranks_reason, fsdp_reason, model_device, strategy_names, shard_units
 from .summary import human, text_table
 
 # %% ../nbs/03b_plan.ipynb #e91da172
@@ -31,7 +32,8 @@ class MaxBatch:
     bs:int; peak:int; budget:int; sizes:list=field(default_factory=list); peaks:list=field(default_factory=list); capped:bool=False
     notes:list=field(default_factory=list)  # how the step was predicted, e.g. with a callback's checkpointed blocks
     hooks_not_run:list=field(default_factory=list)  # the user's function hooks the prediction skips (their state cannot be put back after fake tensors)
-    world_size:int=1  # the processes of the DDP job: `bs` and `peak` are each rank's
+    world_size:int=1  # the processes of the job: `bs` and `peak` are each rank's
+    strategy:str=None  # how the job splits the work ('ddp', 'fsdp'), None for one process
 
     @property
     def nothing_fits(self): return not self.bs  # even batch 1 needs more than `budget`
@@ -48,7 +50,7 @@ class MaxBatch:
     def facts(self):
         "The short fact lines after the table: the largest batch and its peak, and how it was found"
         pk = f"predicted peak {gib(self.peak)}, {100*self.peak/self.budget:.2f}% of {gib(self.budget)}"
-        per = f" per rank of {self.world_size} (DDP)" if self.world_size>1 else ''
+        per = f" per rank of {self.world_size} ({strategy_names[self.strategy]})" if self.world_size>1 else ''
         big = f"Largest batch: {'≥ ' if self.capped else ''}{self.bs}{per}, {pk}" if self.bs else \
               f"Largest batch: none, even batch {min(self.sizes, default=1)} needs more than {gib(self.budget)}"
         return [big, f"Searched: {len(self.sizes)} batch sizes predicted on fake tensors, no out-of-memory trial"]
@@ -150,7 +152,8 @@ def max_batch(self:Learner,
     with as_trained(self) as notes:
         peak(a); peak(b)
         res = _search(peak, B, _guess(lives[a], lives[b], a, b, B) if a in lives and b in lives else 1, max_bs)  # `max_bs=1`: no line to extend
-    out = MaxBatch(res, tried.get(res, 0), B, list(tried), list(tried.values()), capped=res==max_bs, notes=notes, hooks_not_run=list(not_run), world_size=world_size)  # `capped`: the search stopped at `max_bs`
+    out = MaxBatch(res, tried.get(res, 0), B, list(tried), list(tried.values()), capped=res==max_bs, notes=notes, hooks_not_run=list(not_run), world_size=world_size,
+                   strategy=strategy if world_size>1 else None)  # `capped`: the search stopped at `max_bs`
     if show_plot: out.plot()
     return out
 
@@ -359,7 +362,7 @@ class MemoryPlan:
     def __init__(self, options, budget, bs, device, peak, step_macs, model_name='', notes=(), steps=None, hooks_not_run=(), world_size=1):
         store_attr('budget,bs,device,peak,step_macs,model_name,steps,world_size'); self.hooks_not_run = list(hooks_not_run); self.notes = list(notes) + [_ranked]
         tier = {'as is':0, 'DDP':0, 'checkpointing':0, 'mixed precision':1}
-        self.options = sorted(options, key=lambda o: (not o.fits, round(o.extra, 4), sum(o.sent.values())*o.n_acc, tier.get(o.name, 2)))
+        self.options = sorted(options, key=lambda o: (not o.fits, round(o.extra, 4), sum(o.sent.values())*o.n_acc, tier.get(o.name.removeprefix('DDP + '), 2)))
         self.suggestion = first(o for o in self.options if o.fits)
         # conditions, each an attribute, said in one sentence when it holds (`conditions`), in full in `notes`
         base,self.cuda = first(o for o in self.options if o.name in ('as is', 'DDP')),torch.device(device).type=='cuda'
@@ -527,7 +530,46 @@ def memory_plan(self:Learner,
             opts.append(ka)
         if not cuda: notes.append("Mixed precision is not tried: fastai's `MixedPrecision` autocasts on CUDA only, so on a CPU the step runs in float32")
         elif dt!='fp32': notes.append(f"The step already trains in {dt} (mixed precision)")
+    if world_size>1:
+        for o in opts:
+            if o is not None and dict(o.ranks).get('strategy', 'ddp')=='ddp' and o is not base: o.name = f"DDP + {o.name}"
     if cost is not None: notes.append(f"Forward ms measured by the cost summary on {cost.device} at input {cost.input_shapes}")
     res = MemoryPlan([o for o in opts if o is not None], B, bs, device, base.peak, step_macs, type(self.model).__name__, notes, S, ms.hooks_not_run, world_size)
     if show_plot: res.plot()
     return res
+
+# %% ../nbs/03b_plan.ipynb #r27shd02
+class _CPUDistributedDL(DistributedDL):
+    "fastai's `DistributedDL`, its shuffled indices broadcast as a CPU tensor: gloo's (CPU) process group, where fastai's own puts them on CUDA for NCCL"
+    def _broadcast(self, t, rank): t = torch.tensor(t, dtype=torch.long); dist.broadcast(t, rank); return t.tolist()
+
+def _fsdp_option(plan):
+    "The `PlanOption` of `plan` to shard with: a `PlanOption` itself, or a `MemoryPlan`'s suggestion; a `ValueError` if it is not an FSDP2 option"
+    o = plan.suggestion if isinstance(plan, MemoryPlan) else plan
+    if not isinstance(o, PlanOption): raise ValueError(f"plan must be a `MemoryPlan` or one of its options (`plan['FSDP2']`), got {type(plan).__name__}")
+    if dict(o.ranks).get('strategy')!='fsdp': raise ValueError(f"The option {o.name!r} is not an FSDP2 option: apply it as it says ({o.how}), or pass `plan['FSDP2']`")
+    return o
+
+@patch
+def shard(self:Learner,
+          plan=None, # A `MemoryPlan` (its suggestion) or a `PlanOption` of FSDP2 to apply; its units, `reshard_after_forward` and world size
+          units=None, # Names of the modules sharded as units (default: `inner_blocks(self.model)`), as `predict_memory`'s `fsdp_units`
+          reshard_after_forward:bool=None, mp_policy=None, # `fully_shard`'s options (default: the plan's, else True; no `MixedPrecisionPolicy`)
+         ):
+    "Shard `self.model` with FSDP2 across the ranks of this job's process group, in place (each rank keeps a shard), and read each loader per rank"
+    o = None if plan is None else _fsdp_option(plan)
+    rk = dict(o.ranks) if o else {}
+    if not dist.is_initialized(): raise RuntimeError("No process group: call `learn.shard` in each process of the job (`torchrun`, `accelerate launch`) after "
+                                                     "`torch.distributed.init_process_group`; to predict it on one machine, use `learn.memory_summary(world_size=N, strategy='fsdp')`")
+    ws = dist.get_world_size()
+    if rk and rk['world_size']!=ws: raise ValueError(f"The plan is for {rk['world_size']} ranks and this job has {ws}: plan again with `world_size={ws}`")
+    reshard = ifnone(reshard_after_forward, rk.get('reshard_after_forward', True))
+    check_ranks(ws if ws>1 else 2, 'fsdp', fsdp_units=units, reshard_after_forward=reshard, mp_policy=mp_policy)
+    why = fsdp_reason(self.model, units)
+    if why: raise ValueError(f"The model cannot be sharded here: {why}")
+    from torch.distributed.device_mesh import init_device_mesh
+    shard_units(self.model, init_device_mesh(model_device(self.model), (ws,)), units, reshard, mp_policy)
+    self.opt = None  # made again by the next `fit`, on the shards
+    dl = _CPUDistributedDL if dist.get_backend()=='gloo' else DistributedDL
+    self.dls.loaders = [d if isinstance(d, DistributedDL) else dl(d) for d in self.dls.loaders]
+    return self

@@ -19,21 +19,28 @@ KINDS = ('param', 'buffer', 'grad', 'opt', 'batch', 'saved', 'state', 'rest')  #
 class StorageTracker(TorchDispatchMode):
     """Every storage an op makes while active (and every `UntypedStorage.resize_`): `cur` live bytes, `peak` since `reset`, `at_peak` {id: bytes}.
     Each storage gets a new id (`ids`: its `_cdata` -> id while alive), as a freed storage's address is soon another's; `made`: id -> (op, phase)"""
-    def __init__(self): super().__init__(); self.live,self.ids,self.made,self.cur,self.phase,self.n = {},{},{},0,'init',0; self.reset()
-    def reset(self): self.peak,self.at_peak,self.peak_phase,self.comm = self.cur,dict(self.live),self.phase,{}  # `comm`: bytes of each collective's buffers
+    def __init__(self): super().__init__(); self.live,self.ids,self.made,self.cur,self.phase,self.n,self.outside,self.cur_ops,self.rs_bytes = {},{},{},0,'init',0,set(),0,set(); self.reset()
+    def reset(self):
+        self.peak,self.at_peak,self.peak_phase,self.comm = self.cur,dict(self.live),self.phase,{}  # `comm`: bytes of each collective's buffers
+        self.peak_ops = self.cur_ops  # the peak without the storages first seen at a view op (`outside`)
     def _set(self, i, n):
-        self.cur += n - self.live.get(i, 0)
+        d = n - self.live.get(i, 0)
+        self.cur += d
+        if i not in self.outside: self.cur_ops += d
         if n: self.live[i] = n
         else: self.live.pop(i, None)
         if self.cur>self.peak: self.peak,self.at_peak,self.peak_phase = self.cur,dict(self.live),self.phase
+        self.peak_ops = max(self.peak_ops, self.cur_ops)
     def _free(self, k, i):
         if self.ids.get(k)==i: del self.ids[k]
         self._set(i, 0)
-    def track(self, st, op=''):
-        "Count storage `st` from now on, if not yet; its id"
+    def track(self, st, op='', view=False):
+        """Count storage `st` from now on, if not yet; its id. A storage first seen at a view op (`view`) with the bytes of a collective's buffer is
+        gloo's copy of it (a running reduce-scatter's input), made outside PyTorch's ops: kept in `outside`, which `peak_ops` leaves out"""
         k = st._cdata
         if k in self.ids: return self.ids[k]
         self.n += 1; i = self.ids[k] = self.n
+        if view and st.nbytes() in self.rs_bytes: self.outside.add(i)
         self.made[i] = (op, self.phase); weakref.finalize(st, self._free, k, i); self._set(i, st.nbytes())
         return i
     def keys(self, ts): return {self.ids.get(_local(t).untyped_storage()._cdata) for t in ts if isinstance(t, torch.Tensor)} - {None}
@@ -41,9 +48,10 @@ class StorageTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func in COLLECTIVES:
             name,buf = COLLECTIVES[func](args); self.comm[name] = self.comm.get(name, 0) + buf.numel()*buf.element_size()
+            for t in _plain(tree_flatten(args)[0]): self.rs_bytes |= {t.untyped_storage().nbytes(), t.numel()*t.element_size()}  # the sizes gloo copies
         for t in _plain(tree_flatten(out)[0]):
             if t.is_meta or t.device.type!='cpu': continue
-            st = t.untyped_storage(); i = self.track(st, str(func))
+            st = t.untyped_storage(); i = self.track(st, str(func), getattr(func, 'is_view', False))
             if self.live.get(i)!=st.nbytes(): self._set(i, st.nbytes())  # `aten.resize_` and the like grow a storage in place
         return out
     def __enter__(self):
@@ -196,7 +204,7 @@ def rank_step(cfg, rank=0):
         kinds[kind] += n
         if kind=='state': state.append((n, *tr.made.get(k, ('', ''))))
         if kind=='rest': rest.append((n, *tr.made.get(k, ('', ''))))
-    res.update(peak=tr.peak, kinds=kinds, comm=tr.comm, state=sorted(state, reverse=True), rest=sorted(rest, reverse=True), phase=tr.peak_phase, base=base, rank=rank, torch=torch.__version__,
+    res.update(peak=tr.peak, peak_ops=tr.peak_ops, kinds=kinds, comm=tr.comm, state=sorted(state, reverse=True), rest=sorted(rest, reverse=True), phase=tr.peak_phase, base=base, rank=rank, torch=torch.__version__,
                param_bytes=sum(_local(p).untyped_storage().nbytes() for p in model.parameters()))
     if cfg.get('strategy')=='ddp':
         res['buckets'] = [b.buffer().nbytes for b in model.reducer._get_zeros_like_grad_buckets()]
