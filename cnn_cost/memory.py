@@ -491,7 +491,7 @@ def _tensors_shared():
 def fsdp_model(model:nn.Module, # The model, its parameters fake (inside `step_memory`)
                mesh, # The `DeviceMesh` of the ranks (`fake_group`)
                units=None, # Names of the modules `fully_shard` makes units of (default: `inner_blocks(model)`); the root is one too
-               reshard_after_forward:bool=True, mp_policy=None, # `fully_shard`'s options: free each unit's gathered parameters after its forward; its `MixedPrecisionPolicy`
+               reshard_after_forward:bool=None, mp_policy=None, # `fully_shard`'s options (None: torch's default, True for each unit but the root); its `MixedPrecisionPolicy`
               )->nn.Module:
     "A copy of `model` as FSDP2 trains it on each rank (`shard_units`). `model` is not changed"
     try:
@@ -500,11 +500,12 @@ def fsdp_model(model:nn.Module, # The model, its parameters fake (inside `step_m
                                             "make the objects it holds copyable (a lock, a generator, an open file cannot be)") from e
     return shard_units(m, mesh, units, reshard_after_forward, mp_policy)
 
-def shard_units(model:nn.Module, mesh, units=None, reshard_after_forward:bool=True, mp_policy=None)->nn.Module:
+def shard_units(model:nn.Module, mesh, units=None, reshard_after_forward:bool=None, mp_policy=None)->nn.Module:
     """`model` sharded in place as FSDP2 trains it on each rank of `mesh`: `fully_shard` on each of `units` (names; default `inner_blocks(model)`;
     a unit inside another first, as `fully_shard` needs), then on the root; what `fully_shard` refuses, a `ValueError` saying so"""
     from torch.distributed.fsdp import fully_shard
-    mods,kw = dict(model.named_modules()),dict(mesh=mesh, reshard_after_forward=reshard_after_forward, **({'mp_policy': mp_policy} if mp_policy is not None else {}))
+    kw = dict(mesh=mesh, **{k: v for k,v in dict(reshard_after_forward=reshard_after_forward, mp_policy=mp_policy).items() if v is not None})  # None: torch's default
+    mods = dict(model.named_modules())
     for n in [*sorted(ifnone(units, inner_blocks(model)), key=lambda n: -n.count('.')), '']:
         try: fully_shard(mods[n], **kw)
         except Exception as e:
@@ -558,6 +559,13 @@ def fsdp_reason(model, fsdp_units=None):
     dup = sorted({n for n in (fsdp_units or []) if list(fsdp_units).count(n)>1})
     if dup: return f"{', '.join(map(repr, dup))} named more than once in `fsdp_units`: a module is one unit"
     if bad: return f"{', '.join(map(repr, bad[:3]))} {'are not modules' if len(bad)>1 else 'is not a module'} of the model: name modules of `model.named_modules()` in `fsdp_units`"
+    us = sorted(ifnone(fsdp_units, inner_blocks(model)), key=len, reverse=True)
+    def unit(n): return next((u for u in us if n==u or n.startswith(u+'.')), '')
+    held = {}
+    for n,p in model.named_parameters(remove_duplicate=False): held.setdefault(id(p), {})[unit(n.rpartition('.')[0])] = n
+    tied = next((v for v in held.values() if len(v)>1), None)
+    if tied: return (f"{' and '.join(tied.values())} are one parameter in different units ({', '.join(repr(u) if u else 'the root' for u in tied)}), which FSDP2 refuses: "
+                     "name units that keep the modules sharing it together, or leave the shared module to the root")
     own = [n or 'the model' for n,m in mods.items() if 'forward' in vars(m)]
     if own: return (f"{', '.join(own[:3])} {'have' if len(own)>1 else 'has'} its forward replaced (activation checkpointing, `learn.checkpoint`), which FSDP2's prediction "
                     "does not model yet: predict without it")
@@ -609,7 +617,7 @@ class MemorySummary:
                                                    "the gradients, alive the whole step); `peak_max` adds the flat copy of the buffers DDP broadcasts before each forward")
         if self.strategy=='fsdp': self.notes.append(f"Per rank of {world_size} (FSDP2): the step at each rank's batch, on a copy of the model with `fully_shard` on {len(self.shards)} "
                                                     "unit(s) and the root, run with a fake process group (rank 0: a shard padded to the largest). Not included: the device mesh's "
-                                                    "8-byte host tensors, and what the collectives' backend (NCCL, gloo) allocates outside PyTorch's ops")
+                                                    "host tensors (4 bytes per rank and unit), and what the collectives' backend (NCCL, gloo) allocates outside PyTorch's ops")
         if self.strategy=='ddp': blocks = blocks + [Block(n, -1, 'before', 0, kind=MemKind.comm) for n in self.buckets]
         names = [n or type(m).__name__ for n,m,k in units]
         self.timeline = _timeline(blocks, trace, names)
@@ -802,7 +810,7 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
                    bucket_cap_mb:float=None, gradient_as_bucket_view:bool=None, # DDP's options (default: DDP's own, False)
                    sync_bn:bool=None, # As `distrib_ctx(sync_bn=...)` (default: True, fastai's)
                    fsdp_units:list=None, # FSDP2: names of the modules sharded as units (default: `inner_blocks(model)`); the root is one too
-                   reshard_after_forward:bool=None, mp_policy=None, # FSDP2's `fully_shard` options (default: True; no `MixedPrecisionPolicy`)
+                   reshard_after_forward:bool=None, mp_policy=None, # FSDP2's `fully_shard` options (default: torch's, True for each unit but the root; no `MixedPrecisionPolicy`)
                   ):
     "`MemorySummary` of one training step of `model`, predicted on fake tensors (see `step_memory`); with `world_size`, of each rank of a DDP or FSDP2 job"
     check_ranks(world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn, fsdp_units, reshard_after_forward, mp_policy)
@@ -810,7 +818,7 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
     if why: raise ValueError(f"Each rank's step of this {strategy_names[strategy]} job is not predicted: {why}")
     try:
         with (fake_group(world_size) if strategy=='fsdp' and world_size>1 else contextlib.nullcontext()) as mesh:
-            wrap = None if mesh is None else functools.partial(fsdp_model, mesh=mesh, units=fsdp_units, reshard_after_forward=ifnone(reshard_after_forward, True), mp_policy=mp_policy)
+            wrap = None if mesh is None else functools.partial(fsdp_model, mesh=mesh, units=fsdp_units, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
             sm = step_memory(model, xb, yb, loss_func, opt_func, splitter, lr, bs, dtype, channels_last, device, cast=cast, wrap=wrap)
     except _fake_errors as e:
         if 'Sparse' in str(e): raise RuntimeError("Sparse gradients (`F.embedding(..., sparse=True)`) cannot be predicted: their size depends on which rows the batch reads. "

@@ -8,7 +8,7 @@ from fastai.optimizer import OptimWrapper
 from cnn_cost.memory import predict_memory, MemKind, StepError
 from cnn_cost.memory import ddp_buckets, step_memory
 import cnn_cost.plan  # `Learner.max_batch`
-from cnn_cost.plan import checkpointed
+from cnn_cost.plan import checkpointed, ShardedTrainer
 
 CNN = dict(model='tiny_cnn', bs=8, size=16, opt='sgd', strategy='ddp')
 VIT = dict(model='tiny_vit', bs=4, size=32, opt='adamw', strategy='fsdp')
@@ -211,7 +211,8 @@ def test_fsdp_learner_default_units():
 @pytest.mark.parametrize('kw,msg', [(dict(fsdp_units=['nope']), 'not a module'), (dict(fsdp_units='blocks.0'), 'list of module names'),
                                     (dict(reshard_after_forward='yes'), 'True or False'), (dict(mp_policy='bf16'), 'MixedPrecisionPolicy'),
                                     (dict(bucket_cap_mb=25), "DDP's options"), (dict(strategy='ddp', fsdp_units=['blocks.0']), "FSDP2's options"),
-                                    (dict(world_size=1, reshard_after_forward=False), 'world_size=2')])
+                                    (dict(world_size=1, reshard_after_forward=False), 'world_size=2'), (dict(world_size=1), 'world_size=2'),
+                                    (dict(fsdp_units=['blocks.0', 'blocks.0']), 'more than once')])
 def test_fsdp_bad_input(kw, msg, monkeypatch):
     "A clear `ValueError` before any work, in `predict_memory`, `memory_summary` and `max_batch` alike; no process group left"
     import cnn_cost.memory as cm, torch.distributed as dist
@@ -226,6 +227,18 @@ def _vit_dls():
     from fastai.data.core import DataLoaders
     ds = [(torch.randn(3, 32, 32), torch.tensor(i%10)) for i in range(16)]
     return DataLoaders.from_dsets(ds, ds, bs=4)
+
+def test_fsdp_tied_units():
+    "Units that split a shared (tied) parameter are refused before any work, saying what to do; units that keep it together are predicted"
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb,self.body,self.head = nn.Embedding(10, 8),nn.Sequential(nn.Linear(8, 8), nn.ReLU()),nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+        def forward(self, x): return self.head(self.body(self.emb(x))).mean(1)
+    m,xb,yb = Tied(),torch.randint(0, 10, (4, 5)),torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match='head.weight.*one parameter in different units'): predict_memory(m, xb, yb, nn.CrossEntropyLoss(), world_size=2, strategy='fsdp', fsdp_units=['emb', 'body'])
+    assert predict_memory(m, xb, yb, nn.CrossEntropyLoss(), world_size=2, strategy='fsdp', fsdp_units=['body']).peak>0 and m.head.weight is m.emb.weight
 
 def test_fsdp_failed_step_leaves_nothing(monkeypatch):
     "A step that fails inside the fake process group: its error, the group destroyed, the model as it was; a job's own process group is refused, not replaced"
@@ -249,7 +262,7 @@ def test_memory_plan_world_size():
     the bytes each rank sends counted from the step: DDP's all-reduce 2(n-1)/n of the gradients, FSDP2's all-gathers and reduce-scatter (n-1)/n of
     the padded parameters, the all-gather twice when resharded after the forward. One process: no ranks, nothing sent"""
     learn = _learner(); learn.model = rr.make_model('tiny_vit'); learn.dls = _vit_dls(); before = _model_state(learn.model)
-    ddp,fs = learn.memory_summary(world_size=2, sync_bn=False, device='cpu'),learn.memory_summary(world_size=2, strategy='fsdp', device='cpu')
+    ddp,fs = learn.memory_summary(world_size=2, sync_bn=False, device='cpu'),learn.memory_summary(world_size=2, strategy='fsdp', device='cpu', reshard_after_forward=True)
     p = learn.memory_plan((fs.peak+ddp.peak)/2/2**30, world_size=2, device='cpu', show_plot=False)  # FSDP2 fits, DDP does not
     assert p.suggestion.name.startswith('FSDP2') and not p['DDP'].fits and (p['DDP'].peak, p['FSDP2'].peak)==(ddp.peak, fs.peak)
     pb,P = _padded(learn.model),sum(q.numel()*4 for q in learn.model.parameters())
@@ -263,8 +276,8 @@ def test_memory_plan_world_size():
 
 def test_shard_in_process():
     """`learn.shard`: refused without a process group, for an option that is not FSDP2, or a plan for another world size; on a (fake) process group
-    of the plan's size, the plan's units and the model are FSDP2 modules with its `reshard_after_forward`, the optimizer is made again, the loaders
-    read per rank. The 2-rank fit it trains is `test_shard_real`"""
+    of the plan's size, the plan's units and the model are FSDP2 modules, the optimizer is made again, `ShardedTrainer` has each rank read its part
+    during a fit (the loaders as they were outside it), and a second `shard` is refused. The 2-rank fit it trains is `test_shard_real`"""
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
     from fastai.distributed import DistributedDL
@@ -282,9 +295,12 @@ def test_shard_in_process():
                 assert not any(isinstance(m, FSDPModule) for m in learn.model.modules())
             else:
                 names = inner_blocks(learn.model)
+                dls = list(learn.dls.loaders)
                 assert learn.shard(plan['FSDP2, no reshard']) is learn and learn.opt is None
                 mods = dict(learn.model.named_modules())
-                assert all(isinstance(mods[k], FSDPModule) for k in ['', *names]) and all(isinstance(d, DistributedDL) for d in learn.dls.loaders)
+                assert all(isinstance(mods[k], FSDPModule) for k in ['', *names]) and learn.dls.loaders==dls  # the loaders per rank during a fit only
+                assert len([cb for cb in learn.cbs if isinstance(cb, ShardedTrainer)])==1
+                with pytest.raises(ValueError, match='sharded already'): learn.shard()
         finally: dist.destroy_process_group()
 
 def test_cli_fsdp(capsys):
