@@ -471,6 +471,7 @@ def fake_group(world_size:int):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     if dist.is_initialized(): raise RuntimeError("This process has a process group already: predict each rank's step before the job starts, in a process of its own")
+    if 'fake' not in dist.Backend.backend_list: import torch.testing._internal.distributed.fake_pg  # registers the `fake` backend where torch does not itself
     dist.init_process_group('fake', store=dist.HashStore(), rank=0, world_size=world_size)
     try: yield init_device_mesh('cpu', (world_size,))
     finally: dist.destroy_process_group()

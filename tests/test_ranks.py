@@ -278,9 +278,8 @@ def test_shard_in_process():
     """`learn.shard`: refused without a process group, for an option that is not FSDP2, or a plan for another world size; on a (fake) process group
     of the plan's size, the plan's units and the model are FSDP2 modules, the optimizer is made again, `ShardedTrainer` has each rank read its part
     during a fit (the loaders as they were outside it), and a second `shard` is refused. The 2-rank fit it trains is `test_shard_real`"""
-    import torch.distributed as dist
+    import torch.distributed as dist, torch.testing._internal.distributed.fake_pg  # the `fake` backend, where torch does not register it itself
     from torch.distributed.fsdp import FSDPModule
-    from fastai.distributed import DistributedDL
     from cnn_cost.core import inner_blocks
     learn = _learner(); learn.model = rr.make_model('tiny_vit'); learn.dls = _vit_dls()
     ddp,fs = learn.memory_summary(world_size=2, sync_bn=False, device='cpu'),learn.memory_summary(world_size=2, strategy='fsdp', device='cpu')
