@@ -23,7 +23,7 @@ from types import FunctionType
 import numbers
 from fastai.learner import CastToTensor
 from .core import *
-from .core import PhaseTracker, inner_blocks, flat_tensors, lazy_modules, learner_amp, local, sharded_op
+from .core import PhaseTracker, eager_module, inner_blocks, flat_tensors, lazy_modules, learner_amp, local, sharded_op
 from .counting import *
 from .counting import Counting, OpCounter, aten, has_row, nodes_ready
 from .summary import human, text_table
@@ -404,7 +404,8 @@ def step_memory(model:nn.Module, # Any PyTorch model
     try:
         with hooks_kept(model, u) as not_run, swapped(model, ts, functools.partial(held_copy, fm=fm), u), (fm or contextlib.nullcontext()), fake_subclasses():
             run = model if wrap is None else wrap(model)
-            pm = ts if wrap is None else {id(p): dict(run.named_parameters())[n] for n,p in zip(names, real)}  # the user's parameter -> the step's
+            if wrap is not None: rp = dict(run.named_parameters())
+            pm = ts if wrap is None else {id(p): rp[n] for n,p in zip(names, real)}  # the user's parameter -> the step's
             ps = [pm[id(p)] for p in real]
             run.train()
             if cast: xs,ys = [cast_tensors(b) for b in (xs, ys)]  # inside `fake_subclasses`: a fake fastai tensor's alias, as the real `as_subclass` makes
@@ -554,7 +555,9 @@ def ddp_reason(model, opt_func=None, gradient_as_bucket_view=False, sync_bn=True
     if sync_bn and bn: return "`SyncBatchNorm` (`distrib_ctx`'s default) is not modelled: pass `sync_bn=False` (the CLI: `--no-sync-bn`)"
 
 def fsdp_reason(model, fsdp_units=None):
-    "Why FSDP2's step of `model` is not predicted (None if it is): a unit name that is not a module, the root named, or a forward replaced on a module (activation checkpointing)"
+    """Why FSDP2's step of `model` (the module `torch.compile` wraps, if compiled) is not predicted (None if it is): a unit name that is not a module or
+    named twice, units that split a tied parameter, a forward replaced on a module (activation checkpointing), nothing to train"""
+    model = eager_module(model)
     mods = dict(model.named_modules())
     bad = [n for n in (fsdp_units or []) if n not in mods]
     dup = sorted({n for n in (fsdp_units or []) if list(fsdp_units).count(n)>1})
@@ -817,6 +820,7 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
     check_ranks(world_size, strategy, bucket_cap_mb, gradient_as_bucket_view, sync_bn, fsdp_units, reshard_after_forward, mp_policy)
     why = ranks_reason(model, opt_func, world_size, strategy, gradient_as_bucket_view, sync_bn, fsdp_units)
     if why: raise ValueError(f"Each rank's step of this {strategy_names[strategy]} job is not predicted: {why}")
+    if strategy=='fsdp' and world_size>1: model = eager_module(model)  # FSDP2 shards the module `torch.compile` wraps; unit names are its own
     try:
         with (fake_group(world_size) if strategy=='fsdp' and world_size>1 else contextlib.nullcontext()) as mesh:
             wrap = None if mesh is None else functools.partial(fsdp_model, mesh=mesh, units=fsdp_units, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)

@@ -21,7 +21,7 @@ from fastai.distributed import DistributedDL
 from fastai.callback.progress import ProgressCallback
 from fastcore.basics import noop
 from .core import *
-from .core import add_hooks, cost_units, flat_tensors
+from .core import add_hooks, cost_units, eager_module, flat_tensors
 from .fake import Undo, check_hookable, own_hook
 from .memory import *
 from .memory import learner_batch, batch_rows, learner_casts, learner_loss, learner_dtype, gib, hooks_sentence, as_trained, amp_dtype, step_memory, check_ranks, ranks_reason, fsdp_reason, model_device, strategy_names, shard_units
@@ -582,7 +582,7 @@ def shard(self:Learner,
     rk = dict(o.ranks) if o else {}
     if not dist.is_initialized(): raise RuntimeError("No process group: call `learn.shard` in each process of the job (`torchrun`, `accelerate launch`) after "
                                                      "`torch.distributed.init_process_group`; to predict it on one machine, use `learn.memory_summary(world_size=N, strategy='fsdp')`")
-    if any(isinstance(m, FSDPModule) for m in self.model.modules()): raise ValueError("The model is sharded already (FSDP2 cannot undo it): shard a fresh model")
+    if any(isinstance(m, FSDPModule) for m in eager_module(self.model).modules()): raise ValueError("The model is sharded already (FSDP2 cannot undo it): shard a fresh model")
     ws = dist.get_world_size()
     if rk and rk['world_size']!=ws: raise ValueError(f"The plan is for {rk['world_size']} ranks and this job has {ws}: plan again with `world_size={ws}`")
     reshard = ifnone(reshard_after_forward, rk.get('reshard_after_forward'))
@@ -590,7 +590,7 @@ def shard(self:Learner,
     why = fsdp_reason(self.model, units)
     if why: raise ValueError(f"The model cannot be sharded here: {why}")
     from torch.distributed.device_mesh import init_device_mesh
-    shard_units(self.model, init_device_mesh(model_device(self.model), (ws,)), units, reshard, mp_policy)
+    shard_units(eager_module(self.model), init_device_mesh(model_device(self.model), (ws,)), units, reshard, mp_policy)  # a compiled model's own module
     self.opt = None  # made again by the next `fit`, on the shards
     if dist.get_rank(): self.remove_cbs(self.cbs.filter(lambda cb: isinstance(cb, ProgressCallback)))  # one progress bar, rank 0's, as `to_distributed`
     return self.remove_cbs(self.cbs.filter(lambda cb: isinstance(cb, ShardedTrainer))).add_cb(ShardedTrainer())

@@ -228,6 +228,13 @@ def _vit_dls():
     ds = [(torch.randn(3, 32, 32), torch.tensor(i%10)) for i in range(16)]
     return DataLoaders.from_dsets(ds, ds, bs=4)
 
+def test_fsdp_compiled_model():
+    "A `torch.compile`d model: FSDP2's step is its own module's (the units named as in it), the prediction the eager model's; the compiled model as it was"
+    learn = _learner(); learn.model = torch.compile(rr.make_model('tiny_vit')); learn.dls = _vit_dls(); before = _model_state(learn.model)
+    eager = _learner(); eager.model = rr.make_model('tiny_vit'); eager.dls = _vit_dls()
+    a,b = learn.memory_summary(world_size=2, strategy='fsdp'),eager.memory_summary(world_size=2, strategy='fsdp')
+    assert (a.peak, a.shards, a.comm)==(b.peak, b.shards, b.comm) and a.shards==['blocks.0', 'blocks.1'] and _model_state(learn.model)==before
+
 def test_fsdp_tied_units():
     "Units that split a shared (tied) parameter are refused before any work, saying what to do; units that keep it together are predicted"
     class Tied(nn.Module):
