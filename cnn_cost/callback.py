@@ -21,7 +21,7 @@ from .core import add_hooks, eager_module, flat_tensors, learner_amp
 from .counting import *
 from .counting import Counting
 from .timing import *
-from .timing import CPUWait, CUDAClock, TimeHooks, clock_for, wait_share, waited_ms
+from .timing import CPUWait, CUDAClock, CommWatch, TimeHooks, clock_for, overlap_ms, wait_share, waited_ms
 from .summary import *
 from .summary import human
 from .learner import costed, batch_device, is_compiled, run_eager, dynamo_frames
@@ -38,11 +38,15 @@ def _unpack(t): return t
 
 # %% ../nbs/06_callback.ipynb #9ccb9fd0
 class TrainHooks(TimeHooks):
-    "`TimeHooks` on `mods`, plus on `leaf` modules output-gradient tensor hooks, saved-for-backward bytes and, on CUDA, allocator growth"
-    def __init__(self, mods, leaf, clock):
+    """`TimeHooks` on `mods`, plus on `leaf` modules output-gradient tensor hooks, saved-for-backward bytes and, on CUDA, allocator growth.
+    `comm` (on the CPU only): the time in collectives goes to `gaps`, in no row: the calls of `torch.distributed`'s (`CommWatch`), and from the
+    last gradient of the parameters `grads` (those of a `DistributedDataParallel`) to the backward's end, where DDP waits for its all-reduce"""
+    def __init__(self, mods, leaf, clock, comm=False, grads=()):
         super().__init__(mods, clock)
         self.leaf,self.sth = list(leaf),None
         self.cuda = isinstance(clock, CUDAClock)
+        self.comm = CommWatch() if comm and not clock.queued else None
+        self.grads,self.last_grad = list(grads) if self.comm else [],None
         self.armed,self.saves,self.mstack = set(),[],[]
         self.mem,self.pack_ns = [0]*len(self.mods),[0]*len(self.mods)
 
@@ -50,13 +54,19 @@ class TrainHooks(TimeHooks):
         try:
             for i,(m,lf) in enumerate(zip(self.mods, self.leaf)):
                 if lf and self.cuda: self.hs.append(add_hooks(m, self._mem_pre, self._mem_post(i)))  # a module that takes no hooks: on its `Outside`
+            for p in self.grads: self.hs.append(p.register_post_accumulate_grad_hook(self._grad_ready))
+            if self.comm: self.comm.__enter__()
             super().__enter__()
         except BaseException: self.remove(); raise
         return self
 
     def remove(self):
-        super().remove()
-        if self.sth is not None: self.sth.__exit__(None, None, None); self.sth = None
+        try: super().remove()
+        finally:
+            if self.comm: self.comm.__exit__()
+            if self.sth is not None: self.sth.__exit__(None, None, None); self.sth = None
+
+    def _grad_ready(self, p): self.last_grad = self.clock.stamp()
 
     def _sth(self, on):
         "The saved-tensor hooks, on from the outermost hooked forward's start to its end (even when it raises): never left on in the process"
@@ -72,6 +82,8 @@ class TrainHooks(TimeHooks):
 
     def start(self):
         super().start()
+        if self.comm: self.comm.spans,self.comm.n_async = self.gaps,0
+        self.last_grad = None
         for o in (self.armed,self.saves,self.mstack): o.clear()
         self.mem,self.pack_ns = [0]*len(self.mods),[0]*len(self.mods)
 
@@ -133,6 +145,7 @@ def bwd_times(self:TrainHooks, t_end):
     """ms of backward charged to each module, and the part of it that recomputes the forward: from each output-gradient or recompute hook to the
     next (the last to `t_end`); `bwd_launch`: the part of it in which the GPU may have waited for the host (`waited_ms`)"""
     n,ms = len(self.mods),self.clock.ms
+    if self.last_grad is not None: self.gaps.append((self.last_grad, t_end))  # after the last gradient: DDP's wait for its all-reduce, in no row
     bwd,rec,bm,cur,segs = [0.]*n,[0.]*n,self.bmarks+[(t_end,-1,0)],-1,[]
     for (a,i,k),(b,_,k2) in zip(bm, bm[1:]):
         if not k: cur = i  # an output-gradient hook: module `i`'s backward runs
@@ -141,7 +154,7 @@ def bwd_times(self:TrainHooks, t_end):
         if k and i>=0 and k2==k: j,acc = i,rec
         elif cur>=0: j,acc = cur,bwd
         else: continue
-        d = ms(a, b); acc[j] += d; segs.append((a, b, j, d))
+        d = ms(a, b)-overlap_ms(a, b, self.gaps); acc[j] += d; segs.append((a, b, j, d))
     self.bwd_launch = waited_ms(self.clock, segs, n)
     return [b+r for b,r in zip(bwd, rec)],rec
 
@@ -178,7 +191,7 @@ class CostProfiler(Callback):
         self._cm,self._c,self._cw,self._counting = None,None,None,False  # the open batch: its `ExitStack`, its `Counting`, its `CPUWait`
         self._on,self._t_end,self.model_name,self.counted_iter,self._bwd_seen = False,None,'',None,False
         self.patterns,self._tries,self._label,self._n_pred,self._n_rc = [],0,'',0,0  # the sets of modules the batches ran, and their counts
-        self.compiled,self.n_train = False,0
+        self.compiled,self.n_train,self.dist = False,0,False
 
     @property
     def learn(self): return self.__dict__.get('learn')
@@ -315,11 +328,14 @@ def _finish_count(self:CostProfiler, c):
     self.units,self.recs = costed(c.units, c.records())
     self.counted_iter = self._iter
     self._pattern((self._label, tuple(r.calls for r in self.recs)), self.recs, self._iter)
-    self.input_shapes,self.device,self.model_name = [t.shape for t in flat_tensors(xb)],dev,type(eager_module(model)).__name__
+    self.input_shapes,self.run_device,self.model_name = [t.shape for t in flat_tensors(xb)],dev,type(eager_module(model)).__name__  # not `device`: a model's own (DDP's, a Hugging Face model's) through the learner
     self.amp_note = learner_amp(self.learn, dev)[1]  # `to_fp16()` on a CPU: the batches ran in float32, and the summary says why
     self.skip_ptrs = {_ptr(t) for t in list(model.parameters())+list(model.buffers())}
     self.compiled = is_compiled(model)  # compiled code runs no hook, or compiles ours in: the step split only (`StepHooks`)
-    self.hooks = (StepHooks if self.compiled else TrainHooks)(self.units.itemgot(1), [k=='leaf' for n,m,k in self.units], clock_for(dev))
+    self.dist = dist.is_available() and dist.is_initialized()  # a job's process: its time in collectives is timed, on the CPU
+    grads = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.parallel.DistributedDataParallel) else []
+    self.hooks = (StepHooks if self.compiled else TrainHooks)(self.units.itemgot(1), [k=='leaf' for n,m,k in self.units], clock_for(dev),
+                                                              comm=self.dist, grads=grads)
 
 
 # %% ../nbs/06_callback.ipynb #c7b294ac
@@ -334,12 +350,21 @@ def _collect(self:CostProfiler):
     st = dict(data=self._data_ms, forward=ms('start','after_pred'), loss=ms('after_pred','after_loss'),
               backward=ms('before_backward','after_backward'), optimizer=ms('before_step','end'), total=ms('start','end'))
     st['other'] = st['total']-np.nansum([st['forward'],st['loss'],st['backward'],st['optimizer']])
+    if self.dist: st.update(_comm(h, ev))
     # which modules ran, how often: cheap, from the timing hooks (a compiled model runs none: one pattern)
     pat,inl = (0,False) if self.compiled else (self._pattern((self._label, tuple(h.calls))), len(h.marks)>self._n_pred)
     bln = list(h.bwd_launch) if 'after_backward' in ev else nan  # launch time: NaN on a CPU, for a compiled model, for a batch with no backward
     self.batches.append(dict(iter=self._iter, fwd=fwd, bwd=bwd, rec=rec, launch=list(h.launch), bwd_launch=bln, book=h.book, saved=saved, saved_total=saved_tot, mem=list(h.mem), step=st,
                              pattern=pat, in_loss=inl, wait=self._wait))
     h.start()  # drops the armed graph nodes and marks now rather than at the next profiled batch
+
+# %% ../nbs/06_callback.ipynb #c7b294ad
+def _comm(h, ev):
+    "ms this rank spent in collectives (`TrainHooks.gaps`) in the forward, the backward and the whole step, and the calls; NaN where not timed (CUDA, a compiled model)"
+    if getattr(h, 'comm', None) is None: return dict(comm_fwd=np.nan, comm_bwd=np.nan, comm=np.nan, comm_calls=np.nan)
+    ms = lambda a,b: overlap_ms(ev[a], ev[b], h.gaps) if a in ev and b in ev else np.nan
+    return dict(comm_fwd=ms('start','after_pred'), comm_bwd=ms('before_backward','after_backward'), comm=ms('start','end'),
+                comm_calls=len(h.gaps)-(h.last_grad is not None))
 
 # %% ../nbs/06_callback.ipynb #42197e55
 @patch
@@ -376,7 +401,7 @@ def profile(self:CostProfiler):
     "The `TrainProfile` of the current or last `fit`"
     if self.recs is None: raise ValueError("Nothing profiled yet: fit for more than `skip` training batches first")
     return TrainProfile(deepcopy(self.recs), [k for n,m,k in self.units], self.rank_tables or [self._table()], self.model_name,
-                        self.input_shapes, self.device, self.skip, self.counted_iter, deepcopy(self.patterns),
+                        self.input_shapes, self.run_device, self.skip, self.counted_iter, deepcopy(self.patterns),
                         list(self.hooks.frames) if self.compiled else None, getattr(self, 'amp_note', ''))
 
 @patch
@@ -444,12 +469,16 @@ def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
     med = st[_step_cols].median()
     in_loss = any(t.get('in_loss', [False]*len(t['fwd']))[b] for t,b in sel)
     f_ms,f_what = (med.forward+med.loss,'forward and loss (modules also ran inside the loss)') if in_loss else (med.forward,'forward')
+    cm = st[['comm_fwd','comm_bwd','comm','comm_calls']].median() if 'comm' in st else None  # a job's process: its time in collectives, in no row
+    timed_comm = bool(cm is not None and cm.comm==cm.comm)
+    if timed_comm: f_ms,f_what = (st.forward+st.loss*in_loss-st.comm_fwd).median(),f_what+' less its collectives'  # medians of each batch's difference
+    b_ms = (st.backward-st.comm_bwd).median() if timed_comm else med.backward
     its = sorted({p['counted_iter'] for p in ([P[q]] if q is not None else P) if p['counted_iter'] is not None})
     bk = _book(ts, sel)
     notes = [f"Training step on {self.device}, median of {len(st)} profiled batches: " +
                  ', '.join(f"{c} {med[c]:.2f}" for c in _step_cols[:-1]) + f"; total {med.total:.2f} ms (data: host time since the previous batch)",
                  (f"Rows sum to {rows.total_time_ms:.2f} ms of the {f_ms:.2f} ms {f_what} ({100*rows.total_time_ms/f_ms:.1f}%) and "
-                  f"{rows.total_bwd_ms:.2f} ms of the {med.backward:.2f} ms backward ({100*rows.total_bwd_ms/med.backward:.1f}%)" +
+                  f"{rows.total_bwd_ms:.2f} ms of the {b_ms:.2f} ms backward{' less its collectives'*timed_comm} ({100*rows.total_bwd_ms/b_ms:.1f}%)" +
                   (f"; cnn_cost's own bookkeeping in the forward, in no row: {bk:.2f} ms (arming the gradient hooks; on the CPU also the "
                    "saved-tensor hooks, taken out of the rows they ran in)" if bk==bk else '') if q is not None or len(P)==1 else
                   "Rows sum the medians of each module over the batches that ran it; per pattern, rows sum to " +
@@ -470,24 +499,38 @@ def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
                           "This table: MACs averaged over the profiled batches, times the median over the batches in which each module ran; "
                           "`summary(pattern=...)` shows one pattern, whose rows sum to its step"))
     if len(ts)>1: notes.append(f"{len(ts)} ranks: rows are medians over all ranks' batches; *_rank_min/_rank_max the spread of the ranks' medians")
+    if cm is not None: notes.append(_comm_note(st, cm))
     # conditions as attributes; the printed lines short (`facts`, `conditions`), the full text above in `notes`
     tr = dict(saved_total=float(np.median([t['saved_total'][b] for t,b in sel])), bookkeeping_ms=bk, in_loss=in_loss, n_patterns=len(P),
               recomputed=bool(rm or rc_ms), amp_fp32=bool(self.amp_note), n_ranks=len(ts))
-    fs,cs = _profile_facts(self, rows, tr, f_ms, med, len(st), its, q)
+    fs,cs = _profile_facts(self, rows, tr, f_ms, b_ms, med, len(st), its, q, cm, st)
     res = CostSummary(recs, self.model_name, self.input_shapes, self.device, n_warmup=self.skip, n_passes=len(sel),
                       cpu_wait=wait_share(w for t,b in sel for w in [t.get('wait', [(None,0)]*len(t['fwd']))[b]]),
                       notes=notes, facts=fs, conditions=cs, steps=st, forward_ms=f_ms, by_rank=_by_rank(ts, rows) if len(ts)>1 else None)
     res.__dict__.update(tr)  # what only a training profile knows
     return res
 
-def _profile_facts(prof, rows, tr, f_ms, med, n, its, q):
+def _comm_note(st, cm):
+    "The summary's note on the time in collectives (`cm`: medians of `st`'s comm columns over the profiled batches)"
+    if cm.comm!=cm.comm: return ("Collectives: not timed on CUDA (they run on streams of their own; `torch.profiler` shows their kernels): "
+                                 "the rows hold any time the layers' kernels waited for them")
+    return (f"Collectives: this rank spent {cm.comm:.2f} ms of each step in them (median; {cm.comm_fwd:.2f} in the forward, {cm.comm_bwd:.2f} "
+            f"in the backward), in no row: the time inside `torch.distributed`'s collectives ({cm.comm_calls:.0f} calls a step: FSDP2's all-gathers "
+            "and reduce-scatters, DDP's buffer broadcasts) and, under DDP, from the last gradient to the backward's end, where it waits for its "
+            "all-reduce. Per rank: `steps` (columns comm_fwd, comm_bwd, comm, comm_calls)")
+
+def _profile_facts(prof, rows, tr, f_ms, b_ms, med, n, its, q, cm=None, st=None):
     "The training profile's lines after the table, about 100 characters each: facts (step split, rows' cover, saved bytes) and one sentence per condition that holds"
     P,f = prof.patterns,lambda v: '?' if v!=v else f"{v:.0f}" if abs(v)>=100 else f"{v:.1f}" if abs(v)>=10 else f"{v:.2f}"  # 4 characters below 10 s: the step line stays under 100
     fs = [f"Step ms (median of {n}): " + ', '.join(f"{a} {f(med[c])}" for a,c in zip('data fwd loss bwd opt other total'.split(), _step_cols))]
     if prof.compiled_frames is not None: fs.append("Compiled model: per-layer times and saved bytes blank; rows and MACs from an eager batch.")
     elif q is not None or len(P)==1:
-        fs.append(f"Rows: {100*rows.total_time_ms/f_ms:.1f}% of the {'forward+loss' if tr['in_loss'] else 'forward'}, {100*rows.total_bwd_ms/med.backward:.1f}% "
-                  "of the backward" + (f"; own bookkeeping {f(tr['bookkeeping_ms'])} ms" if tr['bookkeeping_ms']==tr['bookkeeping_ms'] else ''))
+        fs.append(f"Rows: {100*rows.total_time_ms/f_ms:.1f}% of the {'forward+loss' if tr['in_loss'] else 'forward'}, {100*rows.total_bwd_ms/b_ms:.1f}% "
+                  "of the backward" + (' (less collectives)' if cm is not None and cm.comm==cm.comm else '') + (f"; own bookkeeping {f(tr['bookkeeping_ms'])} ms" if tr['bookkeeping_ms']==tr['bookkeeping_ms'] else ''))
+    if cm is not None and cm.comm==cm.comm:
+        rk = st.groupby('rank').comm.median()
+        fs.append(f"Collectives (in no row): fwd {f(cm.comm_fwd)}, bwd {f(cm.comm_bwd)}, step {f(cm.comm)} ms" +
+                  (f" (ranks {f(rk.min())}-{f(rk.max())})" if len(rk)>1 else '') + f"; {cm.comm_calls:.0f} calls a step")
     fs.append(f"Saved for backward: {human(tr['saved_total'],'B')} (each storage once); MACs counted on batch {', '.join(map(str, its))}")
     cs,frames = [],prof.compiled_frames or []
     if any(frames): cs.append(f"Dynamo compiled {sum(frames)} frames in {sum(x>0 for x in frames)} of {len(frames)} batches: their times include it (raise `skip`).")
@@ -497,6 +540,7 @@ def _profile_facts(prof, rows, tr, f_ms, med, n, its, q):
     if len(P)>1: cs.append(f"{len(P)} batch patterns ({', '.join(p['label'] for p in P)}): " +
                            (f"this table is {P[q]['label']} only." if q is not None else "times per module, `summary(pattern=...)` for one."))
     if tr['n_ranks']>1: cs.append(f"{tr['n_ranks']} ranks: rows are medians over all ranks' batches; `*_rank_min/_max`: their spread.")
+    if cm is not None and cm.comm!=cm.comm: cs.append("Collectives not timed on CUDA (own streams): rows hold any wait on them; see `torch.profiler`.")
     return fs,cs
 
 @patch
@@ -546,7 +590,7 @@ Learner.train_profile = property(_train_profile, _set_train_profile, doc="The `T
 class StepHooks:
     "`TrainHooks`' place on a compiled model: no hook at all, every per-layer number NaN; `frames`: frames dynamo compiled in each profiled batch"
     marks = ()  # no hook, no mark
-    def __init__(self, mods, leaf, clock): self.n,self.clock,self.frames,self.f0 = len(list(mods)),clock,[],0
+    def __init__(self, mods, leaf, clock, comm=False, grads=()): self.n,self.clock,self.frames,self.f0 = len(list(mods)),clock,[],0
     def __enter__(self): return self
     def __exit__(self, *args): pass
     def remove(self): pass

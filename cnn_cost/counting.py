@@ -263,7 +263,7 @@ def _functional(p):
     n = getattr(p, '__name__', '')
     return getattr(aten, n[:-1], None) if n.endswith('_') and not n.endswith('__') else None
 
-_comm_namespaces = ('c10d', '_c10d_functional', 'fsdp')  # collectives and FSDP2's copies around them: communication, no MACs nor activations
+_comm_namespaces = ('c10d', '_c10d_functional', 'fsdp', 'profiler')  # collectives and FSDP2's copies around them (communication, no MACs nor activations); `record_function`'s markers
 def op_kind(func):
     "'zero' (no work: a view or an allocation), 'elem' (elementwise work, no MACs), 'formula' (MACs counted) or 'unknown'"
     p,tags = _packet(func),getattr(func, 'tags', ())

@@ -8,7 +8,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/timing.html.md"""
 __all__ = []
 
 # %% ../nbs/02_timing.ipynb #d7a68440
-import time, glob, warnings, numpy as np, torch, torch.nn as nn
+import time, glob, warnings, threading, functools, numpy as np, torch, torch.nn as nn
 from fastcore.basics import *
 from .core import *
 from .core import PhaseTracker, add_hooks
@@ -133,9 +133,46 @@ def weighted_se(med, se, min_ms=0.05):
     big = med >= min_ms
     return se[big].sum()/med[big].sum() if big.any() else float('nan')
 
+# %% ../nbs/02_timing.ipynb #e3c0a001
+collectives = ('all_reduce', 'all_gather', 'all_gather_into_tensor', 'all_gather_single', 'reduce_scatter', 'reduce_scatter_tensor', 'reduce_scatter_single',
+               'all_to_all', 'all_to_all_single', 'broadcast', 'reduce', 'gather', 'scatter', 'barrier', 'all_reduce_coalesced', '_broadcast_coalesced')  # `torch.distributed`'s, where this torch has them
+
+class CommWatch:
+    """While entered, the host-clock stretches `spans` ((start ns, end ns)) of the calls of `torch.distributed`'s `collectives` made on the thread that
+    entered it: FSDP2's all-gathers and reduce-scatters, DDP's buffer broadcasts, `SyncBatchNorm`'s all-gathers. A call that returns a `Work`
+    (`async_op=True`) is timed only while it launches (`n_async` counts them); a call inside a call counts once. C++ callers (DDP's gradient
+    all-reduce) do not go through these functions. `__exit__` puts each function back"""
+    def __init__(self): self.spans,self.n_async,self._old,self._depth = [],0,{},0
+    def __enter__(self):
+        import torch.distributed as dist
+        tid = threading.get_ident()
+        for n in collectives:
+            f = getattr(dist, n, None)
+            if f is not None: self._old[n] = f; setattr(dist, n, self._wrap(f, tid))
+        return self
+    def __exit__(self, *args):
+        import torch.distributed as dist
+        for n,f in self._old.items(): setattr(dist, n, f)
+        self._old = {}
+    def _wrap(self, f, tid):
+        @functools.wraps(f)
+        def g(*args, **kwargs):
+            if self._depth or threading.get_ident()!=tid: return f(*args, **kwargs)
+            self._depth += 1; a = time.perf_counter_ns()
+            try: res = f(*args, **kwargs)
+            finally: self._depth -= 1; self.spans.append((a, time.perf_counter_ns()))
+            self.n_async += res is not None
+            return res
+        return g
+
+def overlap_ms(a, b, spans):
+    "ms of the host-clock stretch from `a` to `b` (ns) that the disjoint `spans` ((start ns, end ns)) cover"
+    return sum(max(0, min(b, e)-max(a, s)) for s,e in spans)/1e6
+
 # %% ../nbs/02_timing.ipynb #9c9cba0b
 class TimeHooks:
-    "Forward hooks on `mods` charging the time between consecutive hook events of the forward to the innermost running module; a recompute in backward goes to `bmarks`"
+    """Forward hooks on `mods` charging the time between consecutive hook events of the forward to the innermost running module; a recompute in backward goes to `bmarks`.
+    `gaps`: host-clock stretches ((start ns, end ns), CPU only) charged to no module, such as the time in collectives (`CommWatch`)"""
     def __init__(self, mods, clock): self.mods,self.clock,self.hs,self.tracker = list(mods),clock,[],PhaseTracker(); TimeHooks.start(self)
     def __enter__(self):
         try:
@@ -148,7 +185,7 @@ class TimeHooks:
         self.hs = []
     def start(self):
         "Before a pass: clear the marks, and synchronize so that the pass starts with nothing queued on a GPU (`CUDAClock.queue_ms` needs it)"
-        self.marks,self.bmarks,self.calls = [],[],[0]*len(self.mods); self.tracker.reset(); self.clock.sync(); self.clock.reset()
+        self.marks,self.bmarks,self.calls,self.gaps = [],[],[0]*len(self.mods),[]; self.tracker.reset(); self.clock.sync(); self.clock.reset()
     @property
     def stack(self): return self.tracker.fstack
 
@@ -170,10 +207,10 @@ class TimeHooks:
 
     def times(self):
         """ms charged to each module in the last pass (syncs the device once); `launch`: the part of it in which the GPU may have waited (`waited_ms`);
-        `book`: ms of stretches marked -2, a subclass's own bookkeeping between rows, charged to no module"""
+        `book`: ms of stretches marked -2, a subclass's own bookkeeping between rows, charged to no module; `gaps` are left out of every row"""
         self.clock.sync()
         res,ms,self.book = [0.]*len(self.mods),self.clock.ms,0.
-        segs = [(a, b, i, ms(a, b)) for (a,i),(b,_) in zip(self.marks, self.marks[1:]) if i>=0 or i==-2]
+        segs = [(a, b, i, ms(a, b)-overlap_ms(a, b, self.gaps)) for (a,i),(b,_) in zip(self.marks, self.marks[1:]) if i>=0 or i==-2]
         for a,b,i,d in segs:
             if i>=0: res[i] += d
             else: self.book += d

@@ -3,8 +3,12 @@ Each fit runs in fastai's `learn.distrib_ctx(sync_bn=False, cpu=True)`: its `Dis
 model in `DistributedDataParallel` in `before_fit` and the loaders in `DistributedDL` (here `CPUDistributedDL`, see below), so each rank trains on its own shard of the data.
 `sync_bn=False`: `SyncBatchNorm` does not run on the CPU.
 1. A `CostProfiler` fit: rank 0 gathers both ranks' tables.
-2. Pairs: the same fit plain, profiled, with a checkpointed block, and both: losses, the block's forward calls, its recompute MACs."""
-import sys, json, torch, torch.nn as nn, torch.distributed as dist
+2. Pairs: the same fit plain, profiled, with a checkpointed block, and both: losses, the block's forward calls, its recompute MACs.
+3. A `CostProfiler` fit of a model sharded with `learn.shard` (FSDP2).
+In 1 and 3 `torch.profiler` also records one profiled batch: its collectives (c10d ops) and gloo's own time running them, the reference for the
+profile's time in collectives"""
+import sys, json, collections, torch, torch.nn as nn, torch.distributed as dist
+from torch.profiler import profile, ProfilerActivity
 from fastai.vision.all import Learner, DataLoaders, Callback, set_seed
 from fastai.torch_core import rank_distrib
 from fastai.distributed import DistributedDL, teardown_distrib  # and `Learner.distrib_ctx`
@@ -29,6 +33,26 @@ class _Wrapped(Callback):
     def before_batch(self):
         w = isinstance(self.learn.model, nn.parallel.DistributedDataParallel); self.ddp = w if self.ddp is None else self.ddp and w
 
+class _Reference(Callback):
+    "`torch.profiler` over training batch `at` (order 4: around `CostProfiler`'s own events): per c10d op its calls, and the ms in which gloo's threads ran a collective"
+    order = 4
+    def __init__(self, at=2): self.at,self.res,self._p = at,None,None
+    def before_batch(self):
+        if self.learn.training and self.learn.train_iter==self.at: self._p = profile(activities=[ProfilerActivity.CPU]); self._p.__enter__()
+    def after_batch(self):
+        if self._p is None: return
+        p,self._p = self._p,None; p.__exit__(None, None, None)
+        ev = p.events()
+        self.res = dict(iter=self.at, ops=collections.Counter(e.name for e in ev if e.name.startswith('c10d::')),
+                        gloo_ms=_union_ms([(e.time_range.start, e.time_range.end) for e in ev if e.name.startswith('gloo:')]))
+
+def _union_ms(spans):
+    "ms (from µs) that the `spans` cover together: gloo runs some collectives at once on threads of its own"
+    res,end = 0.,-float('inf')
+    for a,b in sorted(spans):
+        if b>end: res += b-max(a, end); end = b
+    return res/1e3
+
 def _fit(learn, cbs=None):
     with learn.no_bar(), learn.no_logging(), learn.distrib_ctx(sync_bn=False, cpu=True): learn.fit(1, 1e-2, cbs=list(cbs or [])+[w:=_Wrapped()])
     return w.ddp
@@ -39,11 +63,26 @@ def profiled(rank):
                       nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16,2))
     learn = _learner(rank, m)
     learn.add_cb(CostProfiler(skip=1, n_batches=3))
-    ddp = _fit(learn)
+    ddp = _fit(learn, [ref:=_Reference()])
     if rank: return None
     s = learn.cost_profiler.summary()
     return dict(by_rank=s.by_rank.to_dict(orient='records'), df=s.df[['name','kind','time_ms','bwd_ms','time_ms_rank_min','time_ms_rank_max',
-                'bwd_ms_rank_min','bwd_ms_rank_max']].to_dict(orient='records'), n_passes=s.n_passes, steps=s.steps.to_dict(orient='records'), n_ranks=s.n_ranks, ddp=ddp)
+                'bwd_ms_rank_min','bwd_ms_rank_max']].to_dict(orient='records'), n_passes=s.n_passes, steps=s.steps.to_dict(orient='records'), n_ranks=s.n_ranks, ddp=ddp,
+                ref=ref.res)
+
+def sharded(rank):
+    "A `CostProfiler` fit of `rank_refs`' tiny ViT sharded by `learn.shard` (its two blocks and the root); rank 0 returns the steps and the reference"
+    import rank_refs as rr, cnn_cost.all  # `Learner.shard`
+    if not dist.is_initialized(): dist.init_process_group('gloo')  # `distrib_ctx` tore its group down
+    set_seed(0, reproducible=True)
+    x = torch.randn(96,3,32,32); y = torch.randint(0, 10, (96,))
+    learn = Learner(DataLoaders.from_dsets(list(zip(x,y)), list(zip(x,y))[:16], bs=8, shuffle=False, device='cpu'), rr.make_model('tiny_vit'),
+                    loss_func=nn.CrossEntropyLoss()).shard()
+    learn.add_cb(CostProfiler(skip=1, n_batches=3))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=(ref:=_Reference()))
+    if rank: return None
+    s = learn.cost_profiler.summary()
+    return dict(steps=s.steps.to_dict(orient='records'), ref=ref.res, facts=s.facts())
 
 def pair(rank, ckpt, prof):
     set_seed(0, reproducible=True)
@@ -69,7 +108,8 @@ def main(out):
     torch.set_num_threads(1)
     res = profiled(rank)
     pairs = {f'{int(c)}{int(p)}': pair(rank, c, p) for c,p in [(0,0), (0,1), (1,0), (1,1)]}
-    if rank==0: json.dump(dict(res, pairs=pairs), open(out, 'w'))
-    teardown_distrib()
+    fsdp = sharded(rank)
+    if rank==0: json.dump(dict(res, pairs=pairs, fsdp=fsdp), open(out, 'w'))
+    dist.destroy_process_group()
 
 if __name__ == '__main__': main(sys.argv[1])
