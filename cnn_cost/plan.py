@@ -8,7 +8,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/plan.html.md"""
 __all__ = ['MaxBatch', 'check_gib', 'CheckpointBlocks', 'PlanOption', 'MemoryPlan', 'ShardedTrainer']
 
 # %% ../nbs/03b_plan.ipynb #2eea3d72
-import torch, torch.nn as nn, contextlib, math, itertools, sys, numpy as np, pandas as pd, matplotlib.pyplot as plt
+import torch, torch.nn as nn, contextlib, math, itertools, numbers, sys, numpy as np, pandas as pd, matplotlib.pyplot as plt
 import torch.utils.checkpoint as tuc, torch.distributed as dist
 from functools import partial
 from dataclasses import dataclass, field, astuple
@@ -74,7 +74,9 @@ class MaxBatch:
 
 # %% ../nbs/03b_plan.ipynb #9d9dad36
 def check_gib(budget, most=16384):
-    "Refuse a budget that is not in GiB (more than `most` GiB: bytes, most likely), before anything runs"
+    "Refuse a budget that is not a positive number of GiB (more than `most` GiB: bytes, most likely), before anything runs"
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not budget>0:
+        raise ValueError(f"budget is a positive number of GiB (e.g. 0.5 for 512 MiB), got {budget!r}")
     if budget>most: raise ValueError(f"budget is in GiB: did you mean {budget:g}/2**30 = {budget/2**30:.3g} GiB? ({budget:g} GiB is more than any device has)")
 
 def _guess(la, lb, a, b, budget):
@@ -136,7 +138,6 @@ def max_batch(self:Learner,
         if not torch.cuda.is_available():
             raise ValueError("No CUDA GPU here: give the memory of the GPU you will train on, in GiB, e.g. `learn.max_batch(budget=24)`")
         budget = (torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved())/2**30
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget>0: raise ValueError(f"budget is in GiB and must be a positive number, got {budget!r}")
     check_gib(budget)
     if max_bs<1: raise ValueError(f"max_bs must be at least 1, got {max_bs}")
     B,xb,yb = int(budget*2**30),*learner_batch(self, None, None)
@@ -185,7 +186,8 @@ def _put_forward(m, f):
 
 @contextlib.contextmanager
 def checkpointed(model:nn.Module, names):
-    "Inside the block, the submodules of `model` called `names` run under activation checkpointing in training; their `forward` put back on exit"
+    "Inside the block, the submodules of `model` called `names` run under activation checkpointing in training; their `forward` put back on exit. A compiled model's names are its own module's (`eager_module`)"
+    model = eager_module(model)
     mods,names = dict(model.named_modules()),list(dict.fromkeys(names))
     bad = [n for n in names if n not in mods or n=='']
     if bad: raise ValueError(f"No submodule {', '.join(map(repr, bad))} in {type(model).__name__}: use names from `block_names(model)`, e.g. {block_names(model)[:3]}")
@@ -290,6 +292,7 @@ class PlanOption:
 @contextlib.contextmanager
 def _inputs(model, names):
     "A dict filled, while the block runs, with the bytes of the storages each module in `names` takes as inputs in its first call"
+    model = eager_module(model)  # a compiled model: names of its own module, as `inner_blocks` gives them
     res,mods = {},dict(model.named_modules())
     def pre(n):
         def f(m, args, kw): res.setdefault(n, sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in flat_tensors((args, kw))}.values()))
@@ -468,7 +471,6 @@ def memory_plan(self:Learner,
     why,no_fsdp = ranks_reason(self.model, self.opt_func, world_size, sync_bn=False),ranks_reason(self.model, self.opt_func, world_size, 'fsdp')
     if why: raise ValueError(f"Each rank's step cannot be predicted, so no plan across ranks: {why}")
     check_hookable(self.model)
-    if not budget>0: raise ValueError(f"budget is in GiB and must be positive, got {budget}")
     check_gib(budget)
     B,(xb,yb) = int(budget*2**30),learner_batch(self, None, None)
     bs,dt,cuda = ifnone(bs, batch_rows(xb)),_dnames[amp_dtype(ifnone(dtype, learner_dtype(self, device)[0]))],torch.device(device).type=='cuda'
@@ -538,7 +540,7 @@ def memory_plan(self:Learner,
         for o in opts:
             if o is not None and dict(o.ranks).get('strategy', 'ddp')=='ddp' and o is not base: o.name = f"DDP + {o.name}"
     if cost is not None: notes.append(f"Forward ms measured by the cost summary on {cost.device} at input {cost.input_shapes}")
-    res = MemoryPlan([o for o in opts if o is not None], B, bs, device, base.peak, step_macs, type(self.model).__name__, notes, S, ms.hooks_not_run, world_size)
+    res = MemoryPlan([o for o in opts if o is not None], B, bs, device, base.peak, step_macs, type(eager_module(self.model)).__name__, notes, S, ms.hooks_not_run, world_size)
     if show_plot: res.plot()
     return res
 

@@ -122,6 +122,26 @@ def test_budget_in_bytes_refused():
     assert all(p is q and p.equal(v) for (p,v),q in zip(w, learn.model.parameters())) and not learn.model[1]._forward_hooks
     assert learn.max_batch(16384, device='cpu', max_bs=4, show_plot=False).capped  # the largest budget taken
 
+def test_budget_not_a_number_refused():
+    "A budget that is not a positive number of GiB ('20 MB', 0, a bool) gets a clear error in `memory_plan` and `max_batch`, before anything runs"
+    learn = Learner(rand_dls(4, (3, 8, 8)), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3*8*8, 10)), loss_func=CrossEntropyLossFlat())
+    for b in ['20 MB', 0, -1., True]:
+        for f in (learn.memory_plan, learn.max_batch):
+            with pytest.raises(ValueError, match='positive number of GiB'): f(b, device='cpu', show_plot=False)
+    assert not learn.model[1]._forward_hooks
+
+def test_compiled_model_plan():
+    "A `torch.compile`d model is planned as its own module: the same options and peaks, its blocks by their names, the model named as it is"
+    def learner(compiled):
+        set_seed(0)
+        blk = lambda: torch.nn.Sequential(torch.nn.Conv2d(16,16,3,padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU())
+        m = torch.nn.Sequential(torch.nn.Conv2d(3,16,3,padding=1), blk(), blk(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16,10))
+        return Learner(rand_dls(8, (3, 16, 16)), torch.compile(m) if compiled else m, loss_func=CrossEntropyLossFlat())
+    b = 0.7*learner(False).memory_summary(device='cpu').peak/2**30  # as it is, the step does not fit
+    plans = [learner(c).memory_plan(b, device='cpu', show_plot=False) for c in (False, True)]
+    (e,c) = [[(o.name, o.peak, o.blocks) for o in p.options] for p in plans]
+    assert e==c and any(o[2] for o in c) and plans[1].model_name=='Sequential'
+
 def test_max_batch_peaks_print_apart():
     "Review 3 item 2: two sizes whose peaks differ print different peaks, with as many digits as that takes; equal peaks print alike"
     from cnn_cost.memory import gib
