@@ -8,14 +8,14 @@ Docs: https://cnn-cost.github.io/cnn_cost/callback.html.md"""
 __all__ = ['CostProfiler', 'TrainProfile']
 
 # %% ../nbs/06_callback.ipynb #e254e163
-import time, contextlib, warnings, numpy as np, pandas as pd, torch, torch.nn as nn, torch.distributed as dist
+import gc, sys, time, contextlib, warnings, numpy as np, pandas as pd, torch, torch.nn as nn, torch.distributed as dist
 from copy import deepcopy
 from fastcore.basics import *
 from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.callback.core import *
 from fastai.callback.schedule import LRFinder
-from fastai.torch_core import rank_distrib, num_distrib
+from fastai.torch_core import rank_distrib
 from .core import *
 from .core import add_hooks, eager_module, flat_tensors, learner_amp
 from .counting import *
@@ -54,7 +54,7 @@ class TrainHooks(TimeHooks):
         try:
             for i,(m,lf) in enumerate(zip(self.mods, self.leaf)):
                 if lf and self.cuda: self.hs.append(add_hooks(m, self._mem_pre, self._mem_post(i)))  # a module that takes no hooks: on its `Outside`
-            for p in self.grads: self.hs.append(p.register_post_accumulate_grad_hook(self._grad_ready))
+            self.ghs = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.grads]
             if self.comm: self.comm.__enter__()
             super().__enter__()
         except BaseException: self.remove(); raise
@@ -62,9 +62,14 @@ class TrainHooks(TimeHooks):
 
     def remove(self):
         try: super().remove()
-        finally:
-            if self.comm: self.comm.__exit__()
-            if self.sth is not None: self.sth.__exit__(None, None, None); self.sth = None
+        finally: self._release()
+
+    def _release(self):
+        "Put back what reaches beyond the model's modules: `torch.distributed`'s functions, the parameters' gradient hooks, the saved-tensor hooks"
+        if self.comm: self.comm.__exit__()
+        for h in getattr(self, 'ghs', []): h.remove()
+        self.ghs = []
+        if self.sth is not None: self.sth.__exit__(None, None, None); self.sth = None
 
     def _grad_ready(self, p): self.last_grad = self.clock.stamp()
 
@@ -94,6 +99,7 @@ class TrainHooks(TimeHooks):
             try: return post(m, args, out)
             finally:
                 if not stack and self.sth is not None: sth(False)  # the outermost hooked forward ended (or raised)
+                if not stack and out is None and sys.exc_info()[0] is not None: self._release()  # it raised: fastai calls no event, the process is put back now
         if not self.leaf[i]: return off
         arm,stamp,phase = self._arm(i),self.clock.stamp,self.tracker.phase
         def f(m, args, out):
@@ -167,6 +173,10 @@ def saved(self:TrainHooks, skip=()):
         per[i][p] = tot[p] = n
     return [sum(d.values()) for d in per], sum(tot.values())
 
+# %% ../nbs/06_callback.ipynb #b95c81fe
+def _world(): return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1  # the process group's, however it was started (not only from `WORLD_SIZE`)
+def _rank(): return dist.get_rank() if dist.is_available() and dist.is_initialized() else rank_distrib()
+
 # %% ../nbs/06_callback.ipynb #b95c81ff
 _step_cols = ['data','forward','loss','backward','optimizer','other','total']
 _in_batch = {'after_pred','after_loss','before_backward','after_cancel_backward','after_backward','before_step','after_cancel_step','after_step',
@@ -177,7 +187,9 @@ class CostProfiler(Callback):
     """Profile per-layer forward and backward time, saved-for-backward bytes, memory and MACs of training batches.
     Its hooks live for one training batch; its saved-tensor hooks only while the model's forward runs, even when it raises. A fit that dies of an
     ordinary exception or `KeyboardInterrupt` (fastai then calls no event) leaves the module hooks (and, in the one counted batch, its op counter)
-    until the learner's next event, or removes them at once when the profiler was passed to `fit(cbs=...)`; `remove()` does it now"""
+    until the learner's next event, or removes them at once when the profiler was passed to `fit(cbs=...)`; `remove()` does it now. What reaches
+    beyond the model in a distributed job (`torch.distributed`'s functions wrapped to time the collectives, the parameters' gradient hooks) goes at
+    once when the forward raises, and with the module hooks after a backward or optimizer step that raises"""
     order,run_valid,remove_on_fetch = 5,False,True
     _stateattrs = ('hooks','units','recs','batches','rank_tables','skip_ptrs','_ev','_cm','_c','_cw','patterns')
     def __init__(self,
@@ -191,7 +203,7 @@ class CostProfiler(Callback):
         self._cm,self._c,self._cw,self._counting = None,None,None,False  # the open batch: its `ExitStack`, its `Counting`, its `CPUWait`
         self._on,self._t_end,self.model_name,self.counted_iter,self._bwd_seen = False,None,'',None,False
         self.patterns,self._tries,self._label,self._n_pred,self._n_rc = [],0,'',0,0  # the sets of modules the batches ran, and their counts
-        self.compiled,self.n_train,self.dist = False,0,False
+        self.compiled,self.n_train,self.dist,self.job = False,0,False,''
 
     @property
     def learn(self): return self.__dict__.get('learn')
@@ -296,7 +308,7 @@ def remove(self:CostProfiler):
 @patch
 def after_fit(self:CostProfiler):
     self._end_batch('abort'); self._on = False
-    if num_distrib()>1 and dist.is_available() and dist.is_initialized(): self._gather()  # collective: every rank calls it
+    if _world()>1: self._gather()  # collective: every rank calls it
     if self.batches or self.rank_tables: self.learn.train_profile = self.profile
     elif self.run:  # a fit too short for `skip`: say so now, and when `learn.train_profile` is read
         why = (f"the last fit with a `CostProfiler` ran {self.n_train} training batch{'es'*(self.n_train!=1)}, and " +
@@ -333,9 +345,12 @@ def _finish_count(self:CostProfiler, c):
     self.skip_ptrs = {_ptr(t) for t in list(model.parameters())+list(model.buffers())}
     self.compiled = is_compiled(model)  # compiled code runs no hook, or compiles ours in: the step split only (`StepHooks`)
     self.dist = dist.is_available() and dist.is_initialized()  # a job's process: its time in collectives is timed, on the CPU
-    grads = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.parallel.DistributedDataParallel) else []
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    self.job = 'ddp' if ddp else 'fsdp' if any(type(m).__name__.startswith('FSDP') for m in eager_module(model).modules()) else ''
+    grads = [p for p in model.parameters() if p.requires_grad] if ddp else []
     self.hooks = (StepHooks if self.compiled else TrainHooks)(self.units.itemgot(1), [k=='leaf' for n,m,k in self.units], clock_for(dev),
                                                               comm=self.dist, grads=grads)
+    gc.collect()  # the count's garbage now, not in a timed batch (a collection there, up to 0.5 s, was seen in the first one)
 
 
 # %% ../nbs/06_callback.ipynb #c7b294ac
@@ -371,7 +386,7 @@ def _comm(h, ev):
 def _table(self:CostProfiler):
     "This rank's plain per-batch numbers, the input of `summary` and what ranks send to rank 0"
     B = self.batches
-    return dict(rank=rank_distrib(), names=[n for n,m,k in self.units or []], fwd=[b['fwd'] for b in B], bwd=[b['bwd'] for b in B], rec=[b['rec'] for b in B],
+    return dict(rank=_rank(), job=self.job, names=[n for n,m,k in self.units or []], fwd=[b['fwd'] for b in B], bwd=[b['bwd'] for b in B], rec=[b['rec'] for b in B],
                 launch=[b['launch'] for b in B], bwd_launch=[b['bwd_launch'] for b in B], book=[b['book'] for b in B],
                 saved=[b['saved'] for b in B], mem=[b['mem'] for b in B], steps=[b['step'] for b in B],
                 saved_total=[b['saved_total'] for b in B], iters=[b['iter'] for b in B],
@@ -499,7 +514,7 @@ def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
                           "This table: MACs averaged over the profiled batches, times the median over the batches in which each module ran; "
                           "`summary(pattern=...)` shows one pattern, whose rows sum to its step"))
     if len(ts)>1: notes.append(f"{len(ts)} ranks: rows are medians over all ranks' batches; *_rank_min/_rank_max the spread of the ranks' medians")
-    if cm is not None: notes.append(_comm_note(st, cm))
+    if cm is not None: notes.append(_comm_note(cm, next((t['job'] for t in ts if t.get('job')), '')))
     # conditions as attributes; the printed lines short (`facts`, `conditions`), the full text above in `notes`
     tr = dict(saved_total=float(np.median([t['saved_total'][b] for t,b in sel])), bookkeeping_ms=bk, in_loss=in_loss, n_patterns=len(P),
               recomputed=bool(rm or rc_ms), amp_fp32=bool(self.amp_note), n_ranks=len(ts))
@@ -510,14 +525,19 @@ def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
     res.__dict__.update(tr)  # what only a training profile knows
     return res
 
-def _comm_note(st, cm):
-    "The summary's note on the time in collectives (`cm`: medians of `st`'s comm columns over the profiled batches)"
+_comm_what = {'fsdp': ("FSDP2's all-gathers and reduce-scatters. FSDP2's own work around them (copying gathered parameters in and out, resharding) "
+                      "stays in the rows of the modules around each unit, or in no row for the root's, which runs before the root's first hook"),
+              'ddp': "DDP's broadcasts of its buffers; and from the last gradient to the backward's end, where DDP waits for its gradients' all-reduce",
+              '': "the model's own"}
+
+def _comm_note(cm, job=''):
+    "The summary's note on the time in collectives (`cm`: medians of the steps' comm columns), for a `job` of 'ddp', 'fsdp' or ''"
     if cm.comm!=cm.comm: return ("Collectives: not timed on CUDA (they run on streams of their own; `torch.profiler` shows their kernels): "
                                  "the rows hold any time the layers' kernels waited for them")
-    return (f"Collectives: this rank spent {cm.comm:.2f} ms of each step in them (median; {cm.comm_fwd:.2f} in the forward, {cm.comm_bwd:.2f} "
-            f"in the backward), in no row: the time inside `torch.distributed`'s collectives ({cm.comm_calls:.0f} calls a step: FSDP2's all-gathers "
-            "and reduce-scatters, DDP's buffer broadcasts) and, under DDP, from the last gradient to the backward's end, where it waits for its "
-            "all-reduce. Per rank: `steps` (columns comm_fwd, comm_bwd, comm, comm_calls)")
+    return (f"Collectives: {cm.comm:.2f} ms of each step went to them (median over the profiled batches of every rank; {cm.comm_fwd:.2f} in the forward, {cm.comm_bwd:.2f} "
+            f"in the backward), in no row: the calls of `torch.distributed`'s collectives ({cm.comm_calls:.0f} a step: {_comm_what[job]}). "
+            "A call with `async_op=True` counts only while it launches: its `wait()` stays in the row that waits. Per rank: `steps` "
+            "(columns comm_fwd, comm_bwd, comm, comm_calls)")
 
 def _profile_facts(prof, rows, tr, f_ms, b_ms, med, n, its, q, cm=None, st=None):
     "The training profile's lines after the table, about 100 characters each: facts (step split, rows' cover, saved bytes) and one sentence per condition that holds"

@@ -2,7 +2,7 @@
 A collective made slow by a known sleep checks that its time leaves the row it ran in (forward and backward); DDP's wait after the last gradient;
 the functions and hooks put back. The 2-rank runs against `torch.profiler`'s collective events are in `test_callback_ddp.py` (slow)"""
 import time, threading, random, pytest, torch, torch.nn as nn, torch.distributed as dist
-from fastai.vision.all import Learner, DataLoaders, set_seed
+from fastai.vision.all import Learner, DataLoaders, Callback, set_seed
 from cnn_cost.callback import CostProfiler
 from cnn_cost.timing import CommWatch, collectives
 from conftest import hook_count
@@ -79,6 +79,42 @@ def test_ddp_wait_after_last_gradient(group):
     assert (st.comm_bwd>0).all() and (st.comm_bwd<=st.backward).all()
     assert (st.comm_calls==1).all()  # DDP's broadcast of the BatchNorm's buffers in each forward
     assert all(not p._post_accumulate_grad_hooks for p in inner.parameters()) and hook_count(learn.model)==0
+
+class Boom(nn.Module):
+    def forward(self, x): raise RuntimeError('boom in the forward')
+
+@pytest.mark.parametrize('where', ['forward', 'backward'])
+def test_failed_fit_puts_torch_distributed_back(group, where):
+    """A profiler attached to the learner (no `fit(cbs=...)` to remove it) and a fit that dies in a profiled batch: a forward that raises puts back
+    `torch.distributed`'s functions and the gradient hooks at once; after a backward that raises, `remove()` (or the learner's next event) does"""
+    orig = {n: getattr(dist, n) for n in collectives if hasattr(dist, n)}
+    set_seed(0)
+    inner = nn.Sequential(nn.Conv2d(3,4,3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4,2))
+    learn = comm_learner(nn.parallel.DistributedDataParallel(inner), n=160)
+    cp = CostProfiler(skip=1); learn.add_cb(cp)
+    class Fail(Callback):
+        def before_batch(self):
+            if self.training and self.train_iter==3:
+                if where=='forward': inner[1] = Boom()
+                else: self.learn.loss_func = lambda p, y: _Fail.apply(p).sum()
+    learn.add_cb(Fail())
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, 1e-3)
+    same = lambda: {n: getattr(dist, n) for n in orig}==orig and all(not p._post_accumulate_grad_hooks for p in inner.parameters())
+    assert same() == (where=='forward')
+    cp.remove()
+    assert same() and hook_count(learn.model)==0
+
+class _Fail(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x): return x.clone()
+    @staticmethod
+    def backward(ctx, g): raise RuntimeError('boom in the backward')
+
+def test_rank_from_the_group(group, monkeypatch):
+    "A group started with its rank and size (not `torch.distributed.run`'s variables): the table's rank is the group's"
+    from cnn_cost.callback import _rank, _world
+    monkeypatch.setenv('RANK', '3'); monkeypatch.setenv('WORLD_SIZE', '4')
+    assert (_rank(), _world())==(0, 1)
 
 def test_single_process_has_no_comm_columns():
     m = nn.Sequential(nn.Conv2d(3,4,3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4,2))
