@@ -8,7 +8,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/memory.html.md"""
 __all__ = ['MemKind', 'StepError', 'MemorySummary', 'predict_memory']
 
 # %% ../nbs/03a_memory.ipynb #1e44e984
-import sys, torch, torch.nn as nn, contextlib, functools, copy, warnings, weakref, math, numpy as np, pandas as pd, matplotlib.pyplot as plt
+import sys, torch, torch.nn as nn, contextlib, dataclasses, functools, copy, warnings, weakref, math, numpy as np, pandas as pd, matplotlib.pyplot as plt
 from enum import Enum
 from dataclasses import dataclass, field
 from torch._subclasses.fake_tensor import FakeTensorMode, FakeTensor, DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException
@@ -49,6 +49,7 @@ class Block:
     "One storage: its bytes, the unit (-1: none), stage of the step and aten `op` that made it, and the events that allocated and freed it (`e1` None: alive at the end)"
     nbytes:int; unit:int; stage:str; e0:int; e1:int=None
     kind:MemKind=None; saved:bool=False; saver:int=-1; out:bool=False; param:int=None; op:str=''  # `param`: id of the parameter whose gradient accumulation made it
+    acc:int=None  # the event at which it was a parameter's gradient just accumulated: where DDP with `gradient_as_bucket_view` copies it into its bucket
 
 # %% ../nbs/03a_memory.ipynb #403fad80
 def _unpack(t): return t
@@ -433,7 +434,12 @@ def step_memory(model:nn.Module, # Any PyTorch model
                          (MemKind.opt, [v for *_,v in (_opt_state(opt) if opt is not None else [])]), (MemKind.other, flat_tensors(prev) + attr_tensors(run))]
                 [mc.add(t, kind=k) for k,ts_ in kinds for t in ts_]
                 del kinds
-                res = _train_step(run, xs, ys, loss_func, opt, mc, dt, prev)  # kept alive, as the learner keeps them, until the step is read
+                def acc(t):
+                    b = mc.block(t.grad)
+                    if b is not None and b.acc is None: b.acc = len(mc.trace)
+                hs = [t.register_post_accumulate_grad_hook(acc) for t in ps if t.requires_grad and t.is_leaf]
+                try: res = _train_step(run, xs, ys, loss_func, opt, mc, dt, prev)  # kept alive, as the learner keeps them, until the step is read
+                finally: [h.remove() for h in hs]
                 c.records(warn=False)  # the cost summary warns about ops it cannot count, not the memory model
                 _resolve(mc, c.units, c.param_units, ps, opt, cuda)
             shapes = [(ifnone(bs, len(t)), *t.shape[1:]) if t.dim() else () for t in flat_tensors(xb)]
@@ -544,11 +550,10 @@ def check_ranks(world_size=1, strategy='ddp', bucket_cap_mb=None, gradient_as_bu
 def _torch_opt(opt_func): f = getattr(opt_func, 'func', opt_func); return isinstance(f, type) and issubclass(f, OptimWrapper)
 
 def ddp_reason(model, opt_func=None, gradient_as_bucket_view=False, sync_bn=True):
-    "Why DDP's step of `model` is not predicted (None if it is): bucket views with fastai's optimizer fail, and `SyncBatchNorm` is not modelled"
+    "Why DDP's step of `model` is not predicted (None if it is): bucket views with fastai's optimizer fail (its `zero_grad` detaches them), and `SyncBatchNorm` is not modelled"
     if not any(p.requires_grad for p in model.parameters()): return "no parameter takes a gradient, and DDP refuses such a model (it has nothing to all-reduce)"
     if gradient_as_bucket_view and opt_func is not None and not _torch_opt(opt_func):
         return "DDP refuses fastai's `zero_grad` on bucket views: pass `gradient_as_bucket_view=False`"
-    if gradient_as_bucket_view: return "gradients as bucket views are not modelled yet: pass `gradient_as_bucket_view=False`"
     bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if any(isinstance(m, nn.SyncBatchNorm) for m in bn):
         return "the model holds `SyncBatchNorm` layers, whose memory is not modelled: predict it with `nn.BatchNorm` layers and `sync_bn=False`"
@@ -602,7 +607,7 @@ def _keep(units, recs):
 class MemorySummary:
     "Memory of one training step: per-layer `df`, the `timeline`, the `peak` and what holds it; prints as `CostSummary` does"
     def __init__(self, blocks, trace, units, recs, model_name='', input_shapes=(), bs=None, dtype=None, device='cpu', notes=(), flags=None,
-                 ops=(), optimizer=None, hooks_not_run=(), world_size=1, strategy=None, buckets=(), broadcast=0, comm=None, shards=()):
+                 ops=(), optimizer=None, hooks_not_run=(), world_size=1, strategy=None, buckets=(), broadcast=0, comm=None, shards=(), bucket_view=False):
         store_attr('model_name,input_shapes,bs,device,optimizer'); self.hooks_not_run = list(hooks_not_run); self.dtype,self.notes,self.flags = str(dtype or 'fp32'),list(notes),dict(flags or {})
         self.cuda = torch.device(device).type=='cuda'  # the CUDA allocator's 512-byte rounding applied; else a CPU target
         # conditions, each an attribute, said in one sentence when it holds (`conditions`), in full in `notes`
@@ -616,13 +621,20 @@ class MemorySummary:
                                              "the real kernels' sizes are counted")
         # per rank: DDP's buckets are alive from before the step to its end; `peak_max` adds the buffers' broadcast, which may still be alive at the peak
         self.world_size,self.strategy,self.buckets,self.broadcast = world_size,strategy if world_size>1 else None,list(buckets),broadcast
+        self.bucket_view = bool(bucket_view and self.strategy=='ddp')
         self.comm,self.shards = dict(comm or {}),list(shards)  # bytes of each collective's buffers per step; FSDP2's units
-        if self.strategy=='ddp': self.notes.append(f"Per rank of {world_size} (DDP): the step at each rank's batch, plus DDP's {len(self.buckets)} gradient buckets (a copy of "
+        if self.bucket_view: self.notes.append(f"Per rank of {world_size} (DDP, `gradient_as_bucket_view=True`): the step at each rank's batch, its gradients in DDP's "
+                                               f"{len(self.buckets)} buckets, alive the whole step: each gradient the backward makes is copied into its bucket as it is "
+                                               "accumulated and freed, and the parameter's `.grad` is a view of the bucket; `peak_max` adds the flat copy of the buffers "
+                                               "DDP broadcasts before each forward")
+        elif self.strategy=='ddp': self.notes.append(f"Per rank of {world_size} (DDP): the step at each rank's batch, plus DDP's {len(self.buckets)} gradient buckets (a copy of "
                                                    "the gradients, alive the whole step); `peak_max` adds the flat copy of the buffers DDP broadcasts before each forward")
         if self.strategy=='fsdp': self.notes.append(f"Per rank of {world_size} (FSDP2): the step at each rank's batch, on a copy of the model with `fully_shard` on {len(self.shards)} "
                                                     "unit(s) and the root, run with a fake process group (rank 0: a shard padded to the largest). Not included: the device mesh's "
                                                     "host tensors (4 bytes per rank and unit), and what the collectives' backend (NCCL, gloo) allocates outside PyTorch's ops")
-        if self.strategy=='ddp': blocks = blocks + [Block(n, -1, 'before', 0, kind=MemKind.comm) for n in self.buckets]
+        if self.bucket_view: blocks = [b if b.acc is None else dataclasses.replace(b, e1=b.acc if b.e1 is None else min(b.e1, b.acc))  # copied into its bucket, freed
+                                       for b in blocks if b.acc is None or b.kind!=MemKind.grad] + [Block(n, -1, 'before', 0, kind=MemKind.grad) for n in self.buckets]  # a kept `.grad` is the bucket's view
+        elif self.strategy=='ddp': blocks = blocks + [Block(n, -1, 'before', 0, kind=MemKind.comm) for n in self.buckets]
         names = [n or type(m).__name__ for n,m,k in units]
         self.timeline = _timeline(blocks, trace, names)
         self.peak_event = int(self.timeline.live.values.argmax())
@@ -679,7 +691,7 @@ def facts(self:MemorySummary):
     o,n = self.optimizer,self.world_size
     peak = f"Peak: {human(self.peak,'B')} ({gib(self.peak)}) during {_stages[self.peak_stage]}, {where} (event {self.peak_event} of {len(self.timeline)})"
     b,bm = len(self.buckets),f"; buffers' broadcast +{human(self.peak_max-self.peak,'B')}" if self.peak_max>self.peak else ''
-    rk = [_line(f"Per rank of {n} (DDP): {b} bucket{'s'*(b!=1)}, {human(sum(self.buckets),'B')} (a copy of the gradients){bm}")] if self.strategy=='ddp' else \
+    rk = [_line(f"Per rank of {n} (DDP): {b} bucket{'s'*(b!=1)}, {human(sum(self.buckets),'B')} ({'the gradients, as views' if self.bucket_view else 'a copy of the gradients'}){bm}")] if self.strategy=='ddp' else \
          [_line(f"Per rank of {n} (FSDP2): {len(self.shards)} unit{'s'*(len(self.shards)!=1)} and the root, each rank holding 1/{n} of their parameters")] if self.strategy=='fsdp' else []
     if self.comm: rk.append(_line("Sent per step by each rank (ring): " + ', '.join(f"{k} {human(v,'B')}" for k,v in self.sent().items())))
     return [peak, *rk,
@@ -792,7 +804,7 @@ def from_step(cls:MemorySummary, sm:StepMemory, **ranks):
     return cls(mc.blocks, mc.trace, c.units, c.recs, sm.model_name, sm.input_shapes, sm.bs, amp_dtype(sm.dtype) and sm.dtype, sm.device, notes, mc.flags,
                mc.ops, o, getattr(mc, 'not_run', []), **ranks)
 
-def _ranks(model, sm, world_size, strategy, bucket_cap_mb, fsdp_units=None):
+def _ranks(model, sm, world_size, strategy, bucket_cap_mb, fsdp_units=None, bucket_view=False):
     """What `MemorySummary` needs of each rank of a job: the bytes of each collective's buffers per step (`comm`); of DDP, its `buckets` in the order the
     step made the gradients and the buffers' `broadcast`; of FSDP2, the names of its units (`shards`)"""
     if world_size==1: return {}
@@ -803,7 +815,7 @@ def _ranks(model, sm, world_size, strategy, bucket_cap_mb, fsdp_units=None):
                               "its second step unless `find_unused_parameters=True`, which is not modelled. Freeze them (`requires_grad_(False)`) or remove them")
     size = sm.counter.size
     bk = ddp_buckets(model, bucket_cap_mb, sm.grad_order)
-    return dict(world_size=world_size, strategy=strategy, buckets=[size(n) for n in bk], comm={'all-reduce': sum(bk)},
+    return dict(world_size=world_size, strategy=strategy, buckets=[size(n) for n in bk], comm={'all-reduce': sum(bk)}, bucket_view=bool(bucket_view),
                 broadcast=sum(size(sum(b.nbytes for b in model.buffers() if b.dtype==dt)) for dt in {b.dtype for b in model.buffers()}))  # DDP's `broadcast_buffers` (its default and accelerate's): one flat tensor per dtype
 
 def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e-3,
@@ -811,7 +823,7 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
                    dtype=None, channels_last=False, device='cpu', cast=False,
                    world_size:int=1, # Processes of the job: >1 predicts each rank's step
                    strategy:str='ddp', # How the job splits the work: 'ddp' (`DistributedDataParallel`, as fastai's `distrib_ctx` trains) or 'fsdp' (FSDP2's `fully_shard`)
-                   bucket_cap_mb:float=None, gradient_as_bucket_view:bool=None, # DDP's options (default: DDP's own, False)
+                   bucket_cap_mb:float=None, gradient_as_bucket_view:bool=None, # DDP's options (default: DDP's own, False); bucket views need a torch optimizer (`OptimWrapper`)
                    sync_bn:bool=None, # As `distrib_ctx(sync_bn=...)` (default: True, fastai's)
                    fsdp_units:list=None, # FSDP2: names of the modules sharded as units (default: `inner_blocks(model)`); the root is one too
                    reshard_after_forward:bool=None, mp_policy=None, # FSDP2's `fully_shard` options (default: torch's, True for each unit but the root; no `MixedPrecisionPolicy`)
@@ -832,7 +844,7 @@ def predict_memory(model, xb, yb, loss_func, opt_func=None, splitter=None, lr=1e
                 }.get(getattr(e, 'stage', 'forward'), ' in the forward or the loss')
         raise RuntimeError(f"The training step could not run on fake tensors{where} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). An op that needs the data's values "
                            "(`.item()`, `nonzero`) cannot be predicted: report it, or measure on a real step with `step_memory(..., fake=False)`") from e
-    return MemorySummary.from_step(sm, **_ranks(model, sm, world_size, strategy, bucket_cap_mb, fsdp_units))
+    return MemorySummary.from_step(sm, **_ranks(model, sm, world_size, strategy, bucket_cap_mb, fsdp_units, gradient_as_bucket_view))
 
 # %% ../nbs/03a_memory.ipynb #e0000002
 def learner_batch(learn, xb, yb):

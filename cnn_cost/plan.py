@@ -24,7 +24,7 @@ from .core import *
 from .core import add_hooks, cost_units, eager_module, flat_tensors
 from .fake import Undo, check_hookable, own_hook
 from .memory import *
-from .memory import learner_batch, batch_rows, learner_casts, learner_loss, learner_dtype, gib, hooks_sentence, as_trained, amp_dtype, step_memory, check_ranks, ranks_reason, fsdp_reason, model_device, strategy_names, shard_units
+from .memory import learner_batch, batch_rows, learner_casts, learner_loss, learner_dtype, gib, hooks_sentence, as_trained, amp_dtype, step_memory, check_ranks, ranks_reason, ddp_reason, fsdp_reason, model_device, strategy_names, shard_units
 from .summary import human, text_table
 
 # %% ../nbs/03b_plan.ipynb #e91da172
@@ -366,7 +366,7 @@ class MemoryPlan:
     "Ways to train batch `bs` in `budget` bytes on `device`, ranked by price: `options` (a list of `PlanOption`), `suggestion` the first that fits"
     def __init__(self, options, budget, bs, device, peak, step_macs, model_name='', notes=(), steps=None, hooks_not_run=(), world_size=1):
         store_attr('budget,bs,device,peak,step_macs,model_name,steps,world_size'); self.hooks_not_run = list(hooks_not_run); self.notes = list(notes) + [_ranked]
-        tier = {'as is':0, 'DDP':0, 'checkpointing':0, 'mixed precision':1}
+        tier = {'as is':0, 'DDP':0, 'bucket views':0, 'checkpointing':0, 'mixed precision':1}
         self.options = sorted(options, key=lambda o: (not o.fits, round(o.extra, 4), sum(o.sent.values())*o.n_acc, tier.get(o.name.removeprefix('DDP + '), 2)))
         self.suggestion = first(o for o in self.options if o.fits)
         # conditions, each an attribute, said in one sentence when it holds (`conditions`), in full in `notes`
@@ -508,6 +508,11 @@ def memory_plan(self:Learner,
     base = opt('as is', bs, 1, dt, how='nothing to change') if world_size==1 else \
            opt('DDP', bs, 1, dt, changes="BatchNorm's statistics per rank" if _has_bn(self.model) else '', how="`learn.distrib_ctx(sync_bn=False)`, launched on each GPU")
     opts,notes = [base],[]
+    if world_size>1:  # DDP's gradients as views of its buckets: one copy of them fewer, where the optimizer sets them to None (a torch one)
+        why = ddp_reason(self.model, self.opt_func, gradient_as_bucket_view=True, sync_bn=False)
+        if why: notes.append(f"DDP with bucket views not tried: {why.split(':')[0]} (a torch optimizer in `OptimWrapper` takes them)")
+        else: opts.append(opt('bucket views', bs, 1, dt, changes=base.changes, rk=ddp+(('gradient_as_bucket_view', True),),
+                              how="`learn.distrib_ctx(sync_bn=False, kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])`, launched on each GPU"))
     if no_fsdp: notes.append(f"FSDP2 not tried: {no_fsdp}")
     if world_size>1 and not no_fsdp:  # FSDP2 shards what DDP copies on every rank: tried beside DDP, whether DDP fits or not
         sh = "parameters, gradients and optimizer state sharded" + ("; BatchNorm's statistics per rank" if _has_bn(self.model) else '')

@@ -13,7 +13,8 @@ from cnn_cost.plan import checkpointed, ShardedTrainer
 CNN = dict(model='tiny_cnn', bs=8, size=16, opt='sgd', strategy='ddp')
 VIT = dict(model='tiny_vit', bs=4, size=32, opt='adamw', strategy='fsdp')
 CFGS = dict(ddp=CNN, ddp_tsgd={**CNN, 'opt': 'tsgd'}, ddp_small={**CNN, 'bucket_cap_mb': 0.01}, view_fastai={**CNN, 'view': True},
-            view_tsgd={**CNN, 'opt': 'tsgd', 'view': True}, sync_bn={**CNN, 'sync_bn': True}, vit_ddp={**VIT, 'opt': 'adam', 'strategy': 'ddp'},
+            view_tsgd={**CNN, 'opt': 'tsgd', 'view': True}, view_small={**CNN, 'opt': 'tsgd', 'view': True, 'bucket_cap_mb': 0.01},
+            view_vit={**VIT, 'opt': 'adamw', 'strategy': 'ddp', 'view': True}, sync_bn={**CNN, 'sync_bn': True}, vit_ddp={**VIT, 'opt': 'adam', 'strategy': 'ddp'},
             fsdp=VIT, fsdp_keep={**VIT, 'reshard': False}, fsdp_adam={**VIT, 'opt': 'adam'}, fsdp_mp={**VIT, 'mp': 'bfloat16'},
             fsdp_cnn={**CNN, 'strategy': 'fsdp'})
 
@@ -22,10 +23,16 @@ def real(): return dict(zip(CFGS, rr.run_ranks(list(CFGS.values()), n=2)))
 
 def _broadcast(cfg): return sum(b.numel()*b.element_size() for b in rr.make_model(cfg['model']).buffers())
 
+def _opt(name):
+    "`cfg`'s optimizer as a fastai `opt_func`: fastai's own, or torch's in fastai's `OptimWrapper` (as `rank_refs` makes it: its `zero_grad` sets gradients to None)"
+    from fastai.optimizer import OptimWrapper
+    t = {'tsgd': partial(torch.optim.SGD, momentum=0.9), 'adamw': torch.optim.AdamW}.get(name)
+    return partial(OptimWrapper, opt=t) if t else rr.opt_func(name)
+
 def _pred(cfg, **kw):
     "Each rank's predicted step of `cfg`, through `predict_memory(..., world_size=2)`"
     m = rr.make_model(cfg['model']); xb,yb = rr.batch(cfg['bs'], cfg['size'])
-    return predict_memory(m, xb, yb, nn.CrossEntropyLoss(), rr.opt_func(cfg['opt']), world_size=2, bucket_cap_mb=cfg.get('bucket_cap_mb'),
+    return predict_memory(m, xb, yb, nn.CrossEntropyLoss(), _opt(cfg['opt']), world_size=2, bucket_cap_mb=cfg.get('bucket_cap_mb'),
                           gradient_as_bucket_view=cfg.get('view'), **kw)
 
 # --- the prediction, in the default set (fast: tiny models, no ranks)
@@ -53,6 +60,17 @@ def test_memory_summary_world_size():
     w1 = learn.memory_summary(world_size=1)
     assert (w1.peak, w1.at_peak, w1.peak_event, w1.facts()) == (one.peak, one.at_peak, one.peak_event, one.facts()) and w1.timeline.equals(one.timeline)
     assert _model_state(learn.model)==before
+
+def test_bucket_view_prediction():
+    """`gradient_as_bucket_view=True` with a torch optimizer: the buckets are the gradients, alive the whole step; each gradient the backward makes
+    lives only until DDP copies it into its bucket. So the peak is at most the copy's (no view), the gradients at it are the buckets, there is no
+    collective buffer, and it is at least the single-process peak"""
+    learn = _learner(); learn.opt_func = _opt('tsgd'); before = _model_state(learn.model)
+    one,cp,vw = [learn.memory_summary(**kw) for kw in (dict(), dict(world_size=2, sync_bn=False), dict(world_size=2, sync_bn=False, gradient_as_bucket_view=True))]
+    assert vw.bucket_view and not cp.bucket_view and vw.buckets==cp.buckets
+    assert one.peak <= vw.peak <= cp.peak  # at the single-process peak, the buckets hold at least what the gradients alive there held
+    assert vw.at_peak['gradients']==sum(vw.buckets) and vw.at_peak['collective buffers']==0 and (vw.timeline.gradients==sum(vw.buckets)).all()
+    assert 'views' in vw.facts()[1] and _model_state(learn.model)==before
 
 def test_world_size_per_rank_batch():
     "`bs` is each rank's batch; the buckets do not depend on it; on a CUDA target each bucket takes whole 512 B blocks"
@@ -173,7 +191,7 @@ def _fsdp(cfg, model=None, **kw):
     "Each rank's predicted FSDP2 step of `cfg` on 2 ranks, units as the real runs shard them (`rank_refs.units`)"
     from torch.distributed.fsdp import MixedPrecisionPolicy
     m = model or rr.make_model(cfg['model']); xb,yb = rr.batch(cfg['bs'], cfg['size'])
-    of = rr.opt_func(cfg['opt']) or partial(OptimWrapper, opt={'adamw': torch.optim.AdamW, 'tsgd': partial(torch.optim.SGD, momentum=0.9)}[cfg['opt']])
+    of = _opt(cfg['opt'])
     if cfg.get('mp'): kw['mp_policy'] = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg['mp']), reduce_dtype=torch.float32)
     return predict_memory(m, xb, yb, nn.CrossEntropyLoss(), of, world_size=2, strategy='fsdp', fsdp_units=rr.unit_names(m), reshard_after_forward=cfg.get('reshard', True), **kw)
 
@@ -281,6 +299,21 @@ def test_memory_plan_world_size():
     assert all(o.sent=={} and o.ranks==() for o in one.options) and one.world_size==1 and p.world_size==2
     assert _model_state(learn.model)==before
 
+def test_memory_plan_bucket_views():
+    """Across ranks with a torch optimizer the plan tries DDP with bucket views, its peak the per-rank prediction with `gradient_as_bucket_view=True`;
+    with fastai's optimizer (whose `zero_grad` DDP refuses on views) it is not an option, and a note says why"""
+    learn = _learner(); learn.opt_func = _opt('adamw'); before = _model_state(learn.model)
+    cp,vw = [learn.memory_summary(world_size=2, sync_bn=False, device='cpu', gradient_as_bucket_view=v) for v in (False, True)]
+    assert vw.peak < cp.peak
+    p = learn.memory_plan((cp.peak+vw.peak)/2/2**30, world_size=2, device='cpu', show_plot=False)
+    o = p['DDP + bucket views']
+    assert o.fits and not p['DDP'].fits and o.peak==vw.peak and dict(o.ranks)['gradient_as_bucket_view'] and o.sent==p['DDP'].sent
+    assert p.suggestion is o and 'gradient_as_bucket_view=True' in o.how
+    learn.opt_func = _learner().opt_func
+    q = learn.memory_plan((cp.peak+vw.peak)/2/2**30, world_size=2, device='cpu', show_plot=False)
+    assert not any('bucket views' in x.name for x in q.options) and any('bucket views not tried' in n for n in q.notes)
+    assert _model_state(learn.model)==before
+
 def test_shard_in_process():
     """`learn.shard`: refused without a process group, for an option that is not FSDP2, or a plan for another world size; on a (fake) process group
     of the plan's size, the plan's units and the model are FSDP2 modules, the optimizer is made again, `ShardedTrainer` has each rank read its part
@@ -351,12 +384,18 @@ def test_ddp_prediction(real, name):
     if name=='ddp_small': assert len(p.buckets)>1
 
 @pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); the prediction's own tests above run in the default set
-def test_bucket_views(real):
-    "Bucket views: fastai's `zero_grad` fails (and the prediction says so); with gradients set to None the buckets are the gradients, nothing more"
+@pytest.mark.parametrize('name', ['view_tsgd', 'view_small', 'view_vit'])
+def test_bucket_views(real, name):
+    """Bucket views: fastai's `zero_grad` fails (and the prediction says so); with a torch optimizer (gradients set to None) the buckets are the
+    gradients, nothing more, and each rank's peak and gradient bytes at it are the prediction's, to the byte"""
     assert all('detach' in r['error'] for r in real['view_fastai'])
     with pytest.raises(ValueError, match='zero_grad'): _pred(CFGS['view_fastai'])
-    for r in real['view_tsgd']:
+    p = _pred(CFGS[name], sync_bn=False)
+    for r in real[name]:
+        assert 'error' not in r, r
         assert r['kinds']['state']==0 and r['kinds']['grad']==r['param_bytes']==sum(r['buckets'])
+        assert r['peak']==p.peak and p.buckets==r['buckets'] and p.at_peak['gradients']==r['kinds']['grad'] and p.bucket_view
+    if name=='view_small': assert len(p.buckets)>1
 
 @pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); the prediction's own tests above run in the default set
 def test_sync_bn_cpu(real):
