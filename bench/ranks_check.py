@@ -1,5 +1,5 @@
 """Per-rank memory, predicted against real CPU/gloo ranks (issue 27): `predict_memory(..., world_size=n, strategy=...)` for DDP (the
-single-process prediction plus DDP's buckets) and FSDP2 (the step of a `fully_shard`ed copy on a fake process group), against each real rank's
+single-process prediction plus DDP's buckets, or with `gradient_as_bucket_view=True` the buckets as the gradients) and FSDP2 (the step of a `fully_shard`ed copy on a fake process group), against each real rank's
 peak of live tensor bytes (`tests/rank_refs.rank_step`: every storage an op makes, from before the model is built) and, for FSDP2, the bytes of
 each collective's buffers. Corpus: torchvision's resnet18 and convnext_tiny, a small ViT, fastai's U-Net (resnet18 encoder) and AWD-LSTM
 language model; FSDP2's units are the package's default (`inner_blocks`). Prints one line per configuration and rank, and writes
@@ -16,6 +16,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 MODELS = [dict(model='resnet18', bs=8, size=64), dict(model='convnext_tiny', bs=4, size=32), dict(model='vit', bs=8, size=64),
           dict(model='unet', bs=4, size=64), dict(model='awd_lm', bs=8, size=32)]
 DDP = [dict(m, opt='sgd', strategy='ddp') for m in MODELS if m['model']!='awd_lm']  # the LM's tied weights: DDP's unused-parameter check aside
+DDP += [dict(m, opt='adamw', strategy='ddp', view=True) for m in MODELS if m['model']!='awd_lm']  # gradients as views of the buckets (a torch optimizer)
 FSDP = [dict(m, opt='adamw', strategy='fsdp', units='inner') for m in MODELS] + [dict(MODELS[2], opt='adamw', strategy='fsdp', units='inner', reshard=False),
         dict(MODELS[2], opt='adamw', strategy='fsdp', units='inner', mp='bfloat16')]
 
@@ -23,12 +24,12 @@ def pred(cfg, n):
     "Each rank's predicted step of `cfg` on `n` ranks"
     m,xb,yb,lf = rr.setup(cfg)
     of = rr.opt_func(cfg['opt']) or partial(OptimWrapper, opt=torch.optim.AdamW)
-    if cfg['strategy']=='ddp': return predict_memory(m, xb, yb, lf, of, world_size=n, sync_bn=False)
+    if cfg['strategy']=='ddp': return predict_memory(m, xb, yb, lf, of, world_size=n, sync_bn=False, gradient_as_bucket_view=cfg.get('view'))
     mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg['mp']), reduce_dtype=torch.float32) if cfg.get('mp') else None
     return predict_memory(m, xb, yb, lf, of, world_size=n, strategy='fsdp', reshard_after_forward=cfg.get('reshard', True), mp_policy=mp)
 
 def _label(cfg):
-    s = 'DDP (SGD, momentum)' if cfg['strategy']=='ddp' else 'FSDP2 (AdamW' + (', no reshard' if cfg.get('reshard') is False else '') + (', bf16 parameters' if cfg.get('mp') else '') + ')'
+    s = ('DDP, bucket views (AdamW)' if cfg.get('view') else 'DDP (SGD, momentum)') if cfg['strategy']=='ddp' else 'FSDP2 (AdamW' + (', no reshard' if cfg.get('reshard') is False else '') + (', bf16 parameters' if cfg.get('mp') else '') + ')'
     return f"{cfg['model']}, {cfg['bs']} x {cfg['size']}{'' if cfg['model']=='awd_lm' else ' px'}", s
 
 def main(ns=(2, 4)):
@@ -49,7 +50,7 @@ def main(ns=(2, 4)):
             rows.append(row)
     md = [f"Measured {datetime.date.today()}, CPU, gloo, torch {torch.__version__}. Each configuration's training step runs for real on " + ' and '.join(map(str, ns)) +
           " processes (`torch.distributed.run`), each rank under a dispatch mode that sees every storage an op makes from before the model is built "
-          "(`tests/rank_refs.py`); the prediction runs in one process on fake tensors: for DDP the single-process step plus DDP's buckets (`sync_bn=False`), "
+          "(`tests/rank_refs.py`); the prediction runs in one process on fake tensors: for DDP the single-process step plus DDP's buckets (`sync_bn=False`; with bucket views, the buckets as the gradients), "
           "for FSDP2 the step of a `fully_shard`ed copy on a fake process group, its units `inner_blocks(model)`. \"real − predicted\" is each rank's peak "
           "of live tensor bytes minus the prediction's `peak`, less, for FSDP2, the device mesh's host tensors (4 bytes per rank, one per unit, made with "
           "the mesh, outside the predicted step) and what gloo allocates outside PyTorch's ops (its copy of a running reduce-scatter's input, which NCCL "

@@ -13,6 +13,7 @@ sections = [('hook_overhead', 'Hook overhead of `learn.cost_summary()`', 'bench/
             ('memory_alloc', 'What the allocator sees: scratch inside kernels', 'bench/memory_alloc.py'),
             ('plan_time', 'Planning a batch that does not fit', 'bench/plan_time.py'),
             ('ranks_check', 'Memory per rank against real ranks: DDP and FSDP2', 'bench/ranks_check.py'),
+            ('comm_check', 'Time in collectives against `torch.profiler`: 2 ranks', 'bench/comm_check.py'),
             ('gpu_check', 'The CUDA half, checked on a GPU', 'bash bench/gpu_check.sh')]
 _missing = {'gpu_check': "_Owed: needs a CUDA GPU, and no session has been lent one yet. `bash bench/gpu_check.sh` on a lent GPU (torch 2.11 or later; "
                          "`make gpu-wheels` first, then carry `.whl`) runs every part of `bench/gpu_check.py` in one command within 450 s and writes "

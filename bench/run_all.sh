@@ -13,5 +13,6 @@ python bench/memory_corpus.py
 python bench/memory_alloc.py
 python bench/plan_time.py --rounds 3
 python bench/ranks_check.py 2 4
+python bench/comm_check.py 5
 if python -c "import torch,sys; sys.exit(not torch.cuda.is_available())"; then bash bench/gpu_check.sh --out bench/out; fi
 python bench/report.py
