@@ -8,7 +8,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/plan.html.md"""
 __all__ = ['MaxBatch', 'check_gib', 'CheckpointBlocks', 'PlanOption', 'MemoryPlan', 'ShardedTrainer']
 
 # %% ../nbs/03b_plan.ipynb #2eea3d72
-import torch, torch.nn as nn, contextlib, math, itertools, numbers, sys, numpy as np, pandas as pd, matplotlib.pyplot as plt
+import torch, torch.nn as nn, contextlib, functools, math, itertools, numbers, sys, numpy as np, pandas as pd, matplotlib.pyplot as plt
 import torch.utils.checkpoint as tuc, torch.distributed as dist
 from functools import partial
 from dataclasses import dataclass, field, astuple
@@ -17,7 +17,6 @@ from fastcore.foundation import L
 from fastcore.xtras import PrettyString
 from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelBatchException, CancelTrainException, CancelEpochException
-from fastai.distributed import DistributedDL
 from fastai.callback.progress import ProgressCallback
 from fastcore.basics import noop
 from .core import *
@@ -550,17 +549,25 @@ def memory_plan(self:Learner,
     return res
 
 # %% ../nbs/03b_plan.ipynb #r27shd02
-class _CPUDistributedDL(DistributedDL):
-    "fastai's `DistributedDL`, its shuffled indices broadcast as a CPU tensor: gloo's (CPU) process group, where fastai's own puts them on CUDA for NCCL"
-    def _broadcast(self, t, rank): t = torch.tensor(t, dtype=torch.long); dist.broadcast(t, rank); return t.tolist()
+@functools.cache
+def _distributed_dls():
+    """fastai's `DistributedDL`, and a subclass whose shuffled indices are broadcast as a CPU tensor (gloo's process group; fastai's own puts them
+    on CUDA for NCCL). Imported when first needed: `fastai.distributed` needs accelerate, which `pip install cnn_cost` does not"""
+    try: from fastai.distributed import DistributedDL
+    except (ImportError, NameError) as e:
+        raise ImportError("`learn.shard` uses fastai's `DistributedDL`, whose module needs accelerate: `pip install accelerate`") from e
+    class CPUDistributedDL(DistributedDL):
+        def _broadcast(self, t, rank): t = torch.tensor(t, dtype=torch.long); dist.broadcast(t, rank); return t.tolist()
+    return DistributedDL,CPUDistributedDL
 
 class ShardedTrainer(Callback):
     """What `Learner.shard` adds: during each fit, every loader a `DistributedDL` of this rank (the loaders put back after it, so `get_preds`,
     `test_dl` and `predict` work as before), and on ranks other than 0 no logging, as fastai's `DistributedTrainer` does"""
     order = 11
     def _wrap(self, d):
-        if isinstance(d, DistributedDL): return d
-        return (_CPUDistributedDL if dist.get_backend()=='gloo' else DistributedDL)(d, rank=dist.get_rank(), world_size=dist.get_world_size())
+        ddl,cpu = _distributed_dls()
+        if isinstance(d, ddl): return d
+        return (cpu if dist.get_backend()=='gloo' else ddl)(d, rank=dist.get_rank(), world_size=dist.get_world_size())
     def before_fit(self):
         self.old_dls,self.old_logger = list(self.dls),self.learn.logger
         self.learn.dls.loaders = [self._wrap(d) for d in self.dls]
@@ -585,6 +592,7 @@ def shard(self:Learner,
     """Shard `self.model` with FSDP2 across the ranks of this job's process group, in place (each rank keeps a shard; the next fit makes the optimizer
     on the shards), and add `ShardedTrainer`, which has each rank read its part of the data during a fit. Call it in each process of the job"""
     from torch.distributed.fsdp import FSDPModule
+    _distributed_dls()  # accelerate missing: say so first, before anything changes
     o = None if plan is None else _fsdp_option(plan)
     rk = dict(o.ranks) if o else {}
     if not dist.is_initialized(): raise RuntimeError("No process group: call `learn.shard` in each process of the job (`torchrun`, `accelerate launch`) after "

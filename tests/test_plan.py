@@ -142,6 +142,19 @@ def test_compiled_model_plan():
     (e,c) = [[(o.name, o.peak, o.blocks) for o in p.options] for p in plans]
     assert e==c and any(o[2] for o in c) and plans[1].model_name=='Sequential'
 
+def test_without_accelerate():
+    """`pip install cnn_cost` brings no accelerate, which `fastai.distributed` needs: the package imports and the CLI runs without it, and
+    `learn.shard` says what to install before it changes anything"""
+    import subprocess, sys
+    code = ("import sys; sys.modules['accelerate'] = None\n"  # as if not installed
+            "import torch, torch.nn as nn, cnn_cost.all\nfrom cnn_cost.cli import main\nfrom fastai.test_utils import synth_learner\n"
+            "learn = synth_learner(); ids = [id(p) for p in learn.model.parameters()]\n"
+            "try: learn.shard()\nexcept ImportError as e: print('refused:', e)\n"
+            "assert [id(p) for p in learn.model.parameters()]==ids and not any('Sharded' in type(c).__name__ for c in learn.cbs)")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert r.returncode==0, r.stderr[-2000:]
+    assert 'refused:' in r.stdout and 'pip install accelerate' in r.stdout
+
 def test_max_batch_peaks_print_apart():
     "Review 3 item 2: two sizes whose peaks differ print different peaks, with as many digits as that takes; equal peaks print alike"
     from cnn_cost.memory import gib
