@@ -49,7 +49,8 @@ class Block:
     "One storage: its bytes, the unit (-1: none), stage of the step and aten `op` that made it, and the events that allocated and freed it (`e1` None: alive at the end)"
     nbytes:int; unit:int; stage:str; e0:int; e1:int=None
     kind:MemKind=None; saved:bool=False; saver:int=-1; out:bool=False; param:int=None; op:str=''  # `param`: id of the parameter whose gradient accumulation made it
-    acc:int=None  # the event at which it was a parameter's gradient just accumulated: where DDP with `gradient_as_bucket_view` copies it into its bucket
+    acc:int=None; acc_n:int=0  # the last event at which it was a parameter's gradient just accumulated (where DDP with `gradient_as_bucket_view` copies
+    # it into its bucket), and the storage's bytes that no accumulated gradient covers: more than 0, and something else holds them (a `cat`'s gradient)
 
 # %% ../nbs/03a_memory.ipynb #403fad80
 def _unpack(t): return t
@@ -436,7 +437,7 @@ def step_memory(model:nn.Module, # Any PyTorch model
                 del kinds
                 def acc(t):
                     b = mc.block(t.grad)
-                    if b is not None and b.acc is None: b.acc = len(mc.trace)
+                    if b is not None: b.acc_n = (b.acc_n if b.acc is not None else t.grad.untyped_storage().nbytes()) - t.grad.numel()*t.grad.element_size(); b.acc = len(mc.trace)
                 hs = [t.register_post_accumulate_grad_hook(acc) for t in ps if t.requires_grad and t.is_leaf]
                 try: res = _train_step(run, xs, ys, loss_func, opt, mc, dt, prev)  # kept alive, as the learner keeps them, until the step is read
                 finally: [h.remove() for h in hs]
@@ -545,9 +546,14 @@ def check_ranks(world_size=1, strategy='ddp', bucket_cap_mb=None, gradient_as_bu
     if bucket_cap_mb is not None and (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real) or not 0<bucket_cap_mb<math.inf):
         raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {bucket_cap_mb!r}: leave it out for DDP's default (25)")
     for k,v in dict(gradient_as_bucket_view=gradient_as_bucket_view, sync_bn=sync_bn).items():
-        if v is not None and not isinstance(v, bool): raise ValueError(f"{k} must be True or False, got {v!r}")
+        if v is not None and not isinstance(v, (bool, np.bool_)): raise ValueError(f"{k} must be True or False, got {v!r}")
 
-def _torch_opt(opt_func): f = getattr(opt_func, 'func', opt_func); return isinstance(f, type) and issubclass(f, OptimWrapper)
+def _torch_opt(opt_func):
+    "Whether `opt_func` makes a torch optimizer (fastai's `OptimWrapper`): told from the class it names, else from the one it makes for a stand-in parameter"
+    f = getattr(opt_func, 'func', opt_func)
+    if isinstance(f, type): return issubclass(f, OptimWrapper)
+    try: return isinstance(opt_func([nn.Parameter(torch.zeros(1))], lr=1e-3), OptimWrapper)  # a function, as fastai's docs write `OptimWrapper`'s
+    except Exception: return False
 
 def ddp_reason(model, opt_func=None, gradient_as_bucket_view=False, sync_bn=True):
     "Why DDP's step of `model` is not predicted (None if it is): bucket views with fastai's optimizer fail (its `zero_grad` detaches them), and `SyncBatchNorm` is not modelled"
@@ -624,16 +630,22 @@ class MemorySummary:
         self.bucket_view = bool(bucket_view and self.strategy=='ddp')
         self.comm,self.shards = dict(comm or {}),list(shards)  # bytes of each collective's buffers per step; FSDP2's units
         if self.bucket_view: self.notes.append(f"Per rank of {world_size} (DDP, `gradient_as_bucket_view=True`): the step at each rank's batch, its gradients in DDP's "
-                                               f"{len(self.buckets)} buckets, alive the whole step: each gradient the backward makes is copied into its bucket as it is "
+                                               f"{len(self.buckets)} bucket{'s'*(len(self.buckets)!=1)}, alive the whole step: each gradient the backward makes is copied into its bucket as it is "
                                                "accumulated and freed, and the parameter's `.grad` is a view of the bucket; `peak_max` adds the flat copy of the buffers "
                                                "DDP broadcasts before each forward")
-        elif self.strategy=='ddp': self.notes.append(f"Per rank of {world_size} (DDP): the step at each rank's batch, plus DDP's {len(self.buckets)} gradient buckets (a copy of "
+        elif self.strategy=='ddp': self.notes.append(f"Per rank of {world_size} (DDP): the step at each rank's batch, plus DDP's {len(self.buckets)} gradient bucket{'s'*(len(self.buckets)!=1)} (a copy of "
                                                    "the gradients, alive the whole step); `peak_max` adds the flat copy of the buffers DDP broadcasts before each forward")
         if self.strategy=='fsdp': self.notes.append(f"Per rank of {world_size} (FSDP2): the step at each rank's batch, on a copy of the model with `fully_shard` on {len(self.shards)} "
                                                     "unit(s) and the root, run with a fake process group (rank 0: a shard padded to the largest). Not included: the device mesh's "
                                                     "host tensors (4 bytes per rank and unit), and what the collectives' backend (NCCL, gloo) allocates outside PyTorch's ops")
-        if self.bucket_view: blocks = [b if b.acc is None else dataclasses.replace(b, e1=b.acc if b.e1 is None else min(b.e1, b.acc))  # copied into its bucket, freed
-                                       for b in blocks if b.acc is None or b.kind!=MemKind.grad] + [Block(n, -1, 'before', 0, kind=MemKind.grad) for n in self.buckets]  # a kept `.grad` is the bucket's view
+        if self.bucket_view:  # each accumulated gradient copied into its bucket and freed; a kept `.grad` is the bucket's view
+            part = [b for b in blocks if b.acc is not None and b.kind!=MemKind.grad and b.acc_n>0]  # a gradient that is part of a larger storage
+            blocks = [b if b.acc is None or b in part else dataclasses.replace(b, e1=b.acc if b.e1 is None else min(b.e1, b.acc))
+                      for b in blocks if b.acc is None or b.kind!=MemKind.grad] + [Block(n, -1, 'before', 0, kind=MemKind.grad) for n in self.buckets]
+            if part: self.not_predicted['bucket views'] = sum(b.nbytes for b in part)
+            if part: self.notes.append(f"Not predicted: with bucket views, {len(part)} gradient{'s are parts' if len(part)>1 else ' is part'} of a larger storage (the gradient of a "
+                                       "`torch.cat` of parameters), whose other part is held until a later op: counted alive as without views, to the optimizer's "
+                                       f"`zero_grad`; the peak may be over by up to {human(self.not_predicted['bucket views'],'B')}")
         elif self.strategy=='ddp': blocks = blocks + [Block(n, -1, 'before', 0, kind=MemKind.comm) for n in self.buckets]
         names = [n or type(m).__name__ for n,m,k in units]
         self.timeline = _timeline(blocks, trace, names)
@@ -669,7 +681,7 @@ def hooks_sentence(ns): return f"Hooks not run: {len(ns)} function hook{'s'*(len
 @patch
 def _header(self:MemorySummary):
     shp = ', '.join(' x '.join(str(s) for s in sh) for sh in self.input_shapes)
-    per = f" per rank of {self.world_size} ({strategy_names[self.strategy]})" if self.world_size>1 else ""
+    per = f" per rank of {self.world_size} ({strategy_names[self.strategy]}{', bucket views'*self.bucket_view})" if self.world_size>1 else ""
     return f"{self.model_name} (Input shape: {shp}), one training step{per} in {self.dtype} on {self.device}"
 
 @patch

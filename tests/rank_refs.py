@@ -90,11 +90,21 @@ def tiny_cnn(n_cls=10):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32,n_cls))
 
 VOCAB = 100  # the AWD-LSTM language model's vocabulary
+class CatNet(nn.Module):
+    "`w2` used early (`x @ w2.T`) and late in `cat([w1, w2])`: `w1`'s gradient a slice of the `cat`'s gradient, whose other half waits for `w2`'s early use"
+    def __init__(self, d=64):
+        super().__init__(); self.w1,self.w2 = nn.Parameter(torch.randn(d, d)*.05),nn.Parameter(torch.randn(d, d)*.05)
+        self.mid,self.head = nn.Sequential(nn.Linear(d, 4*d), nn.ReLU(), nn.Linear(4*d, d)),nn.Linear(2*d, 10)
+    def forward(self, x):
+        h = self.mid(torch.relu(x.flatten(1)[:, :self.w2.shape[1]] @ self.w2.T))
+        return self.head(h @ torch.cat([self.w1, self.w2]).T)
+
 def make_model(name, size=32):
     """A fresh model called `name`: 'tiny_cnn', 'tiny_vit', 'vit', fastai's 'unet' (resnet18 encoder, 3 classes per pixel, for `size` x `size`
-    images), fastai's 'awd_lm' (a small AWD-LSTM language model) or a torchvision model name (10 classes)"""
+    images), fastai's 'awd_lm' (a small AWD-LSTM language model), 'cat' (`CatNet`) or a torchvision model name (10 classes)"""
     torch.manual_seed(0)
     if name=='tiny_cnn': return tiny_cnn()
+    if name=='cat': return CatNet()
     if name=='tiny_vit': return Blocks(d=32, n=2, heads=2)
     if name=='vit': return Blocks(d=192, n=4, heads=4)
     if name=='unet':

@@ -14,7 +14,7 @@ CNN = dict(model='tiny_cnn', bs=8, size=16, opt='sgd', strategy='ddp')
 VIT = dict(model='tiny_vit', bs=4, size=32, opt='adamw', strategy='fsdp')
 CFGS = dict(ddp=CNN, ddp_tsgd={**CNN, 'opt': 'tsgd'}, ddp_small={**CNN, 'bucket_cap_mb': 0.01}, view_fastai={**CNN, 'view': True},
             view_tsgd={**CNN, 'opt': 'tsgd', 'view': True}, view_small={**CNN, 'opt': 'tsgd', 'view': True, 'bucket_cap_mb': 0.01},
-            view_vit={**VIT, 'opt': 'adamw', 'strategy': 'ddp', 'view': True}, sync_bn={**CNN, 'sync_bn': True}, vit_ddp={**VIT, 'opt': 'adam', 'strategy': 'ddp'},
+            view_vit={**VIT, 'opt': 'adamw', 'strategy': 'ddp', 'view': True}, view_cat={**CNN, 'model': 'cat', 'bs': 16, 'opt': 'tsgd', 'view': True}, sync_bn={**CNN, 'sync_bn': True}, vit_ddp={**VIT, 'opt': 'adam', 'strategy': 'ddp'},
             fsdp=VIT, fsdp_keep={**VIT, 'reshard': False}, fsdp_adam={**VIT, 'opt': 'adam'}, fsdp_mp={**VIT, 'mp': 'bfloat16'},
             fsdp_cnn={**CNN, 'strategy': 'fsdp'})
 
@@ -71,6 +71,15 @@ def test_bucket_view_prediction():
     assert one.peak <= vw.peak <= cp.peak  # at the single-process peak, the buckets hold at least what the gradients alive there held
     assert vw.at_peak['gradients']==sum(vw.buckets) and vw.at_peak['collective buffers']==0 and (vw.timeline.gradients==sum(vw.buckets)).all()
     assert 'views' in vw.facts()[1] and _model_state(learn.model)==before
+
+def test_bucket_views_opt_func():
+    "A torch optimizer made by a function, as fastai's docs write `OptimWrapper`'s, takes bucket views; fastai's own is refused"
+    from fastai.optimizer import Adam
+    def of(params, **kw): return OptimWrapper(params, torch.optim.AdamW, **kw)
+    learn = _learner(); learn.opt_func = of
+    assert learn.memory_summary(world_size=2, sync_bn=False, gradient_as_bucket_view=True).bucket_view
+    learn.opt_func = Adam
+    with pytest.raises(ValueError, match='zero_grad'): learn.memory_summary(world_size=2, sync_bn=False, gradient_as_bucket_view=True)
 
 def test_world_size_per_rank_batch():
     "`bs` is each rank's batch; the buckets do not depend on it; on a CUDA target each bucket takes whole 512 B blocks"
@@ -384,17 +393,21 @@ def test_ddp_prediction(real, name):
     if name=='ddp_small': assert len(p.buckets)>1
 
 @pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); the prediction's own tests above run in the default set
-@pytest.mark.parametrize('name', ['view_tsgd', 'view_small', 'view_vit'])
+@pytest.mark.parametrize('name', ['view_tsgd', 'view_small', 'view_vit', 'view_cat'])
 def test_bucket_views(real, name):
     """Bucket views: fastai's `zero_grad` fails (and the prediction says so); with a torch optimizer (gradients set to None) the buckets are the
-    gradients, nothing more, and each rank's peak and gradient bytes at it are the prediction's, to the byte"""
+    gradients, nothing more, and each rank's peak and gradient bytes at it are the prediction's, to the byte. A gradient that is part of a larger
+    storage (`CatNet`: a `cat` of parameters) is counted as without views and flagged: the real peak lies within the flagged bytes below"""
     assert all('detach' in r['error'] for r in real['view_fastai'])
     with pytest.raises(ValueError, match='zero_grad'): _pred(CFGS['view_fastai'])
     p = _pred(CFGS[name], sync_bn=False)
+    over = p.not_predicted.get('bucket views', 0)
+    assert (over>0)==(name=='view_cat')
     for r in real[name]:
         assert 'error' not in r, r
         assert r['kinds']['state']==0 and r['kinds']['grad']==r['param_bytes']==sum(r['buckets'])
-        assert r['peak']==p.peak and p.buckets==r['buckets'] and p.at_peak['gradients']==r['kinds']['grad'] and p.bucket_view
+        assert 0 <= p.peak-r['peak'] <= over and p.buckets==r['buckets'] and p.bucket_view
+        if not over: assert p.at_peak['gradients']==r['kinds']['grad']
     if name=='view_small': assert len(p.buckets)>1
 
 @pytest.mark.slow  # the 2-rank runs of every configuration (gloo, 2 processes); the prediction's own tests above run in the default set
