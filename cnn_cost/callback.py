@@ -46,7 +46,7 @@ class TrainHooks(TimeHooks):
         self.leaf,self.sth = list(leaf),None
         self.cuda = isinstance(clock, CUDAClock)
         self.comm = CommWatch() if comm and not clock.queued else None
-        self.grads,self.last_grad = list(grads) if self.comm else [],None
+        self.grads,self.last_grad,self.tail = list(grads) if self.comm else [],None,None
         self.armed,self.saves,self.mstack = set(),[],[]
         self.mem,self.pack_ns = [0]*len(self.mods),[0]*len(self.mods)
 
@@ -88,7 +88,7 @@ class TrainHooks(TimeHooks):
     def start(self):
         super().start()
         if self.comm: self.comm.spans,self.comm.n_async = self.gaps,0
-        self.last_grad = None
+        self.last_grad,self.tail = None,None
         for o in (self.armed,self.saves,self.mstack): o.clear()
         self.mem,self.pack_ns = [0]*len(self.mods),[0]*len(self.mods)
 
@@ -151,7 +151,7 @@ def bwd_times(self:TrainHooks, t_end):
     """ms of backward charged to each module, and the part of it that recomputes the forward: from each output-gradient or recompute hook to the
     next (the last to `t_end`); `bwd_launch`: the part of it in which the GPU may have waited for the host (`waited_ms`)"""
     n,ms = len(self.mods),self.clock.ms
-    if self.last_grad is not None: self.gaps.append((self.last_grad, t_end))  # after the last gradient: DDP's wait for its all-reduce, in no row
+    if self.last_grad is not None: self.tail = (self.last_grad, t_end); self.gaps.append(self.tail)  # after the last gradient: DDP's wait for its all-reduce, in no row
     bwd,rec,bm,cur,segs = [0.]*n,[0.]*n,self.bmarks+[(t_end,-1,0)],-1,[]
     for (a,i,k),(b,_,k2) in zip(bm, bm[1:]):
         if not k: cur = i  # an output-gradient hook: module `i`'s backward runs
@@ -379,7 +379,7 @@ def _comm(h, ev):
     if getattr(h, 'comm', None) is None: return dict(comm_fwd=np.nan, comm_bwd=np.nan, comm=np.nan, comm_calls=np.nan)
     ms = lambda a,b: overlap_ms(ev[a], ev[b], h.gaps) if a in ev and b in ev else np.nan
     return dict(comm_fwd=ms('start','after_pred'), comm_bwd=ms('before_backward','after_backward'), comm=ms('start','end'),
-                comm_calls=len(h.gaps)-(h.last_grad is not None))
+                comm_calls=len(h.gaps)-(h.tail is not None))
 
 # %% ../nbs/06_callback.ipynb #42197e55
 @patch
