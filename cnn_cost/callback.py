@@ -25,6 +25,7 @@ from .timing import CPUWait, CUDAClock, CommWatch, TimeHooks, clock_for, overlap
 from .summary import *
 from .summary import human
 from .learner import costed, batch_device, is_compiled, run_eager, dynamo_frames
+from torch.distributed.fsdp import FSDPModule
 
 # %% ../nbs/06_callback.ipynb #46c4fb2c
 def _ptr(t):
@@ -346,7 +347,7 @@ def _finish_count(self:CostProfiler, c):
     self.compiled = is_compiled(model)  # compiled code runs no hook, or compiles ours in: the step split only (`StepHooks`)
     self.dist = dist.is_available() and dist.is_initialized()  # a job's process: its time in collectives is timed, on the CPU
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    self.job = 'ddp' if ddp else 'fsdp' if any(type(m).__name__.startswith('FSDP') for m in eager_module(model).modules()) else ''
+    self.job = 'ddp' if ddp else 'fsdp' if self.dist and any(isinstance(m, FSDPModule) for m in eager_module(model).modules()) else ''
     grads = [p for p in model.parameters() if p.requires_grad] if ddp else []
     self.hooks = (StepHooks if self.compiled else TrainHooks)(self.units.itemgot(1), [k=='leaf' for n,m,k in self.units], clock_for(dev),
                                                               comm=self.dist, grads=grads)
@@ -514,7 +515,8 @@ def summary(self:TrainProfile, pattern:int|str|None=None)->CostSummary:
                           "This table: MACs averaged over the profiled batches, times the median over the batches in which each module ran; "
                           "`summary(pattern=...)` shows one pattern, whose rows sum to its step"))
     if len(ts)>1: notes.append(f"{len(ts)} ranks: rows are medians over all ranks' batches; *_rank_min/_rank_max the spread of the ranks' medians")
-    if cm is not None: notes.append(_comm_note(cm, next((t['job'] for t in ts if t.get('job')), '')))
+    untimed = 'a compiled model runs no hook' if self.compiled_frames is not None else 'on CUDA they run on streams of their own'
+    if cm is not None: notes.append(_comm_note(cm, next((t['job'] for t in ts if t.get('job')), ''), untimed))
     # conditions as attributes; the printed lines short (`facts`, `conditions`), the full text above in `notes`
     tr = dict(saved_total=float(np.median([t['saved_total'][b] for t,b in sel])), bookkeeping_ms=bk, in_loss=in_loss, n_patterns=len(P),
               recomputed=bool(rm or rc_ms), amp_fp32=bool(self.amp_note), n_ranks=len(ts))
@@ -530,10 +532,9 @@ _comm_what = {'fsdp': ("FSDP2's all-gathers and reduce-scatters. FSDP2's own wor
               'ddp': "DDP's broadcasts of its buffers; and from the last gradient to the backward's end, where DDP waits for its gradients' all-reduce",
               '': "the model's own"}
 
-def _comm_note(cm, job=''):
-    "The summary's note on the time in collectives (`cm`: medians of the steps' comm columns), for a `job` of 'ddp', 'fsdp' or ''"
-    if cm.comm!=cm.comm: return ("Collectives: not timed on CUDA (they run on streams of their own; `torch.profiler` shows their kernels): "
-                                 "the rows hold any time the layers' kernels waited for them")
+def _comm_note(cm, job='', untimed=''):
+    "The summary's note on the time in collectives (`cm`: medians of the steps' comm columns), for a `job` of 'ddp', 'fsdp' or ''; `untimed`: why NaN"
+    if cm.comm!=cm.comm: return (f"Collectives: not timed ({untimed}; `torch.profiler` shows them): the rows hold any time spent waiting for them")
     return (f"Collectives: {cm.comm:.2f} ms of each step went to them (median over the profiled batches of every rank; {cm.comm_fwd:.2f} in the forward, {cm.comm_bwd:.2f} "
             f"in the backward), in no row: the calls of `torch.distributed`'s collectives ({cm.comm_calls:.0f} a step: {_comm_what[job]}). "
             "A call with `async_op=True` counts only while it launches: its `wait()` stays in the row that waits. Per rank: `steps` "
@@ -560,7 +561,7 @@ def _profile_facts(prof, rows, tr, f_ms, b_ms, med, n, its, q, cm=None, st=None)
     if len(P)>1: cs.append(f"{len(P)} batch patterns ({', '.join(p['label'] for p in P)}): " +
                            (f"this table is {P[q]['label']} only." if q is not None else "times per module, `summary(pattern=...)` for one."))
     if tr['n_ranks']>1: cs.append(f"{tr['n_ranks']} ranks: rows are medians over all ranks' batches; `*_rank_min/_max`: their spread.")
-    if cm is not None and cm.comm!=cm.comm: cs.append("Collectives not timed on CUDA (own streams): rows hold any wait on them; see `torch.profiler`.")
+    if cm is not None and cm.comm!=cm.comm: cs.append(f"Collectives not timed ({'compiled model' if prof.compiled_frames is not None else 'CUDA: own streams'}): rows hold any wait on them.")
     return fs,cs
 
 @patch

@@ -640,10 +640,11 @@ class MemorySummary:
                                                     "host tensors (4 bytes per rank and unit), and what the collectives' backend (NCCL, gloo) allocates outside PyTorch's ops")
         if self.bucket_view:  # each accumulated gradient copied into its bucket and freed; a kept `.grad` is the bucket's view
             part = [b for b in blocks if b.acc is not None and b.kind!=MemKind.grad and b.acc_n>0]  # a gradient that is part of a larger storage
-            blocks = [b if b.acc is None or b in part else dataclasses.replace(b, e1=b.acc if b.e1 is None else min(b.e1, b.acc))
+            blocks = [dataclasses.replace(b, e1=b.acc if b.e1 is None else min(b.e1, b.acc)) if b.acc is not None and b.acc_n<=0 else b
                       for b in blocks if b.acc is None or b.kind!=MemKind.grad] + [Block(n, -1, 'before', 0, kind=MemKind.grad) for n in self.buckets]
-            if part: self.not_predicted['bucket views'] = sum(b.nbytes for b in part)
-            if part: self.notes.append(f"Not predicted: with bucket views, {len(part)} gradient{'s are parts' if len(part)>1 else ' is part'} of a larger storage (the gradient of a "
+            if part:
+                self.not_predicted['bucket views'] = sum(b.nbytes for b in part)
+                self.notes.append(f"Not predicted: with bucket views, {len(part)} gradient{'s are parts' if len(part)>1 else ' is part'} of a larger storage (the gradient of a "
                                        "`torch.cat` of parameters), whose other part is held until a later op: counted alive as without views, to the optimizer's "
                                        f"`zero_grad`; the peak may be over by up to {human(self.not_predicted['bucket views'],'B')}")
         elif self.strategy=='ddp': blocks = blocks + [Block(n, -1, 'before', 0, kind=MemKind.comm) for n in self.buckets]

@@ -8,7 +8,7 @@ Docs: https://cnn-cost.github.io/cnn_cost/timing.html.md"""
 __all__ = []
 
 # %% ../nbs/02_timing.ipynb #d7a68440
-import time, glob, warnings, threading, functools, numpy as np, torch, torch.nn as nn
+import time, glob, warnings, threading, functools, numpy as np, torch, torch.nn as nn, torch.distributed as dist
 from fastcore.basics import *
 from .core import *
 from .core import PhaseTracker, add_hooks
@@ -144,14 +144,12 @@ class CommWatch:
     all-reduce) do not go through these functions. `__exit__` puts each function back"""
     def __init__(self): self.spans,self.n_async,self._old,self._depth = [],0,{},0
     def __enter__(self):
-        import torch.distributed as dist
         tid = threading.get_ident()
         for n in collectives:
             f = getattr(dist, n, None)
             if f is not None: self._old[n] = f; setattr(dist, n, self._wrap(f, tid))
         return self
     def __exit__(self, *args):
-        import torch.distributed as dist
         for n,f in self._old.items(): setattr(dist, n, f)
         self._old = {}
     def _wrap(self, f, tid):
